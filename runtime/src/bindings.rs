@@ -1,0 +1,60 @@
+//! The only place host bindings are generated from `wit/`. Every host module imports from here.
+
+/// The `step` world.
+pub(crate) mod step {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "step",
+        imports: { default: trappable },
+    });
+}
+
+/// The `log-observer` world, sharing the `types` and `report` bindings of the step world so one
+/// `report` host implementation serves both.
+pub(crate) mod observer {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "log-observer",
+        imports: { default: trappable },
+        with: {
+            "kiln:step/types": crate::bindings::step::kiln::step::types,
+            "kiln:step/report": crate::bindings::step::kiln::step::report,
+        },
+    });
+}
+
+pub(crate) use step::kiln::step::types::{Channel as WitChannel, HostError, Outcome as WitOutcome};
+
+impl From<WitOutcome> for crate::Outcome {
+    fn from(o: WitOutcome) -> Self {
+        match o {
+            WitOutcome::Success => crate::Outcome::Success,
+            WitOutcome::Warnings => crate::Outcome::Warnings,
+            WitOutcome::Failure => crate::Outcome::Failure,
+            WitOutcome::Skipped => crate::Outcome::Skipped,
+            WitOutcome::Exception => crate::Outcome::Exception,
+            WitOutcome::Retry => crate::Outcome::Retry,
+            WitOutcome::Cancelled => crate::Outcome::Cancelled,
+        }
+    }
+}
+
+impl From<WitChannel> for crate::Channel {
+    fn from(c: WitChannel) -> Self {
+        match c {
+            WitChannel::Stdout => crate::Channel::Stdout,
+            WitChannel::Stderr => crate::Channel::Stderr,
+            WitChannel::Header => crate::Channel::Header,
+        }
+    }
+}
+
+impl From<crate::Channel> for WitChannel {
+    fn from(c: crate::Channel) -> Self {
+        match c {
+            crate::Channel::Stdout => WitChannel::Stdout,
+            crate::Channel::Stderr => WitChannel::Stderr,
+            crate::Channel::Header => WitChannel::Header,
+        }
+    }
+}

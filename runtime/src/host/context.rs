@@ -1,0 +1,165 @@
+//! The `context` interface: arguments, logs and artifacts (commands are in `command.rs`).
+
+use std::os::fd::OwnedFd;
+use std::time::Instant;
+
+use crate::artifacts::{Artifact, StoreError, check_name};
+use crate::bindings::step::kiln::step::context::{Artifact as WitArtifact, Command, CommandResult, Host};
+use crate::bindings::{HostError, WitChannel};
+use crate::files;
+use crate::grant::Grant;
+use crate::host::{GuestOutput, HostLimit, ObserverRun};
+use crate::logs::{Channel, Logs};
+use crate::run::CancelToken;
+
+/// Longest log name.
+const MAX_LOG_NAME: usize = 64;
+
+/// What the context interface works on during one step run.
+pub(crate) struct ContextState {
+    pub args_json: String,
+    pub grant: Grant,
+    pub workdir: OwnedFd,
+    pub logs: Logs,
+    pub observers: Vec<ObserverRun>,
+    pub cancel: CancelToken,
+    pub deadline: Instant,
+    pub guest_stdout: GuestOutput,
+    pub guest_stderr: GuestOutput,
+    /// Sandbox mode's private temporary directory for commands (TMPDIR).
+    pub tmpdir: Option<tempfile::TempDir>,
+}
+
+impl ContextState {
+    /// Appends to a log, feeding the observers of that log.
+    pub fn write(&mut self, log: &str, channel: Channel, bytes: &[u8]) {
+        let observers = &mut self.observers;
+        self.logs.write(log, channel, bytes, &mut |l, c, t| feed(observers, l, c, t));
+    }
+
+    /// Moves what the guest printed with `println!`/`eprintln!` into the stdio log.
+    pub fn drain_guest_output(&mut self) {
+        for (out, channel) in [(self.guest_stdout.clone(), Channel::Stdout), (self.guest_stderr.clone(), Channel::Stderr)] {
+            let (bytes, dropped) = out.take();
+            if !bytes.is_empty() {
+                self.write("stdio", channel, &bytes);
+            }
+            if dropped > 0 {
+                let note = format!("\nkiln: {dropped} bytes the step printed were dropped (write logs through the context instead)\n");
+                self.write("stdio", Channel::Header, note.as_bytes());
+            }
+        }
+    }
+
+    /// Ends the logs and lets the observers see the last lines.
+    pub fn finish_logs(&mut self) {
+        let observers = &mut self.observers;
+        self.logs.finish(&mut |l, c, t| feed(observers, l, c, t));
+    }
+
+    pub fn header(&mut self, text: &str) {
+        let mut line = String::with_capacity(text.len() + 1);
+        line.push_str(text);
+        line.push('\n');
+        self.write("stdio", Channel::Header, line.as_bytes());
+    }
+}
+
+/// Gives lines of `log` to every observer watching it.
+pub(crate) fn feed(observers: &mut [ObserverRun], log: &str, channel: Channel, text: &str) {
+    for o in observers.iter_mut() {
+        o.push(log, channel, text);
+    }
+}
+
+pub(crate) fn check_log_name(name: &str) -> Result<(), HostError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_LOG_NAME
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b" ._-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(HostError::Invalid(format!(
+            "log name {name:?} must be 1-{MAX_LOG_NAME} letters, digits, spaces, '.', '_' or '-'"
+        )))
+    }
+}
+
+fn store_error(e: StoreError) -> HostError {
+    match e {
+        StoreError::BadName(_) => HostError::Invalid(e.to_string()),
+        StoreError::NotFound(_) => HostError::NotFound(e.to_string()),
+        StoreError::TooLarge { .. } => HostError::TooLarge(e.to_string()),
+        StoreError::Io(_) => HostError::Io(e.to_string()),
+    }
+}
+
+fn to_wit(a: Artifact) -> WitArtifact {
+    WitArtifact { name: a.name, size: a.size, sha1: a.sha1, sha256: a.sha256 }
+}
+
+impl Host for ContextState {
+    fn args(&mut self) -> wasmtime::Result<String> {
+        Ok(self.args_json.clone())
+    }
+
+    fn write_log(&mut self, log: String, channel: WitChannel, text: String) -> wasmtime::Result<Result<(), HostError>> {
+        if text.len() > self.grant.limits.max_call_bytes {
+            return Err(wasmtime::Error::new(HostLimit(format!(
+                "write-log was given {} bytes at once; the limit is {} (the SDK batches lines for you)",
+                text.len(),
+                self.grant.limits.max_call_bytes
+            ))));
+        }
+        if let Err(e) = check_log_name(&log) {
+            return Ok(Err(e));
+        }
+        if !self.logs.can_open(&log) {
+            return Ok(Err(HostError::TooLarge(format!("a step may have at most {} logs", self.grant.limits.logs.max_logs))));
+        }
+        self.drain_guest_output();
+        self.write(&log, channel.into(), text.as_bytes());
+        Ok(Ok(()))
+    }
+
+    fn run_command(&mut self, command: Command) -> wasmtime::Result<Result<CommandResult, HostError>> {
+        self.drain_guest_output();
+        Ok(self.run(command))
+    }
+
+    fn upload_artifact(&mut self, path: String, name: String) -> wasmtime::Result<Result<WitArtifact, HostError>> {
+        self.drain_guest_output();
+        let result = (|| {
+            check_name(&name).map_err(store_error)?;
+            let rel = files::check_relative(&path).map_err(HostError::Invalid)?;
+            let mut file = files::open_read(&self.workdir, rel).map_err(HostError::NotFound)?;
+            let limit = self.grant.limits.max_artifact_bytes;
+            self.grant.artifacts.put(&name, &mut file, limit).map_err(store_error)
+        })();
+        if let Ok(a) = &result {
+            self.header(&format!("uploaded {path} as artifact {} ({} bytes, sha256 {})", a.name, a.size, a.sha256));
+        }
+        Ok(result.map(to_wit))
+    }
+
+    fn download_artifact(&mut self, name: String, path: String) -> wasmtime::Result<Result<WitArtifact, HostError>> {
+        self.drain_guest_output();
+        let result = (|| {
+            let rel = files::check_relative(&path).map_err(HostError::Invalid)?;
+            let (mut src, size) = self.grant.artifacts.get(&name).map_err(store_error)?;
+            let limit = self.grant.limits.max_artifact_bytes;
+            if size > limit {
+                return Err(HostError::TooLarge(format!("artifact {name:?} is {size} bytes; the limit is {limit}")));
+            }
+            let (size, sha1, sha256) = files::write_replacing(&self.workdir, rel, |file| {
+                crate::artifacts::copy_hashing(&mut src, file, limit, &name).map_err(|e| e.to_string())
+            })
+            .map_err(HostError::Io)?;
+            Ok(Artifact { name: name.clone(), size, sha1, sha256 })
+        })();
+        if let Ok(a) = &result {
+            self.header(&format!("downloaded artifact {} to {path} ({} bytes)", a.name, a.size));
+        }
+        Ok(result.map(to_wit))
+    }
+}

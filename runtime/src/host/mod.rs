@@ -1,0 +1,178 @@
+//! Host implementations of the WIT interfaces, one module per interface, over the per-run state
+//! of a store: [`StepState`] for a step, [`ObserverState`] for an observer.
+
+mod command;
+mod context;
+pub(crate) mod observers;
+mod output;
+mod report;
+
+use std::time::{Duration, Instant};
+
+use wasmtime::component::{HasData, Linker, ResourceTable};
+use wasmtime::{Store, UpdateDeadline};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use crate::bindings::step::kiln::step::{context as wit_context, report as wit_report, types as wit_types};
+use crate::run::CancelToken;
+
+pub(crate) use context::ContextState;
+pub(crate) use observers::ObserverRun;
+pub(crate) use output::GuestOutput;
+pub(crate) use report::ReportState;
+
+/// The data of a step's store.
+pub(crate) struct StepState {
+    pub wasi: WasiCtx,
+    pub table: ResourceTable,
+    pub limiter: Limiter,
+    pub report: ReportState,
+    pub ctx: ContextState,
+}
+
+/// The data of an observer's store: no files, no commands, only reporting.
+pub(crate) struct ObserverState {
+    pub wasi: WasiCtx,
+    pub table: ResourceTable,
+    pub limiter: Limiter,
+    pub report: ReportState,
+}
+
+impl WasiView for StepState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+impl WasiView for ObserverState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+struct ReportData;
+impl HasData for ReportData {
+    type Data<'a> = &'a mut ReportState;
+}
+
+struct ContextData;
+impl HasData for ContextData {
+    type Data<'a> = &'a mut ContextState;
+}
+
+impl wit_types::Host for ReportState {}
+
+pub(crate) fn add_step_imports(linker: &mut Linker<StepState>) -> wasmtime::Result<()> {
+    wit_types::add_to_linker::<StepState, ReportData>(linker, |s| &mut s.report)?;
+    wit_report::add_to_linker::<StepState, ReportData>(linker, |s| &mut s.report)?;
+    wit_context::add_to_linker::<StepState, ContextData>(linker, |s| &mut s.ctx)?;
+    Ok(())
+}
+
+pub(crate) fn add_observer_imports(linker: &mut Linker<ObserverState>) -> wasmtime::Result<()> {
+    wit_types::add_to_linker::<ObserverState, ReportData>(linker, |s| &mut s.report)?;
+    wit_report::add_to_linker::<ObserverState, ReportData>(linker, |s| &mut s.report)?;
+    Ok(())
+}
+
+/// Why a guest was stopped from outside: the reasons an epoch check ends a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum Interrupt {
+    #[error("the step's deadline of {} passed", crate::run::human_duration(*.0))]
+    Deadline(Duration),
+    #[error("the step was cancelled")]
+    Cancelled,
+}
+
+/// A host call broke a limit of the contract; the guest traps with this message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct HostLimit(pub String);
+
+/// Memory and table limits of one store, remembering which limit was hit.
+pub(crate) struct Limiter {
+    memory_bytes: usize,
+    pub memory_exceeded: Option<usize>,
+}
+
+/// Most table elements a guest may have; tables hold function references, so real guests stay
+/// far below this.
+const MAX_TABLE_ELEMENTS: usize = 1 << 20;
+
+impl Limiter {
+    pub fn new(memory_bytes: usize) -> Self {
+        Limiter { memory_bytes, memory_exceeded: None }
+    }
+}
+
+impl wasmtime::ResourceLimiter for Limiter {
+    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        if desired > self.memory_bytes {
+            self.memory_exceeded = Some(desired);
+            return Err(wasmtime::Error::new(HostLimit(format!(
+                "the memory limit of {} MiB was exceeded (the guest asked for {} MiB)",
+                self.memory_bytes >> 20,
+                desired.div_ceil(1 << 20)
+            ))));
+        }
+        Ok(true)
+    }
+
+    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        if desired > MAX_TABLE_ELEMENTS {
+            return Err(wasmtime::Error::new(HostLimit(format!(
+                "the table limit of {MAX_TABLE_ELEMENTS} elements was exceeded"
+            ))));
+        }
+        Ok(true)
+    }
+}
+
+/// Puts a store under the run's limits: memory, and a deadline and cancellation checked on
+/// every epoch tick.
+pub(crate) fn limit_store<T: 'static>(
+    store: &mut Store<T>,
+    limiter: fn(&mut T) -> &mut Limiter,
+    deadline: Instant,
+    limit: Duration,
+    cancel: CancelToken,
+) {
+    store.limiter(move |s| limiter(s) as &mut dyn wasmtime::ResourceLimiter);
+    store.set_epoch_deadline(1);
+    store.epoch_deadline_callback(move |_| {
+        if cancel.is_cancelled() {
+            return Err(wasmtime::Error::new(Interrupt::Cancelled));
+        }
+        if Instant::now() >= deadline {
+            return Err(wasmtime::Error::new(Interrupt::Deadline(limit)));
+        }
+        Ok(UpdateDeadline::Continue(1))
+    });
+}
+
+/// Turns the error of a guest call into the step's result and the message naming the cause.
+pub(crate) fn describe_error(error: &wasmtime::Error, limiter: &Limiter) -> (crate::Outcome, String) {
+    if let Some(i) = error.downcast_ref::<Interrupt>() {
+        return match i {
+            Interrupt::Cancelled => (crate::Outcome::Cancelled, i.to_string()),
+            Interrupt::Deadline(_) => (crate::Outcome::Exception, i.to_string()),
+        };
+    }
+    if let Some(limit) = error.downcast_ref::<HostLimit>() {
+        return (crate::Outcome::Exception, limit.0.clone());
+    }
+    if let Some(asked) = limiter.memory_exceeded {
+        return (
+            crate::Outcome::Exception,
+            format!(
+                "the memory limit of {} MiB was exceeded (the guest asked for {} MiB)",
+                limiter.memory_bytes >> 20,
+                asked.div_ceil(1 << 20)
+            ),
+        );
+    }
+    if let Some(trap) = error.downcast_ref::<wasmtime::Trap>() {
+        return (crate::Outcome::Exception, format!("the guest trapped: {trap}"));
+    }
+    (crate::Outcome::Exception, format!("the guest failed: {error:#}"))
+}

@@ -1,0 +1,32 @@
+//! Kiln's wasmtime host: runs build steps and log observers as sandboxed WebAssembly components.
+//!
+//! A [`Runtime`] owns one wasmtime `Engine`, an epoch ticker for deadlines and a cache of
+//! compiled components. [`Runtime::load`] turns bytes into a [`Loaded`] step or observer;
+//! [`Runtime::run_step`] runs a step with its observers under a [`Grant`]: exactly the workdir,
+//! read-only directories, programs, environment, secrets and limits it names, and nothing else.
+//! Logs and reports stream to a [`StepEvents`] sink as they happen; the result is a
+//! [`StepOutcome`].
+//!
+//! The runtime knows nothing of the master, the database or the network protocol.
+
+pub mod artifacts;
+mod bindings;
+pub mod confine;
+mod engine;
+pub mod files;
+pub mod grant;
+mod host;
+pub mod logs;
+mod outcome;
+pub mod props;
+pub mod redact;
+mod run;
+
+pub use artifacts::{Artifact, ArtifactStore, DirStore};
+pub use confine::{Confinement, Helper};
+pub use engine::{CONTRACT, EPOCH_TICK, LoadError, Loaded, ModuleDigest, ObserverComponent, Runtime, RuntimeConfig, StepComponent};
+pub use grant::{Grant, Limits};
+pub use logs::{Channel, LogLimits, NoEvents, ReportEvent, StepEvents};
+pub use outcome::{LogStats, Outcome, StepOutcome, Url};
+pub use props::{Properties, Property};
+pub use run::{CancelToken, ObserverSpec, StepRun, human_duration};
