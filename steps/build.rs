@@ -13,7 +13,10 @@ const TARGET: &str = "wasm32-wasip2";
 
 fn main() {
     let manifest_dir = PathBuf::from(env("CARGO_MANIFEST_DIR"));
-    let root = manifest_dir.parent().expect("steps/ has a parent").to_path_buf();
+    let root = manifest_dir
+        .parent()
+        .expect("steps/ has a parent")
+        .to_path_buf();
     let out_dir = PathBuf::from(env("OUT_DIR"));
     let fixtures = std::env::var_os("CARGO_FEATURE_FIXTURES").is_some();
 
@@ -55,8 +58,13 @@ fn main() {
     ] {
         cmd.env_remove(var);
     }
-    let status = cmd.status().expect("run cargo to build the guest components");
-    assert!(status.success(), "building the guest components failed (see the errors above)");
+    let status = cmd
+        .status()
+        .expect("run cargo to build the guest components");
+    assert!(
+        status.success(),
+        "building the guest components failed (see the errors above)"
+    );
 
     let mut listing = String::new();
     for p in &packages {
@@ -69,7 +77,8 @@ fn main() {
             .unwrap_or_else(|e| panic!("copy {} to {}: {e}", built.display(), dest.display()));
         listing.push_str(&format!("({p:?}, {:?}),\n", dest.display().to_string()));
     }
-    std::fs::write(out_dir.join("guests.rs"), format!("&[\n{listing}]\n")).expect("write guests.rs");
+    std::fs::write(out_dir.join("guests.rs"), format!("&[\n{listing}]\n"))
+        .expect("write guests.rs");
 }
 
 fn env(name: &str) -> String {

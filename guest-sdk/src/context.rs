@@ -96,7 +96,10 @@ impl StepContext {
             // A write is refused only for an invalid log name, which write_line's callers chose;
             // there is nowhere better to report it than the stdio log itself.
             if let Err(e) = host::write_log(&log, channel, &text) {
-                let note = format!("could not write to log {log:?}: {}\n", crate::describe_host_error(&e));
+                let note = format!(
+                    "could not write to log {log:?}: {}\n",
+                    crate::describe_host_error(&e)
+                );
                 let _ = host::write_log("stdio", Channel::Header, &note);
             }
         }

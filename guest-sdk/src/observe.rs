@@ -3,7 +3,7 @@
 
 use std::cell::RefCell;
 
-use crate::{Channel, Error, Outcome, Report, Value, __Chunk as Chunk};
+use crate::{__Chunk as Chunk, Channel, Error, Outcome, Report, Value};
 
 /// Watches a log line by line, as Buildbot's `LogLineObserver`.
 ///

@@ -26,7 +26,9 @@ pub struct Artifact {
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// A name the store does not accept.
-    #[error("artifact name {0:?} is not valid: use letters, digits, '.', '_', '-' and '/' between parts")]
+    #[error(
+        "artifact name {0:?} is not valid: use letters, digits, '.', '_', '-' and '/' between parts"
+    )]
     BadName(String),
     /// No such artifact.
     #[error("no artifact named {0:?}")]
@@ -61,9 +63,15 @@ pub fn check_name(name: &str) -> Result<(), StoreError> {
             !part.is_empty()
                 && part != "."
                 && part != ".."
-                && part.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+                && part
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
         });
-    if ok { Ok(()) } else { Err(StoreError::BadName(name.to_owned())) }
+    if ok {
+        Ok(())
+    } else {
+        Err(StoreError::BadName(name.to_owned()))
+    }
 }
 
 /// Copies `src` to `dst`, at most `limit` bytes, hashing as it goes.
@@ -86,13 +94,20 @@ pub fn copy_hashing(
         };
         size += n as u64;
         if size > limit {
-            return Err(StoreError::TooLarge { what: what.to_owned(), limit });
+            return Err(StoreError::TooLarge {
+                what: what.to_owned(),
+                limit,
+            });
         }
         sha1.update(&buf[..n]);
         sha256.update(&buf[..n]);
         dst.write_all(&buf[..n])?;
     }
-    Ok((size, hex::encode(sha1.finalize()), hex::encode(sha256.finalize())))
+    Ok((
+        size,
+        hex::encode(sha1.finalize()),
+        hex::encode(sha256.finalize()),
+    ))
 }
 
 /// A file store in a local directory.
@@ -125,7 +140,12 @@ impl ArtifactStore for DirStore {
         let (size, sha1, sha256) = copy_hashing(src, tmp.as_file_mut(), limit, name)?;
         tmp.as_file().sync_data()?;
         tmp.persist(&dest).map_err(|e| e.error)?;
-        Ok(Artifact { name: name.to_owned(), size, sha1, sha256 })
+        Ok(Artifact {
+            name: name.to_owned(),
+            size,
+            sha1,
+            sha256,
+        })
     }
 
     fn get(&self, name: &str) -> Result<(Box<dyn Read + Send>, u64), StoreError> {
@@ -135,7 +155,9 @@ impl ArtifactStore for DirStore {
                 let size = f.metadata()?.len();
                 Ok((Box::new(f), size))
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(StoreError::NotFound(name.to_owned())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                Err(StoreError::NotFound(name.to_owned()))
+            }
             Err(e) => Err(e.into()),
         }
     }
@@ -160,12 +182,18 @@ mod tests {
         let a = store.put("x/hello.txt", &mut &b"hello\n"[..], 100).unwrap();
         assert_eq!(a.size, 6);
         assert_eq!(a.sha1, "f572d396fae9206628714fb2ce00f72e94f2258f");
-        assert_eq!(a.sha256, "5891b5b522d5df086d0ff0b110fbd9d21bb4fc7163af34d08286a2e846f6be03");
+        assert_eq!(
+            a.sha256,
+            "5891b5b522d5df086d0ff0b110fbd9d21bb4fc7163af34d08286a2e846f6be03"
+        );
         let (mut r, size) = store.get("x/hello.txt").unwrap();
         let mut s = String::new();
         r.read_to_string(&mut s).unwrap();
         assert_eq!((s.as_str(), size), ("hello\n", 6));
-        assert!(matches!(store.put("big", &mut &[0u8; 10][..], 5), Err(StoreError::TooLarge { .. })));
+        assert!(matches!(
+            store.put("big", &mut &[0u8; 10][..], 5),
+            Err(StoreError::TooLarge { .. })
+        ));
         assert!(!dir.path().join("big").exists());
         assert!(matches!(store.get("nope"), Err(StoreError::NotFound(_))));
     }

@@ -23,12 +23,19 @@ pub const MIN_LANDLOCK_ABI: i32 = 4;
 
 /// System directories a confined command may read and execute from, when they exist.
 const SYSTEM_RO: &[&str] = &[
-    "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/opt", "/proc", "/sys", "/dev",
-    "/run",
+    "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/opt", "/proc",
+    "/sys", "/dev", "/run",
 ];
 
 /// Device files a confined command may also write.
-const DEVICES_RW: &[&str] = &["/dev/null", "/dev/zero", "/dev/full", "/dev/tty", "/dev/ptmx", "/dev/pts"];
+const DEVICES_RW: &[&str] = &[
+    "/dev/null",
+    "/dev/zero",
+    "/dev/full",
+    "/dev/tty",
+    "/dev/ptmx",
+    "/dev/pts",
+];
 
 /// Why sandbox mode cannot start.
 #[derive(Debug, thiserror::Error)]
@@ -41,7 +48,9 @@ pub enum ConfineError {
     )]
     Landlock(String),
     /// The kernel has no seccomp filter support.
-    #[error("sandbox mode needs seccomp filters (CONFIG_SECCOMP_FILTER), which this kernel lacks: {0}")]
+    #[error(
+        "sandbox mode needs seccomp filters (CONFIG_SECCOMP_FILTER), which this kernel lacks: {0}"
+    )]
     Seccomp(String),
     /// The helper cannot be run.
     #[error("the confinement helper {0} cannot be run: {1}")]
@@ -62,12 +71,18 @@ impl Helper {
     /// The running binary, re-executed with [`HELPER_ARG`]. Its `main` must call
     /// [`run_helper_if_requested`] first.
     pub fn current_exe() -> std::io::Result<Self> {
-        Ok(Helper { program: std::env::current_exe()?, reexec: true })
+        Ok(Helper {
+            program: std::env::current_exe()?,
+            reexec: true,
+        })
     }
 
     /// The dedicated `kiln-confine` binary at this path.
     pub fn dedicated(program: impl Into<PathBuf>) -> Self {
-        Helper { program: program.into(), reexec: false }
+        Helper {
+            program: program.into(),
+            reexec: false,
+        }
     }
 }
 
@@ -103,14 +118,22 @@ impl Confinement {
         }
         // SAFETY: PR_GET_SECCOMP takes no pointer arguments.
         if unsafe { libc::prctl(libc::PR_GET_SECCOMP) } < 0 {
-            return Err(ConfineError::Seccomp(std::io::Error::last_os_error().to_string()));
+            return Err(ConfineError::Seccomp(
+                std::io::Error::last_os_error().to_string(),
+            ));
         }
         let meta = std::fs::metadata(&helper.program)
             .map_err(|e| ConfineError::Helper(helper.program.clone(), e.to_string()))?;
         if !meta.is_file() {
-            return Err(ConfineError::Helper(helper.program.clone(), "not a file".into()));
+            return Err(ConfineError::Helper(
+                helper.program.clone(),
+                "not a file".into(),
+            ));
         }
-        Ok(Confinement { helper, landlock_abi: abi })
+        Ok(Confinement {
+            helper,
+            landlock_abi: abi,
+        })
     }
 
     /// The Landlock ABI this kernel enforces (the worker advertises it).
@@ -177,26 +200,41 @@ pub fn helper_main(args: Vec<OsString>) -> ! {
         fail(format!("cannot apply seccomp: {e}"));
     }
     let err = Command::new(program).arg0(argv0).args(rest).exec();
-    fail(format!("cannot execute {}: {err}", Path::new(program).display()))
+    fail(format!(
+        "cannot execute {}: {err}",
+        Path::new(program).display()
+    ))
 }
 
 fn set_rlimits() -> rustix::io::Result<()> {
     use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
     // No core dumps of build processes (they may hold secrets, and they fill disks).
-    setrlimit(Resource::Core, Rlimit { current: Some(0), maximum: Some(0) })?;
+    setrlimit(
+        Resource::Core,
+        Rlimit {
+            current: Some(0),
+            maximum: Some(0),
+        },
+    )?;
     // Bound runaway process creation (for non-root workers; root is exempt by the kernel).
     let nproc = getrlimit(Resource::Nproc);
     let cap = 4096;
     if nproc.maximum.is_none_or(|m| m > cap) {
-        setrlimit(Resource::Nproc, Rlimit { current: Some(cap), maximum: Some(cap) })?;
+        setrlimit(
+            Resource::Nproc,
+            Rlimit {
+                current: Some(cap),
+                maximum: Some(cap),
+            },
+        )?;
     }
     Ok(())
 }
 
 fn apply_landlock(policy: &Policy) -> Result<(), landlock::RulesetError> {
     use landlock::{
-        ABI, Access, AccessFs, AccessNet, CompatLevel, Compatible, Ruleset, RulesetAttr, RulesetCreatedAttr,
-        RulesetStatus, Scope, path_beneath_rules,
+        ABI, Access, AccessFs, AccessNet, CompatLevel, Compatible, Ruleset, RulesetAttr,
+        RulesetCreatedAttr, RulesetStatus, Scope, path_beneath_rules,
     };
     let abi = ABI::from(landlock_abi());
     let mut ruleset = Ruleset::default()
@@ -208,8 +246,16 @@ fn apply_landlock(policy: &Policy) -> Result<(), landlock::RulesetError> {
     if abi >= ABI::V6 {
         ruleset = ruleset.scope(Scope::from_all(abi))?;
     }
-    let ro: Vec<&Path> = SYSTEM_RO.iter().map(Path::new).chain(policy.ro.iter().map(PathBuf::as_path)).collect();
-    let rw: Vec<&Path> = DEVICES_RW.iter().map(Path::new).chain(policy.rw.iter().map(PathBuf::as_path)).collect();
+    let ro: Vec<&Path> = SYSTEM_RO
+        .iter()
+        .map(Path::new)
+        .chain(policy.ro.iter().map(PathBuf::as_path))
+        .collect();
+    let rw: Vec<&Path> = DEVICES_RW
+        .iter()
+        .map(Path::new)
+        .chain(policy.rw.iter().map(PathBuf::as_path))
+        .collect();
     let status = ruleset
         .create()?
         .add_rules(path_beneath_rules(ro, AccessFs::from_read(abi)))?
@@ -262,18 +308,37 @@ const DENIED_SYSCALLS: &[libc::c_long] = &[
 ];
 
 fn apply_seccomp(network: bool) -> Result<(), Box<dyn std::error::Error>> {
-    use seccompiler::{SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule};
+    use seccompiler::{
+        SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule,
+    };
     let mut rules: std::collections::BTreeMap<i64, Vec<SeccompRule>> =
         DENIED_SYSCALLS.iter().map(|&s| (s, Vec::new())).collect();
     if !network {
         // Landlock covers TCP; this closes UDP, raw and packet sockets too.
         let family = |f: libc::c_int| -> Result<SeccompRule, seccompiler::BackendError> {
-            SeccompRule::new(vec![SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, f as u64)?])
+            SeccompRule::new(vec![SeccompCondition::new(
+                0,
+                SeccompCmpArgLen::Dword,
+                SeccompCmpOp::Eq,
+                f as u64,
+            )?])
         };
-        rules.insert(libc::SYS_socket, vec![family(libc::AF_INET)?, family(libc::AF_INET6)?, family(libc::AF_PACKET)?]);
+        rules.insert(
+            libc::SYS_socket,
+            vec![
+                family(libc::AF_INET)?,
+                family(libc::AF_INET6)?,
+                family(libc::AF_PACKET)?,
+            ],
+        );
     }
     let arch = std::env::consts::ARCH.try_into()?;
-    let filter = SeccompFilter::new(rules, SeccompAction::Allow, SeccompAction::Errno(libc::EPERM as u32), arch)?;
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EPERM as u32),
+        arch,
+    )?;
     let program: seccompiler::BpfProgram = filter.try_into()?;
     seccompiler::apply_filter(&program)?;
     Ok(())

@@ -56,7 +56,9 @@ pub enum LoadError {
     #[error("cannot read {0}: {1}")]
     Unreadable(String, std::io::Error),
     /// Not WebAssembly at all.
-    #[error("{0} is not a WebAssembly file (it does not start with \\0asm); give the .wasm file cargo built")]
+    #[error(
+        "{0} is not a WebAssembly file (it does not start with \\0asm); give the .wasm file cargo built"
+    )]
     NotWasm(String),
     /// A core module rather than a component.
     #[error(
@@ -157,7 +159,9 @@ pub struct Runtime {
 
 impl fmt::Debug for Runtime {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Runtime").field("cache_dir", &self.cache_dir).finish_non_exhaustive()
+        f.debug_struct("Runtime")
+            .field("cache_dir", &self.cache_dir)
+            .finish_non_exhaustive()
     }
 }
 
@@ -182,19 +186,22 @@ impl Runtime {
         let compat = format!("{:016x}", hasher.finish());
 
         if let Some(dir) = &config.cache_dir {
-            prepare_cache_dir(dir).map_err(|e| anyhow::anyhow!("component cache {}: {e}", dir.display()))?;
+            prepare_cache_dir(dir)
+                .map_err(|e| anyhow::anyhow!("component cache {}: {e}", dir.display()))?;
         }
 
         let stop = Arc::new(AtomicBool::new(false));
         let ticker = {
             let engine = engine.clone();
             let stop = stop.clone();
-            std::thread::Builder::new().name("kiln-epoch".into()).spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    std::thread::sleep(EPOCH_TICK);
-                    engine.increment_epoch();
-                }
-            })?
+            std::thread::Builder::new()
+                .name("kiln-epoch".into())
+                .spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(EPOCH_TICK);
+                        engine.increment_epoch();
+                    }
+                })?
         };
         Ok(Runtime {
             engine,
@@ -229,11 +236,19 @@ impl Runtime {
         }
         let component = self.compile_cached(bytes, digest, label)?;
         let loaded = self.classify(&component, digest, label)?;
-        self.loaded.lock().expect("cache lock").insert(digest, loaded.clone());
+        self.loaded
+            .lock()
+            .expect("cache lock")
+            .insert(digest, loaded.clone());
         Ok(loaded)
     }
 
-    fn compile_cached(&self, bytes: &[u8], digest: ModuleDigest, label: &str) -> Result<WasmComponent, LoadError> {
+    fn compile_cached(
+        &self,
+        bytes: &[u8],
+        digest: ModuleDigest,
+        label: &str,
+    ) -> Result<WasmComponent, LoadError> {
         let Some(dir) = &self.cache_dir else {
             return WasmComponent::new(&self.engine, bytes)
                 .map_err(|e| LoadError::Invalid(label.to_owned(), format!("{e:#}")));
@@ -245,14 +260,18 @@ impl Runtime {
             // the SHA-256 of the source bytes and the engine's compatibility hash.
             match unsafe { WasmComponent::deserialize_file(&self.engine, &path) } {
                 Ok(c) => return Ok(c),
-                Err(e) => tracing::warn!(path = %path.display(), error = %e, "discarding unusable cached component"),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "discarding unusable cached component")
+                }
             }
         }
         let started = std::time::Instant::now();
         let component = WasmComponent::new(&self.engine, bytes)
             .map_err(|e| LoadError::Invalid(label.to_owned(), format!("{e:#}")))?;
         tracing::debug!(module = %label, %digest, elapsed_ms = started.elapsed().as_millis() as u64, "compiled component");
-        let compiled = component.serialize().map_err(|e| LoadError::Cache(dir.clone(), e.to_string()))?;
+        let compiled = component
+            .serialize()
+            .map_err(|e| LoadError::Cache(dir.clone(), e.to_string()))?;
         let write = || -> std::io::Result<()> {
             let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
             std::io::Write::write_all(&mut tmp, &compiled)?;
@@ -266,11 +285,21 @@ impl Runtime {
         Ok(component)
     }
 
-    fn classify(&self, component: &WasmComponent, digest: ModuleDigest, label: &str) -> Result<Loaded, LoadError> {
+    fn classify(
+        &self,
+        component: &WasmComponent,
+        digest: ModuleDigest,
+        label: &str,
+    ) -> Result<Loaded, LoadError> {
         let ty = component.component_type();
-        let exports: Vec<String> = ty.exports(&self.engine).map(|(name, _)| name.to_owned()).collect();
+        let exports: Vec<String> = ty
+            .exports(&self.engine)
+            .map(|(name, _)| name.to_owned())
+            .collect();
         let is_step = exports.iter().any(|e| e == "run");
-        let observer_export = exports.iter().find(|e| e.starts_with("kiln:step/observer@"));
+        let observer_export = exports
+            .iter()
+            .find(|e| e.starts_with("kiln:step/observer@"));
         let link_error = |e: wasmtime::Error| {
             let text = format!("{e:#}");
             match text.split('`').nth(1) {
@@ -281,22 +310,36 @@ impl Runtime {
             }
         };
         if is_step {
-            let pre = self.step_linker.instantiate_pre(component).map_err(link_error)?;
-            let pre = StepPre::new(pre).map_err(|e| LoadError::WrongWorld(label.to_owned(), format!("{e:#}")))?;
+            let pre = self
+                .step_linker
+                .instantiate_pre(component)
+                .map_err(link_error)?;
+            let pre = StepPre::new(pre)
+                .map_err(|e| LoadError::WrongWorld(label.to_owned(), format!("{e:#}")))?;
             return Ok(Loaded::Step(StepComponent { digest, pre }));
         }
         if let Some(export) = observer_export {
             if export != "kiln:step/observer@0.1.0" {
                 return Err(LoadError::WrongWorld(
                     label.to_owned(),
-                    format!("it exports `{export}`, but this runtime implements {CONTRACT}; rebuild it against this guest-sdk"),
+                    format!(
+                        "it exports `{export}`, but this runtime implements {CONTRACT}; rebuild it against this guest-sdk"
+                    ),
                 ));
             }
-            let pre = self.observer_linker.instantiate_pre(component).map_err(link_error)?;
-            let pre = LogObserverPre::new(pre).map_err(|e| LoadError::WrongWorld(label.to_owned(), format!("{e:#}")))?;
+            let pre = self
+                .observer_linker
+                .instantiate_pre(component)
+                .map_err(link_error)?;
+            let pre = LogObserverPre::new(pre)
+                .map_err(|e| LoadError::WrongWorld(label.to_owned(), format!("{e:#}")))?;
             return Ok(Loaded::Observer(ObserverComponent { digest, pre }));
         }
-        let shown = if exports.is_empty() { "nothing".to_owned() } else { exports.join(", ") };
+        let shown = if exports.is_empty() {
+            "nothing".to_owned()
+        } else {
+            exports.join(", ")
+        };
         Err(LoadError::WrongWorld(
             label.to_owned(),
             format!(
@@ -320,16 +363,23 @@ impl Drop for Runtime {
 /// code loaded from it runs without validation.
 fn prepare_cache_dir(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
     let meta = std::fs::symlink_metadata(dir)?;
     if !meta.is_dir() {
         return Err(std::io::Error::other("not a directory (or a symlink)"));
     }
     if meta.uid() != rustix::process::geteuid().as_raw() {
-        return Err(std::io::Error::other("owned by another user; the cache must be the runtime's own"));
+        return Err(std::io::Error::other(
+            "owned by another user; the cache must be the runtime's own",
+        ));
     }
     if meta.permissions().mode() & 0o022 != 0 {
-        return Err(std::io::Error::other("writable by group or others; run chmod 700 on it"));
+        return Err(std::io::Error::other(
+            "writable by group or others; run chmod 700 on it",
+        ));
     }
     Ok(())
 }

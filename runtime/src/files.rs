@@ -24,7 +24,9 @@ pub fn check_relative(path: &str) -> Result<&Path, String> {
             Component::Normal(_) | Component::CurDir => {}
             Component::ParentDir => return Err(format!("path {path:?} leaves the workdir (`..`)")),
             Component::RootDir | Component::Prefix(_) => {
-                return Err(format!("path {path:?} is absolute; paths are relative to the workdir"));
+                return Err(format!(
+                    "path {path:?} is absolute; paths are relative to the workdir"
+                ));
             }
         }
     }
@@ -38,7 +40,10 @@ fn resolve_flags() -> ResolveFlags {
 fn describe(err: rustix::io::Errno, path: &Path) -> String {
     match err {
         rustix::io::Errno::LOOP | rustix::io::Errno::XDEV => {
-            format!("{} is or passes through a symlink, which Kiln never follows", path.display())
+            format!(
+                "{} is or passes through a symlink, which Kiln never follows",
+                path.display()
+            )
         }
         rustix::io::Errno::NOENT => format!("{} does not exist", path.display()),
         other => format!("{}: {}", path.display(), io::Error::from(other)),
@@ -47,7 +52,11 @@ fn describe(err: rustix::io::Errno, path: &Path) -> String {
 
 /// Opens the workdir itself, for resolving paths beneath it.
 pub fn open_dir(path: &Path) -> io::Result<OwnedFd> {
-    Ok(rustix::fs::open(path, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?)
+    Ok(rustix::fs::open(
+        path,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?)
 }
 
 /// Opens a regular file beneath `root` for reading.
@@ -61,7 +70,9 @@ pub fn open_read(root: impl AsFd, rel: &Path) -> Result<File, String> {
     )
     .map_err(|e| describe(e, rel))?;
     let file = File::from(fd);
-    let meta = file.metadata().map_err(|e| format!("{}: {e}", rel.display()))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| format!("{}: {e}", rel.display()))?;
     if !meta.is_file() {
         return Err(format!("{} is not a regular file", rel.display()));
     }
@@ -73,7 +84,7 @@ pub fn check_dir(root: impl AsFd, rel: &Path) -> Result<(), String> {
     rustix::fs::openat2(
         root,
         rel,
-        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
         Mode::empty(),
         resolve_flags(),
     )
@@ -93,11 +104,19 @@ pub fn write_replacing<T>(
     fill: impl FnOnce(&mut File) -> Result<T, String>,
 ) -> Result<T, String> {
     let root = root.as_fd();
-    let name = rel.file_name().ok_or_else(|| format!("{} names no file", rel.display()))?;
+    let name = rel
+        .file_name()
+        .ok_or_else(|| format!("{} names no file", rel.display()))?;
     let parent = rel.parent().filter(|p| !p.as_os_str().is_empty());
     let dir: OwnedFd = match parent {
-        None => rustix::fs::openat2(root, ".", OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty(), resolve_flags())
-            .map_err(|e| describe(e, rel))?,
+        None => rustix::fs::openat2(
+            root,
+            ".",
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+            resolve_flags(),
+        )
+        .map_err(|e| describe(e, rel))?,
         Some(parent) => make_dirs(root, parent)?,
     };
     let tmp = format!(".kiln-tmp-{}-{}", std::process::id(), unique());
@@ -121,19 +140,33 @@ pub fn write_replacing<T>(
 }
 
 fn make_dirs(root: impl AsFd, rel: &Path) -> Result<OwnedFd, String> {
-    let mut dir = rustix::fs::openat2(root, ".", OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty(), resolve_flags())
-        .map_err(|e| describe(e, rel))?;
+    let mut dir = rustix::fs::openat2(
+        root,
+        ".",
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+        resolve_flags(),
+    )
+    .map_err(|e| describe(e, rel))?;
     for part in rel.components() {
-        let Component::Normal(part) = part else { continue };
+        let Component::Normal(part) = part else {
+            continue;
+        };
         match rustix::fs::mkdirat(&dir, part, Mode::from_raw_mode(0o755)) {
             Ok(()) | Err(rustix::io::Errno::EXIST) => {}
             Err(e) => return Err(describe(e, rel)),
         }
-        dir = rustix::fs::openat2(&dir, part, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW, Mode::empty(), resolve_flags())
-            .map_err(|e| match e {
-                rustix::io::Errno::NOTDIR => format!("{} is not a directory", rel.display()),
-                e => describe(e, rel),
-            })?;
+        dir = rustix::fs::openat2(
+            &dir,
+            part,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+            resolve_flags(),
+        )
+        .map_err(|e| match e {
+            rustix::io::Errno::NOTDIR => format!("{} is not a directory", rel.display()),
+            e => describe(e, rel),
+        })?;
     }
     Ok(dir)
 }
@@ -154,8 +187,15 @@ mod tests {
     fn relative_paths_only() {
         assert!(check_relative("a/b.txt").is_ok());
         assert!(check_relative("./a").is_ok());
-        assert_eq!(check_relative("../x").unwrap_err(), "path \"../x\" leaves the workdir (`..`)");
-        assert!(check_relative("/etc/passwd").unwrap_err().contains("absolute"));
+        assert_eq!(
+            check_relative("../x").unwrap_err(),
+            "path \"../x\" leaves the workdir (`..`)"
+        );
+        assert!(
+            check_relative("/etc/passwd")
+                .unwrap_err()
+                .contains("absolute")
+        );
         assert!(check_relative("").is_err());
     }
 
@@ -169,20 +209,38 @@ mod tests {
         let root = open_dir(dir.path()).unwrap();
 
         let err = open_read(&root, Path::new("link")).unwrap_err();
-        assert_eq!(err, "link is or passes through a symlink, which Kiln never follows");
+        assert_eq!(
+            err,
+            "link is or passes through a symlink, which Kiln never follows"
+        );
         assert!(open_read(&root, Path::new("dirlink/secret")).is_err());
         assert!(write_replacing(&root, Path::new("dirlink/new"), |_| Ok(())).is_err());
 
         // Writing at a symlink's path replaces the link; the target is untouched.
-        write_replacing(&root, Path::new("link"), |f| f.write_all(b"mine").map_err(|e| e.to_string())).unwrap();
-        assert_eq!(std::fs::read_to_string(outside.path().join("secret")).unwrap(), "top secret");
+        write_replacing(&root, Path::new("link"), |f| {
+            f.write_all(b"mine").map_err(|e| e.to_string())
+        })
+        .unwrap();
+        assert_eq!(
+            std::fs::read_to_string(outside.path().join("secret")).unwrap(),
+            "top secret"
+        );
         let mut s = String::new();
-        open_read(&root, Path::new("link")).unwrap().read_to_string(&mut s).unwrap();
+        open_read(&root, Path::new("link"))
+            .unwrap()
+            .read_to_string(&mut s)
+            .unwrap();
         assert_eq!(s, "mine");
 
-        write_replacing(&root, Path::new("deep/er/file"), |f| f.write_all(b"x").map_err(|e| e.to_string())).unwrap();
+        write_replacing(&root, Path::new("deep/er/file"), |f| {
+            f.write_all(b"x").map_err(|e| e.to_string())
+        })
+        .unwrap();
         assert!(dir.path().join("deep/er/file").is_file());
         check_dir(&root, Path::new("deep/er")).unwrap();
-        assert_eq!(check_dir(&root, Path::new("deep/er/file")).unwrap_err(), "deep/er/file is not a directory");
+        assert_eq!(
+            check_dir(&root, Path::new("deep/er/file")).unwrap_err(),
+            "deep/er/file is not a directory"
+        );
     }
 }

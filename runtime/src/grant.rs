@@ -86,8 +86,10 @@ impl Grant {
     /// The environment commands get: the grant's, with PATH and HOME filled in.
     pub(crate) fn command_env(&self) -> BTreeMap<String, String> {
         let mut env = self.env.clone();
-        env.entry("PATH".into()).or_insert_with(|| "/usr/local/bin:/usr/bin:/bin".into());
-        env.entry("HOME".into()).or_insert_with(|| self.workdir.display().to_string());
+        env.entry("PATH".into())
+            .or_insert_with(|| "/usr/local/bin:/usr/bin:/bin".into());
+        env.entry("HOME".into())
+            .or_insert_with(|| self.workdir.display().to_string());
         env
     }
 }

@@ -24,7 +24,10 @@ mod run;
 
 pub use artifacts::{Artifact, ArtifactStore, DirStore};
 pub use confine::{Confinement, Helper};
-pub use engine::{CONTRACT, EPOCH_TICK, LoadError, Loaded, ModuleDigest, ObserverComponent, Runtime, RuntimeConfig, StepComponent};
+pub use engine::{
+    CONTRACT, EPOCH_TICK, LoadError, Loaded, ModuleDigest, ObserverComponent, Runtime,
+    RuntimeConfig, StepComponent,
+};
 pub use grant::{Grant, Limits};
 pub use logs::{Channel, LogLimits, NoEvents, ReportEvent, StepEvents};
 pub use outcome::{LogStats, Outcome, StepOutcome, Url};

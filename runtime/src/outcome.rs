@@ -75,7 +75,11 @@ impl Outcome {
                 Outcome::Cancelled => 6,
             }
         }
-        if rank(other) > rank(self) { other } else { self }
+        if rank(other) > rank(self) {
+            other
+        } else {
+            self
+        }
     }
 }
 
@@ -153,7 +157,10 @@ mod tests {
         assert_eq!(Outcome::Success.worst(Outcome::Warnings), Outcome::Warnings);
         assert_eq!(Outcome::Skipped.worst(Outcome::Success), Outcome::Success);
         assert_eq!(Outcome::Failure.worst(Outcome::Warnings), Outcome::Failure);
-        assert_eq!(Outcome::Exception.worst(Outcome::Failure), Outcome::Exception);
+        assert_eq!(
+            Outcome::Exception.worst(Outcome::Failure),
+            Outcome::Exception
+        );
         assert_eq!(Outcome::Retry.worst(Outcome::Cancelled), Outcome::Cancelled);
         for (code, o) in Outcome::ALL.iter().enumerate() {
             assert_eq!(usize::from(o.code()), code);

@@ -37,7 +37,13 @@ impl Properties {
 
     /// Sets a property, replacing any earlier value.
     pub fn set(&mut self, name: impl Into<String>, value: Value, source: impl Into<String>) {
-        self.map.insert(name.into(), Property { value, source: source.into() });
+        self.map.insert(
+            name.into(),
+            Property {
+                value,
+                source: source.into(),
+            },
+        );
     }
 
     /// The value of a property.
@@ -67,10 +73,15 @@ pub fn check_property_name(name: &str) -> Result<(), String> {
         return Err("property name is empty".into());
     }
     if name.len() > MAX_PROPERTY_NAME {
-        return Err(format!("property name is {} bytes, longer than {MAX_PROPERTY_NAME}", name.len()));
+        return Err(format!(
+            "property name is {} bytes, longer than {MAX_PROPERTY_NAME}",
+            name.len()
+        ));
     }
     if name.chars().any(char::is_control) {
-        return Err(format!("property name {name:?} contains a control character"));
+        return Err(format!(
+            "property name {name:?} contains a control character"
+        ));
     }
     Ok(())
 }
@@ -79,13 +90,17 @@ pub fn check_property_name(name: &str) -> Result<(), String> {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum InterpolateError {
     /// A `%(prop:NAME)s` named a property that is not set and gave no default.
-    #[error("step arguments use property {0:?}, which is not set (write %(prop:{0}:-default)s to give a default)")]
+    #[error(
+        "step arguments use property {0:?}, which is not set (write %(prop:{0}:-default)s to give a default)"
+    )]
     MissingProperty(String),
     /// A `%(secret:NAME)s` named a secret the grant does not have.
     #[error("step arguments use secret {0:?}, which this builder is not granted")]
     MissingSecret(String),
     /// A malformed placeholder.
-    #[error("step arguments: malformed placeholder {0:?}: write %(prop:NAME)s, %(prop:NAME:-default)s, %(secret:NAME)s or %% for a literal %")]
+    #[error(
+        "step arguments: malformed placeholder {0:?}: write %(prop:NAME)s, %(prop:NAME:-default)s, %(secret:NAME)s or %% for a literal %"
+    )]
     Malformed(String),
 }
 
@@ -98,7 +113,10 @@ pub fn interpolate(
     Ok(match args {
         Value::String(s) => Value::String(interpolate_str(s, props, secrets)?),
         Value::Array(items) => Value::Array(
-            items.iter().map(|v| interpolate(v, props, secrets)).collect::<Result<_, _>>()?,
+            items
+                .iter()
+                .map(|v| interpolate(v, props, secrets))
+                .collect::<Result<_, _>>()?,
         ),
         Value::Object(map) => Value::Object(
             map.iter()
@@ -157,7 +175,11 @@ fn expand(
             .cloned()
             .ok_or_else(|| InterpolateError::MissingSecret(rest.to_owned())),
         "prop" => {
-            let (name, op) = match rest.find(":-").or_else(|| rest.find(":~")).or_else(|| rest.find(":+")) {
+            let (name, op) = match rest
+                .find(":-")
+                .or_else(|| rest.find(":~"))
+                .or_else(|| rest.find(":+"))
+            {
                 Some(i) => (&rest[..i], Some((&rest[i + 1..i + 2], &rest[i + 2..]))),
                 None => (rest, None),
             };
@@ -173,9 +195,11 @@ fn expand(
                     Some(v) if truthy(v) => render(v),
                     _ => default.to_owned(),
                 }),
-                (Some(("+", replacement)), v) => {
-                    Ok(if v.is_some() { replacement.to_owned() } else { String::new() })
-                }
+                (Some(("+", replacement)), v) => Ok(if v.is_some() {
+                    replacement.to_owned()
+                } else {
+                    String::new()
+                }),
                 _ => Err(malformed()),
             }
         }

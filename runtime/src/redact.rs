@@ -93,7 +93,10 @@ mod tests {
     #[test]
     fn replaces_every_occurrence_longest_first() {
         let r = Redactor::new([("short", "abc"), ("long", "abcdef")]);
-        assert_eq!(r.redact("x abcdef y abc z"), "x <secret:long> y <secret:short> z");
+        assert_eq!(
+            r.redact("x abcdef y abc z"),
+            "x <secret:long> y <secret:short> z"
+        );
         assert_eq!(r.redact("nothing here"), "nothing here");
         assert!(matches!(r.redact("nothing here"), Cow::Borrowed(_)));
     }
@@ -101,7 +104,10 @@ mod tests {
     #[test]
     fn multi_line_secrets_are_redacted_per_line() {
         let r = Redactor::new([("key", "line-one\nline-two")]);
-        assert_eq!(r.redact("line-one\nline-two\n"), "<secret:key>\n<secret:key>\n");
+        assert_eq!(
+            r.redact("line-one\nline-two\n"),
+            "<secret:key>\n<secret:key>\n"
+        );
         assert_eq!(r.longest(), 8);
     }
 
@@ -110,6 +116,9 @@ mod tests {
         let r = Redactor::new([("t", "hunter2")]);
         let mut v = serde_json::json!({"a": ["hunter2", 3], "b": "my hunter2!"});
         r.redact_json(&mut v);
-        assert_eq!(v, serde_json::json!({"a": ["<secret:t>", 3], "b": "my <secret:t>!"}));
+        assert_eq!(
+            v,
+            serde_json::json!({"a": ["<secret:t>", 3], "b": "my <secret:t>!"})
+        );
     }
 }

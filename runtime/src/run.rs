@@ -12,7 +12,10 @@ use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 use crate::engine::{ObserverComponent, Runtime, StepComponent};
 use crate::grant::Grant;
 use crate::host::observers::{ObserverEnd, ObserverStart};
-use crate::host::{ContextState, GuestOutput, Limiter, ObserverRun, ReportState, StepState, describe_error, limit_store};
+use crate::host::{
+    ContextState, GuestOutput, Limiter, ObserverRun, ReportState, StepState, describe_error,
+    limit_store,
+};
 use crate::logs::{Channel, Logs, StepEvents};
 use crate::outcome::{Outcome, StepOutcome};
 use crate::props::{Properties, interpolate};
@@ -81,10 +84,13 @@ impl Runtime {
         let grant = run.grant;
         let limit = grant.limits.deadline;
         let deadline = started + limit;
-        let redactor = Arc::new(Redactor::new(grant.secrets.iter().map(|(k, v)| (k.as_str(), v.as_str()))));
+        let redactor = Arc::new(Redactor::new(
+            grant.secrets.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+        ));
         let fail = |message: String| {
             let message = redactor.redact(&message).into_owned();
-            run.events.log("stdio", Channel::Header, &format!("kiln: {message}\n"));
+            run.events
+                .log("stdio", Channel::Header, &format!("kiln: {message}\n"));
             StepOutcome::exception(message, started.elapsed())
         };
 
@@ -134,13 +140,19 @@ impl Runtime {
             }
         }
         wasi.envs(&grant.env.iter().collect::<Vec<_>>());
-        wasi.stdout(guest_stdout.clone()).stderr(guest_stderr.clone());
+        wasi.stdout(guest_stdout.clone())
+            .stderr(guest_stderr.clone());
 
         let state = StepState {
             wasi: wasi.build(),
             table: ResourceTable::new(),
             limiter: Limiter::new(grant.limits.memory_bytes),
-            report: ReportState::new(base, redactor.clone(), run.events.clone(), grant.limits.max_property_bytes),
+            report: ReportState::new(
+                base,
+                redactor.clone(),
+                run.events.clone(),
+                grant.limits.max_property_bytes,
+            ),
             ctx: ContextState {
                 args_json: args.to_string(),
                 grant: grant.clone(),
@@ -155,9 +167,19 @@ impl Runtime {
             },
         };
         let mut store = Store::new(&self.engine, state);
-        limit_store(&mut store, |s| &mut s.limiter, deadline, limit, run.cancel.clone());
+        limit_store(
+            &mut store,
+            |s| &mut s.limiter,
+            deadline,
+            limit,
+            run.cancel.clone(),
+        );
 
-        let called = run.step.pre.instantiate(&mut store).and_then(|step| step.call_run(&mut store));
+        let called = run
+            .step
+            .pre
+            .instantiate(&mut store)
+            .and_then(|step| step.call_run(&mut store));
         let state = store.data_mut();
         state.ctx.drain_guest_output();
         let (mut result, mut message) = match called {
@@ -192,10 +214,17 @@ impl Runtime {
             elapsed: Duration::ZERO,
         };
         for end in ctx.observers.into_iter().map(ObserverRun::finish) {
-            let ObserverEnd { name, verdict, report, failed } = end;
+            let ObserverEnd {
+                name,
+                verdict,
+                report,
+                failed,
+            } = end;
             if let Some(why) = failed {
                 let why = format!("observer {name}: {why}");
-                ctx.logs.events().log("stdio", Channel::Header, &format!("kiln: {why}\n"));
+                ctx.logs
+                    .events()
+                    .log("stdio", Channel::Header, &format!("kiln: {why}\n"));
                 if result.worst(Outcome::Exception) == Outcome::Exception {
                     result = Outcome::Exception;
                     message.get_or_insert(why);
@@ -212,7 +241,11 @@ impl Runtime {
                 outcome.summary = report.summary;
             }
             for note in report.notes {
-                ctx.logs.events().log("stdio", Channel::Header, &format!("kiln: observer {name}: {note}\n"));
+                ctx.logs.events().log(
+                    "stdio",
+                    Channel::Header,
+                    &format!("kiln: observer {name}: {note}\n"),
+                );
             }
         }
         outcome.result = result;
@@ -233,7 +266,11 @@ pub fn human_duration(d: Duration) -> String {
         format!("{ms} ms")
     } else if ms < 60_000 {
         let s = d.as_secs_f64();
-        if s.fract() == 0.0 { format!("{s:.0} s") } else { format!("{s:.1} s") }
+        if s.fract() == 0.0 {
+            format!("{s:.0} s")
+        } else {
+            format!("{s:.1} s")
+        }
     } else {
         format!("{} min {} s", d.as_secs() / 60, d.as_secs() % 60)
     }

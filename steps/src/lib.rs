@@ -42,7 +42,10 @@ pub fn find(name: &str) -> Option<&'static Builtin> {
 
 /// The path of a guest built by `build.rs` (standard or, with `fixtures`, a fixture).
 pub fn guest_path(package: &str) -> Option<&'static str> {
-    GUESTS.iter().find(|(p, _)| *p == package).map(|(_, path)| *path)
+    GUESTS
+        .iter()
+        .find(|(p, _)| *p == package)
+        .map(|(_, path)| *path)
 }
 
 /// Test fixtures (with the `fixtures` feature): components that probe the sandbox.
@@ -51,7 +54,8 @@ pub mod fixtures {
     /// A step that does what its `action` argument says.
     pub const PROBE_STEP: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/probe-step.wasm"));
     /// An observer that counts lines per channel, line by line.
-    pub const COUNT_OBSERVER: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/count-observer.wasm"));
+    pub const COUNT_OBSERVER: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/count-observer.wasm"));
 }
 
 #[cfg(test)]
@@ -66,7 +70,12 @@ mod tests {
         assert_eq!(names.len(), BUILTINS.len());
         for b in BUILTINS {
             // Component binaries start with the wasm magic and the component layer (0x0d 0 1 0).
-            assert_eq!(&b.wasm[..8], b"\0asm\x0d\0\x01\0", "{} is not a component", b.name);
+            assert_eq!(
+                &b.wasm[..8],
+                b"\0asm\x0d\0\x01\0",
+                "{} is not a component",
+                b.name
+            );
             assert!(guest_path(b.name).is_some());
         }
     }

@@ -35,32 +35,55 @@ const PIPE_GRACE: Duration = Duration::from_secs(2);
 
 impl ContextState {
     pub(crate) fn run(&mut self, cmd: Command) -> Result<CommandResult, HostError> {
-        let Command { argv, cwd, env: extra_env, timeout_ms, log, quiet, capture_stdout, stdin } = cmd;
+        let Command {
+            argv,
+            cwd,
+            env: extra_env,
+            timeout_ms,
+            log,
+            quiet,
+            capture_stdout,
+            stdin,
+        } = cmd;
         if argv.is_empty() {
-            return Err(HostError::Invalid("argv is empty: give the program and its arguments".into()));
+            return Err(HostError::Invalid(
+                "argv is empty: give the program and its arguments".into(),
+            ));
         }
         let size: usize = argv.iter().map(String::len).sum::<usize>()
-            + extra_env.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+            + extra_env
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>()
             + stdin.as_ref().map_or(0, String::len);
         if size > MAX_COMMAND_BYTES {
-            return Err(HostError::TooLarge(format!("the command's argv, environment and stdin are {size} bytes; the limit is {MAX_COMMAND_BYTES}")));
+            return Err(HostError::TooLarge(format!(
+                "the command's argv, environment and stdin are {size} bytes; the limit is {MAX_COMMAND_BYTES}"
+            )));
         }
         if argv.iter().any(|a| a.contains('\0')) {
             return Err(HostError::Invalid("an argument contains a NUL byte".into()));
         }
         if capture_stdout > MAX_CAPTURE {
-            return Err(HostError::TooLarge(format!("capture-stdout asks for {capture_stdout} bytes; the limit is {MAX_CAPTURE}")));
+            return Err(HostError::TooLarge(format!(
+                "capture-stdout asks for {capture_stdout} bytes; the limit is {MAX_CAPTURE}"
+            )));
         }
         let log = log.unwrap_or_else(|| "stdio".to_owned());
         check_log_name(&log)?;
         if !self.logs.can_open(&log) {
-            return Err(HostError::TooLarge(format!("a step may have at most {} logs", self.grant.limits.logs.max_logs)));
+            return Err(HostError::TooLarge(format!(
+                "a step may have at most {} logs",
+                self.grant.limits.logs.max_logs
+            )));
         }
 
         let mut env = self.grant.command_env();
         for (name, value) in extra_env {
             if name.is_empty() || name.contains(['=', '\0']) || value.contains('\0') {
-                return Err(HostError::Invalid(format!("environment variable {name:?} is malformed")));
+                return Err(HostError::Invalid(format!(
+                    "environment variable {name:?} is malformed"
+                )));
             }
             if name.starts_with("LD_") {
                 return Err(HostError::Denied(format!(
@@ -72,17 +95,34 @@ impl ContextState {
         let program = resolve_program(&self.grant.programs, &argv[0], &env["PATH"])?;
         let cwd_rel = cwd.unwrap_or_else(|| ".".to_owned());
         let rel = files::check_relative(&cwd_rel).map_err(HostError::Invalid)?;
-        files::check_dir(&self.workdir, rel).map_err(|e| HostError::NotFound(format!("working directory: {e}")))?;
+        files::check_dir(&self.workdir, rel)
+            .map_err(|e| HostError::NotFound(format!("working directory: {e}")))?;
         let cwd_path = self.grant.workdir.join(rel);
 
         let mut command = match self.grant.confinement.clone() {
             Some(confinement) => {
                 if self.tmpdir.is_none() {
-                    self.tmpdir = Some(tempfile::Builder::new().prefix("kiln-tmp-").tempdir().map_err(|e| HostError::Io(format!("private temporary directory: {e}")))?);
+                    self.tmpdir = Some(
+                        tempfile::Builder::new()
+                            .prefix("kiln-tmp-")
+                            .tempdir()
+                            .map_err(|e| {
+                                HostError::Io(format!("private temporary directory: {e}"))
+                            })?,
+                    );
                 }
-                let tmp = self.tmpdir.as_ref().expect("created above").path().to_path_buf();
+                let tmp = self
+                    .tmpdir
+                    .as_ref()
+                    .expect("created above")
+                    .path()
+                    .to_path_buf();
                 env.insert("TMPDIR".into(), tmp.display().to_string());
-                let policy = Policy { rw: vec![self.grant.workdir.clone(), tmp], ro: self.grant.ro_dirs.clone(), network: self.grant.command_network };
+                let policy = Policy {
+                    rw: vec![self.grant.workdir.clone(), tmp],
+                    ro: self.grant.ro_dirs.clone(),
+                    network: self.grant.command_network,
+                };
                 confinement.command(&policy, &program, &argv)
             }
             None => {
@@ -95,7 +135,11 @@ impl ContextState {
             .env_clear()
             .envs(&env)
             .current_dir(&cwd_path)
-            .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0);
@@ -109,7 +153,10 @@ impl ContextState {
             header.push_str(&format!(" in dir {cwd_rel}\n"));
         }
         if let Some(ms) = timeout_ms {
-            header.push_str(&format!(" timeout {}\n", human_duration(Duration::from_millis(ms))));
+            header.push_str(&format!(
+                " timeout {}\n",
+                human_duration(Duration::from_millis(ms))
+            ));
         }
         if self.grant.confinement.is_some() {
             header.push_str(" confined (sandbox mode)\n");
@@ -118,7 +165,9 @@ impl ContextState {
 
         let started = Instant::now();
         let mut child = command.spawn().map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => HostError::NotFound(format!("cannot start {}: {e}", program.display())),
+            std::io::ErrorKind::NotFound => {
+                HostError::NotFound(format!("cannot start {}: {e}", program.display()))
+            }
             _ => HostError::Io(format!("cannot start {}: {e}", program.display())),
         })?;
         let pid = Pid::from_child(&child);
@@ -157,8 +206,15 @@ impl ContextState {
             if grace_until.is_some_and(|g| now >= g) {
                 break;
             }
-            let wait = if killed.is_some() { CANCEL_POLL } else { kill_at.saturating_duration_since(now).min(CANCEL_POLL) };
-            let timeout = Timespec { tv_sec: wait.as_secs() as i64, tv_nsec: i64::from(wait.subsec_nanos()) };
+            let wait = if killed.is_some() {
+                CANCEL_POLL
+            } else {
+                kill_at.saturating_duration_since(now).min(CANCEL_POLL)
+            };
+            let timeout = Timespec {
+                tv_sec: wait.as_secs() as i64,
+                tv_nsec: i64::from(wait.subsec_nanos()),
+            };
             let mut fds: Vec<PollFd<'_>> = Vec::with_capacity(3);
             let mut which: Vec<u8> = Vec::with_capacity(3);
             if let Some(p) = &out_pipe {
@@ -188,9 +244,15 @@ impl ContextState {
                 match w {
                     0 | 1 => {
                         let (channel, n) = if w == 0 {
-                            (Channel::Stdout, out_pipe.as_mut().map_or(0, |p| read_some(p, &mut buf)))
+                            (
+                                Channel::Stdout,
+                                out_pipe.as_mut().map_or(0, |p| read_some(p, &mut buf)),
+                            )
                         } else {
-                            (Channel::Stderr, err_pipe.as_mut().map_or(0, |p| read_some(p, &mut buf)))
+                            (
+                                Channel::Stderr,
+                                err_pipe.as_mut().map_or(0, |p| read_some(p, &mut buf)),
+                            )
                         };
                         if n == 0 {
                             if w == 0 {
@@ -219,7 +281,9 @@ impl ContextState {
                 }
             }
         }
-        let status = child.wait().map_err(|e| HostError::Io(format!("waiting for the command: {e}")))?;
+        let status = child
+            .wait()
+            .map_err(|e| HostError::Io(format!("waiting for the command: {e}")))?;
         let _ = rustix::process::kill_process_group(pid, Signal::KILL);
         if let Some(f) = feeder {
             let _ = f.join();
@@ -234,15 +298,27 @@ impl ContextState {
         let footer = match exit {
             Exit::Code(c) => format!("exit code {c}, elapsed {took}\n"),
             Exit::Signal(s) => format!("killed by signal {s}, elapsed {took}\n"),
-            Exit::TimedOut => format!("timed out after {}; its process group was killed\n", human_duration(limit)),
+            Exit::TimedOut => format!(
+                "timed out after {}; its process group was killed\n",
+                human_duration(limit)
+            ),
             Exit::Cancelled => format!("cancelled after {took}; its process group was killed\n"),
         };
         self.write(&log, Channel::Header, footer.as_bytes());
         for o in &mut self.observers {
             o.flush();
         }
-        let stdout = self.logs.redactor().redact(&String::from_utf8_lossy(&captured)).into_owned();
-        Ok(CommandResult { exit, stdout, stdout_truncated: truncated, elapsed_ms: elapsed.as_millis() as u64 })
+        let stdout = self
+            .logs
+            .redactor()
+            .redact(&String::from_utf8_lossy(&captured))
+            .into_owned();
+        Ok(CommandResult {
+            exit,
+            stdout,
+            stdout_truncated: truncated,
+            elapsed_ms: elapsed.as_millis() as u64,
+        })
     }
 }
 
@@ -259,8 +335,16 @@ fn read_some(pipe: &mut dyn Read, buf: &mut [u8]) -> usize {
 
 /// Finds the program a command may run: a granted bare name looked up on PATH, a granted
 /// absolute path, or the absolute path a granted name resolves to.
-pub(crate) fn resolve_program(granted: &[String], argv0: &str, path: &str) -> Result<PathBuf, HostError> {
-    let listed = if granted.is_empty() { "none".to_owned() } else { granted.join(", ") };
+pub(crate) fn resolve_program(
+    granted: &[String],
+    argv0: &str,
+    path: &str,
+) -> Result<PathBuf, HostError> {
+    let listed = if granted.is_empty() {
+        "none".to_owned()
+    } else {
+        granted.join(", ")
+    };
     let denied = || {
         HostError::Denied(format!(
             "program {argv0:?} is not granted to this step (granted: {listed}); grant it with --allow-program {argv0} \
@@ -277,7 +361,10 @@ pub(crate) fn resolve_program(granted: &[String], argv0: &str, path: &str) -> Re
         if granted.iter().any(|g| g == argv0) {
             return Ok(p.to_path_buf());
         }
-        let by_name = granted.iter().filter(|g| !g.contains('/')).filter_map(|g| search_path(g, path));
+        let by_name = granted
+            .iter()
+            .filter(|g| !g.contains('/'))
+            .filter_map(|g| search_path(g, path));
         for found in by_name {
             if found == p {
                 return Ok(found);
@@ -288,8 +375,11 @@ pub(crate) fn resolve_program(granted: &[String], argv0: &str, path: &str) -> Re
     if !granted.iter().any(|g| g == argv0) {
         return Err(denied());
     }
-    search_path(argv0, path)
-        .ok_or_else(|| HostError::NotFound(format!("program {argv0:?} is granted but was not found on PATH ({path})")))
+    search_path(argv0, path).ok_or_else(|| {
+        HostError::NotFound(format!(
+            "program {argv0:?} is granted but was not found on PATH ({path})"
+        ))
+    })
 }
 
 fn search_path(name: &str, path: &str) -> Option<PathBuf> {
@@ -297,7 +387,9 @@ fn search_path(name: &str, path: &str) -> Option<PathBuf> {
     path.split(':')
         .filter(|d| d.starts_with('/'))
         .map(|d| Path::new(d).join(name))
-        .find(|p| std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
+        .find(|p| {
+            std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
 }
 
 /// Quotes argv for the header line, as a shell would need it.
@@ -323,17 +415,35 @@ mod tests {
     fn programs_must_be_granted() {
         let granted = vec!["sh".to_owned(), "/usr/bin/env".to_owned()];
         let path = "/usr/local/bin:/usr/bin:/bin";
-        assert!(resolve_program(&granted, "sh", path).unwrap().ends_with("sh"));
-        assert_eq!(resolve_program(&granted, "/usr/bin/env", path).unwrap(), Path::new("/usr/bin/env"));
+        assert!(
+            resolve_program(&granted, "sh", path)
+                .unwrap()
+                .ends_with("sh")
+        );
+        assert_eq!(
+            resolve_program(&granted, "/usr/bin/env", path).unwrap(),
+            Path::new("/usr/bin/env")
+        );
         let sh = search_path("sh", path).unwrap();
-        assert_eq!(resolve_program(&granted, sh.to_str().unwrap(), path).unwrap(), sh);
-        let HostError::Denied(m) = resolve_program(&granted, "rm", path).unwrap_err() else { panic!() };
+        assert_eq!(
+            resolve_program(&granted, sh.to_str().unwrap(), path).unwrap(),
+            sh
+        );
+        let HostError::Denied(m) = resolve_program(&granted, "rm", path).unwrap_err() else {
+            panic!()
+        };
         assert_eq!(
             m,
             "program \"rm\" is not granted to this step (granted: sh, /usr/bin/env); grant it with --allow-program rm or in the builder's programs"
         );
-        assert!(matches!(resolve_program(&granted, "./sh", path), Err(HostError::Denied(_))));
-        assert!(matches!(resolve_program(&["nonesuch".into()], "nonesuch", path), Err(HostError::NotFound(_))));
+        assert!(matches!(
+            resolve_program(&granted, "./sh", path),
+            Err(HostError::Denied(_))
+        ));
+        assert!(matches!(
+            resolve_program(&["nonesuch".into()], "nonesuch", path),
+            Err(HostError::NotFound(_))
+        ));
     }
 
     #[test]

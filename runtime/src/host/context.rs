@@ -4,7 +4,9 @@ use std::os::fd::OwnedFd;
 use std::time::Instant;
 
 use crate::artifacts::{Artifact, StoreError, check_name};
-use crate::bindings::step::kiln::step::context::{Artifact as WitArtifact, Command, CommandResult, Host};
+use crate::bindings::step::kiln::step::context::{
+    Artifact as WitArtifact, Command, CommandResult, Host,
+};
 use crate::bindings::{HostError, WitChannel};
 use crate::files;
 use crate::grant::Grant;
@@ -34,18 +36,24 @@ impl ContextState {
     /// Appends to a log, feeding the observers of that log.
     pub fn write(&mut self, log: &str, channel: Channel, bytes: &[u8]) {
         let observers = &mut self.observers;
-        self.logs.write(log, channel, bytes, &mut |l, c, t| feed(observers, l, c, t));
+        self.logs
+            .write(log, channel, bytes, &mut |l, c, t| feed(observers, l, c, t));
     }
 
     /// Moves what the guest printed with `println!`/`eprintln!` into the stdio log.
     pub fn drain_guest_output(&mut self) {
-        for (out, channel) in [(self.guest_stdout.clone(), Channel::Stdout), (self.guest_stderr.clone(), Channel::Stderr)] {
+        for (out, channel) in [
+            (self.guest_stdout.clone(), Channel::Stdout),
+            (self.guest_stderr.clone(), Channel::Stderr),
+        ] {
             let (bytes, dropped) = out.take();
             if !bytes.is_empty() {
                 self.write("stdio", channel, &bytes);
             }
             if dropped > 0 {
-                let note = format!("\nkiln: {dropped} bytes the step printed were dropped (write logs through the context instead)\n");
+                let note = format!(
+                    "\nkiln: {dropped} bytes the step printed were dropped (write logs through the context instead)\n"
+                );
                 self.write("stdio", Channel::Header, note.as_bytes());
             }
         }
@@ -75,7 +83,9 @@ pub(crate) fn feed(observers: &mut [ObserverRun], log: &str, channel: Channel, t
 pub(crate) fn check_log_name(name: &str) -> Result<(), HostError> {
     let ok = !name.is_empty()
         && name.len() <= MAX_LOG_NAME
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b" ._-".contains(&b));
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b" ._-".contains(&b));
     if ok {
         Ok(())
     } else {
@@ -95,7 +105,12 @@ fn store_error(e: StoreError) -> HostError {
 }
 
 fn to_wit(a: Artifact) -> WitArtifact {
-    WitArtifact { name: a.name, size: a.size, sha1: a.sha1, sha256: a.sha256 }
+    WitArtifact {
+        name: a.name,
+        size: a.size,
+        sha1: a.sha1,
+        sha256: a.sha256,
+    }
 }
 
 impl Host for ContextState {
@@ -103,7 +118,12 @@ impl Host for ContextState {
         Ok(self.args_json.clone())
     }
 
-    fn write_log(&mut self, log: String, channel: WitChannel, text: String) -> wasmtime::Result<Result<(), HostError>> {
+    fn write_log(
+        &mut self,
+        log: String,
+        channel: WitChannel,
+        text: String,
+    ) -> wasmtime::Result<Result<(), HostError>> {
         if text.len() > self.grant.limits.max_call_bytes {
             return Err(wasmtime::Error::new(HostLimit(format!(
                 "write-log was given {} bytes at once; the limit is {} (the SDK batches lines for you)",
@@ -115,50 +135,81 @@ impl Host for ContextState {
             return Ok(Err(e));
         }
         if !self.logs.can_open(&log) {
-            return Ok(Err(HostError::TooLarge(format!("a step may have at most {} logs", self.grant.limits.logs.max_logs))));
+            return Ok(Err(HostError::TooLarge(format!(
+                "a step may have at most {} logs",
+                self.grant.limits.logs.max_logs
+            ))));
         }
         self.drain_guest_output();
         self.write(&log, channel.into(), text.as_bytes());
         Ok(Ok(()))
     }
 
-    fn run_command(&mut self, command: Command) -> wasmtime::Result<Result<CommandResult, HostError>> {
+    fn run_command(
+        &mut self,
+        command: Command,
+    ) -> wasmtime::Result<Result<CommandResult, HostError>> {
         self.drain_guest_output();
         Ok(self.run(command))
     }
 
-    fn upload_artifact(&mut self, path: String, name: String) -> wasmtime::Result<Result<WitArtifact, HostError>> {
+    fn upload_artifact(
+        &mut self,
+        path: String,
+        name: String,
+    ) -> wasmtime::Result<Result<WitArtifact, HostError>> {
         self.drain_guest_output();
         let result = (|| {
             check_name(&name).map_err(store_error)?;
             let rel = files::check_relative(&path).map_err(HostError::Invalid)?;
             let mut file = files::open_read(&self.workdir, rel).map_err(HostError::NotFound)?;
             let limit = self.grant.limits.max_artifact_bytes;
-            self.grant.artifacts.put(&name, &mut file, limit).map_err(store_error)
+            self.grant
+                .artifacts
+                .put(&name, &mut file, limit)
+                .map_err(store_error)
         })();
         if let Ok(a) = &result {
-            self.header(&format!("uploaded {path} as artifact {} ({} bytes, sha256 {})", a.name, a.size, a.sha256));
+            self.header(&format!(
+                "uploaded {path} as artifact {} ({} bytes, sha256 {})",
+                a.name, a.size, a.sha256
+            ));
         }
         Ok(result.map(to_wit))
     }
 
-    fn download_artifact(&mut self, name: String, path: String) -> wasmtime::Result<Result<WitArtifact, HostError>> {
+    fn download_artifact(
+        &mut self,
+        name: String,
+        path: String,
+    ) -> wasmtime::Result<Result<WitArtifact, HostError>> {
         self.drain_guest_output();
         let result = (|| {
             let rel = files::check_relative(&path).map_err(HostError::Invalid)?;
             let (mut src, size) = self.grant.artifacts.get(&name).map_err(store_error)?;
             let limit = self.grant.limits.max_artifact_bytes;
             if size > limit {
-                return Err(HostError::TooLarge(format!("artifact {name:?} is {size} bytes; the limit is {limit}")));
+                return Err(HostError::TooLarge(format!(
+                    "artifact {name:?} is {size} bytes; the limit is {limit}"
+                )));
             }
             let (size, sha1, sha256) = files::write_replacing(&self.workdir, rel, |file| {
-                crate::artifacts::copy_hashing(&mut src, file, limit, &name).map_err(|e| e.to_string())
+                crate::artifacts::copy_hashing(&mut src, file, limit, &name)
+                    .map_err(|e| e.to_string())
             })
             .map_err(HostError::Io)?;
-            Ok(Artifact { name: name.clone(), size, sha1, sha256 })
+            Ok(Artifact {
+                name: name.clone(),
+                size,
+                sha1,
+                sha256,
+            })
         })();
         if let Ok(a) = &result {
-            self.header(&format!("downloaded artifact {} to {path} ({} bytes)", a.name, a.size));
+            self.header(&format!(
+                "downloaded artifact {} to {path} ({} bytes)",
+                a.name, a.size
+            ));
         }
         Ok(result.map(to_wit))
     }

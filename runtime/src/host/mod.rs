@@ -13,7 +13,9 @@ use wasmtime::component::{HasData, Linker, ResourceTable};
 use wasmtime::{Store, UpdateDeadline};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use crate::bindings::step::kiln::step::{context as wit_context, report as wit_report, types as wit_types};
+use crate::bindings::step::kiln::step::{
+    context as wit_context, report as wit_report, types as wit_types,
+};
 use crate::run::CancelToken;
 
 pub(crate) use context::ContextState;
@@ -40,13 +42,19 @@ pub(crate) struct ObserverState {
 
 impl WasiView for StepState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
     }
 }
 
 impl WasiView for ObserverState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
     }
 }
 
@@ -101,12 +109,20 @@ const MAX_TABLE_ELEMENTS: usize = 1 << 20;
 
 impl Limiter {
     pub fn new(memory_bytes: usize) -> Self {
-        Limiter { memory_bytes, memory_exceeded: None }
+        Limiter {
+            memory_bytes,
+            memory_exceeded: None,
+        }
     }
 }
 
 impl wasmtime::ResourceLimiter for Limiter {
-    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         if desired > self.memory_bytes {
             self.memory_exceeded = Some(desired);
             return Err(wasmtime::Error::new(HostLimit(format!(
@@ -118,7 +134,12 @@ impl wasmtime::ResourceLimiter for Limiter {
         Ok(true)
     }
 
-    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         if desired > MAX_TABLE_ELEMENTS {
             return Err(wasmtime::Error::new(HostLimit(format!(
                 "the table limit of {MAX_TABLE_ELEMENTS} elements was exceeded"
@@ -151,7 +172,10 @@ pub(crate) fn limit_store<T: 'static>(
 }
 
 /// Turns the error of a guest call into the step's result and the message naming the cause.
-pub(crate) fn describe_error(error: &wasmtime::Error, limiter: &Limiter) -> (crate::Outcome, String) {
+pub(crate) fn describe_error(
+    error: &wasmtime::Error,
+    limiter: &Limiter,
+) -> (crate::Outcome, String) {
     if let Some(i) = error.downcast_ref::<Interrupt>() {
         return match i {
             Interrupt::Cancelled => (crate::Outcome::Cancelled, i.to_string()),
@@ -172,7 +196,13 @@ pub(crate) fn describe_error(error: &wasmtime::Error, limiter: &Limiter) -> (cra
         );
     }
     if let Some(trap) = error.downcast_ref::<wasmtime::Trap>() {
-        return (crate::Outcome::Exception, format!("the guest trapped: {trap}"));
+        return (
+            crate::Outcome::Exception,
+            format!("the guest trapped: {trap}"),
+        );
     }
-    (crate::Outcome::Exception, format!("the guest failed: {error:#}"))
+    (
+        crate::Outcome::Exception,
+        format!("the guest failed: {error:#}"),
+    )
 }

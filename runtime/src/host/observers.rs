@@ -8,6 +8,7 @@ use wasmtime::Store;
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::WasiCtxBuilder;
 
+use crate::Outcome;
 use crate::bindings::observer::LogObserver;
 use crate::bindings::step::kiln::step::types::Chunk;
 use crate::engine::ObserverComponent;
@@ -16,7 +17,6 @@ use crate::logs::{Channel, StepEvents};
 use crate::props::Properties;
 use crate::redact::Redactor;
 use crate::run::CancelToken;
-use crate::Outcome;
 
 /// Bytes of lines gathered before an observer is called. Large batches keep the per-call cost
 /// negligible next to the cost of the lines themselves.
@@ -69,9 +69,21 @@ impl ObserverRun {
             report: ReportState::new(s.base, s.redactor, s.events, s.max_property_bytes),
         };
         let mut store = Store::new(s.engine, state);
-        limit_store(&mut store, |st| &mut st.limiter, s.deadline, s.limit, s.cancel);
-        let instance = s.component.pre.instantiate(&mut store).map_err(|e| describe_error(&e, &store.data().limiter).1)?;
-        let init = instance.kiln_step_observer().call_init(&mut store, &s.args.to_string());
+        limit_store(
+            &mut store,
+            |st| &mut st.limiter,
+            s.deadline,
+            s.limit,
+            s.cancel,
+        );
+        let instance = s
+            .component
+            .pre
+            .instantiate(&mut store)
+            .map_err(|e| describe_error(&e, &store.data().limiter).1)?;
+        let init = instance
+            .kiln_step_observer()
+            .call_init(&mut store, &s.args.to_string());
         match init {
             Ok(Ok(())) => {}
             Ok(Err(message)) => return Err(format!("refused its arguments: {message}")),
@@ -96,7 +108,10 @@ impl ObserverRun {
         let channel = channel.into();
         match self.batch.last_mut() {
             Some(last) if last.channel == channel => last.text.push_str(text),
-            _ => self.batch.push(Chunk { channel, text: text.to_owned() }),
+            _ => self.batch.push(Chunk {
+                channel,
+                text: text.to_owned(),
+            }),
         }
         self.batch_bytes += text.len();
         if self.batch_bytes >= OBSERVER_BATCH_BYTES {
@@ -111,7 +126,11 @@ impl ObserverRun {
         }
         let batch = std::mem::take(&mut self.batch);
         self.batch_bytes = 0;
-        if let Err(e) = self.instance.kiln_step_observer().call_lines(&mut self.store, &batch) {
+        if let Err(e) = self
+            .instance
+            .kiln_step_observer()
+            .call_lines(&mut self.store, &batch)
+        {
             self.failed = Some(describe_error(&e, &self.store.data().limiter).1);
         }
     }
@@ -121,12 +140,21 @@ impl ObserverRun {
         self.flush();
         let mut verdict = None;
         if self.failed.is_none() {
-            match self.instance.kiln_step_observer().call_finish(&mut self.store) {
+            match self
+                .instance
+                .kiln_step_observer()
+                .call_finish(&mut self.store)
+            {
                 Ok(v) => verdict = v.map(Outcome::from),
                 Err(e) => self.failed = Some(describe_error(&e, &self.store.data().limiter).1),
             }
         }
         let data = self.store.into_data();
-        ObserverEnd { name: self.name, verdict, report: data.report, failed: self.failed }
+        ObserverEnd {
+            name: self.name,
+            verdict,
+            report: data.report,
+            failed: self.failed,
+        }
     }
 }

@@ -44,7 +44,11 @@ impl StdoutStream for GuestOutput {
 }
 
 impl tokio::io::AsyncWrite for GuestOutput {
-    fn poll_write(self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         let mut b = self.inner.lock().expect("guest output lock");
         let room = GUEST_OUTPUT_BUFFER.saturating_sub(b.bytes.len());
         let keep = room.min(buf.len());

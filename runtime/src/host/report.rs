@@ -41,7 +41,12 @@ pub(crate) struct ReportState {
 }
 
 impl ReportState {
-    pub fn new(base: Arc<Properties>, redactor: Arc<Redactor>, events: Arc<dyn StepEvents>, max_property_bytes: usize) -> Self {
+    pub fn new(
+        base: Arc<Properties>,
+        redactor: Arc<Redactor>,
+        events: Arc<dyn StepEvents>,
+        max_property_bytes: usize,
+    ) -> Self {
         ReportState {
             base,
             properties: BTreeMap::new(),
@@ -57,13 +62,18 @@ impl ReportState {
     }
 
     fn check_name(&mut self, what: &str, name: &str, known: bool, count: usize) -> bool {
-        let problem = if name.is_empty() || name.len() > MAX_NAME || name.chars().any(char::is_control) {
-            Some(format!("{what} name {name:?} must be 1-{MAX_NAME} bytes without control characters"))
-        } else if !known && count >= MAX_NAMES {
-            Some(format!("more than {MAX_NAMES} {what}s; {name:?} was ignored"))
-        } else {
-            None
-        };
+        let problem =
+            if name.is_empty() || name.len() > MAX_NAME || name.chars().any(char::is_control) {
+                Some(format!(
+                    "{what} name {name:?} must be 1-{MAX_NAME} bytes without control characters"
+                ))
+            } else if !known && count >= MAX_NAMES {
+                Some(format!(
+                    "more than {MAX_NAMES} {what}s; {name:?} was ignored"
+                ))
+            } else {
+                None
+            };
         match problem {
             Some(p) => {
                 if self.notes.len() < 20 {
@@ -90,7 +100,11 @@ impl Host for ReportState {
         Ok(names)
     }
 
-    fn set_property(&mut self, name: String, json: String) -> wasmtime::Result<Result<(), HostError>> {
+    fn set_property(
+        &mut self,
+        name: String,
+        json: String,
+    ) -> wasmtime::Result<Result<(), HostError>> {
         if let Err(e) = check_property_name(&name) {
             return Ok(Err(HostError::Invalid(e)));
         }
@@ -103,28 +117,53 @@ impl Host for ReportState {
         }
         let mut value: Value = match serde_json::from_str(&json) {
             Ok(v) => v,
-            Err(e) => return Ok(Err(HostError::Invalid(format!("property {name:?}: invalid JSON: {e}")))),
+            Err(e) => {
+                return Ok(Err(HostError::Invalid(format!(
+                    "property {name:?}: invalid JSON: {e}"
+                ))));
+            }
         };
         if !self.properties.contains_key(&name) && self.properties.len() >= MAX_NAMES {
-            return Ok(Err(HostError::TooLarge(format!("more than {MAX_NAMES} properties"))));
+            return Ok(Err(HostError::TooLarge(format!(
+                "more than {MAX_NAMES} properties"
+            ))));
         }
         self.redactor.redact_json(&mut value);
-        self.events.report(&ReportEvent::Property { name: name.clone(), value: value.clone() });
+        self.events.report(&ReportEvent::Property {
+            name: name.clone(),
+            value: value.clone(),
+        });
         self.properties.insert(name, value);
         Ok(Ok(()))
     }
 
     fn set_progress(&mut self, metric: String, value: u64) -> wasmtime::Result<()> {
-        if self.check_name("progress metric", &metric, self.progress.contains_key(&metric), self.progress.len()) {
-            self.events.report(&ReportEvent::Progress { metric: metric.clone(), value });
+        if self.check_name(
+            "progress metric",
+            &metric,
+            self.progress.contains_key(&metric),
+            self.progress.len(),
+        ) {
+            self.events.report(&ReportEvent::Progress {
+                metric: metric.clone(),
+                value,
+            });
             self.progress.insert(metric, value);
         }
         Ok(())
     }
 
     fn set_statistic(&mut self, name: String, value: f64) -> wasmtime::Result<()> {
-        if self.check_name("statistic", &name, self.statistics.contains_key(&name), self.statistics.len()) {
-            self.events.report(&ReportEvent::Statistic { name: name.clone(), value });
+        if self.check_name(
+            "statistic",
+            &name,
+            self.statistics.contains_key(&name),
+            self.statistics.len(),
+        ) {
+            self.events.report(&ReportEvent::Statistic {
+                name: name.clone(),
+                value,
+            });
             self.statistics.insert(name, value);
         }
         Ok(())
@@ -142,20 +181,33 @@ impl Host for ReportState {
         // Only web links: a javascript: or data: URL shown in the UI would run script.
         let web = url.starts_with("https://") || url.starts_with("http://");
         if !web || url.len() > MAX_URL || url.chars().any(char::is_control) {
-            self.notes.push(format!("URL {name:?} was ignored: only http(s) links of at most {MAX_URL} bytes are shown"));
+            self.notes.push(format!(
+                "URL {name:?} was ignored: only http(s) links of at most {MAX_URL} bytes are shown"
+            ));
             return Ok(());
         }
         if self.urls.len() >= MAX_URLS {
-            return Err(wasmtime::Error::new(HostLimit(format!("the step added more than {MAX_URLS} URLs"))));
+            return Err(wasmtime::Error::new(HostLimit(format!(
+                "the step added more than {MAX_URLS} URLs"
+            ))));
         }
-        let url = Url { name: self.redactor.redact(&name).into_owned(), url: self.redactor.redact(&url).into_owned() };
+        let url = Url {
+            name: self.redactor.redact(&name).into_owned(),
+            url: self.redactor.redact(&url).into_owned(),
+        };
         self.events.report(&ReportEvent::Url(url.clone()));
         self.urls.push(url);
         Ok(())
     }
 
     fn set_summary(&mut self, text: String) -> wasmtime::Result<()> {
-        let line: String = text.lines().next().unwrap_or("").chars().filter(|c| !c.is_control()).collect();
+        let line: String = text
+            .lines()
+            .next()
+            .unwrap_or("")
+            .chars()
+            .filter(|c| !c.is_control())
+            .collect();
         let mut line = self.redactor.redact(&line).into_owned();
         if line.len() > MAX_SUMMARY {
             let mut cut = MAX_SUMMARY;
@@ -164,7 +216,8 @@ impl Host for ReportState {
             }
             line.truncate(cut);
         }
-        self.events.report(&ReportEvent::Summary { text: line.clone() });
+        self.events
+            .report(&ReportEvent::Summary { text: line.clone() });
         self.summary = Some(line);
         Ok(())
     }
