@@ -1,1 +1,5 @@
+//! The Kiln master and the `kiln` command line. The master proper (configuration, database,
+//! schedulers, dispatch, API) grows here; today it holds the CLI and `kiln step` commands.
 
+pub mod cli;
+mod step_cmd;

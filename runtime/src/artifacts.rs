@@ -117,11 +117,9 @@ pub struct DirStore {
 }
 
 impl DirStore {
-    /// A store in `root`, created if missing.
+    /// A store in `root`, created when the first file is stored.
     pub fn new(root: impl Into<PathBuf>) -> io::Result<Self> {
-        let root = root.into();
-        std::fs::create_dir_all(&root)?;
-        Ok(DirStore { root })
+        Ok(DirStore { root: root.into() })
     }
 
     /// The directory.

@@ -1,0 +1,117 @@
+//! Command-line definitions (clap derive) and dispatch.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Exit status for input Kiln could not use (a bad file, bad JSON, a bad flag).
+pub const EXIT_BAD_INPUT: u8 = 2;
+
+/// Kiln: a build farm whose steps run as sandboxed WebAssembly components.
+#[derive(Debug, Parser)]
+#[command(name = "kiln", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run, list and inspect steps and observers.
+    #[command(subcommand)]
+    Step(StepCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum StepCommand {
+    /// Run one step locally, exactly as a worker would, and print its logs and result.
+    ///
+    /// Exit status: 0 for SUCCESS or WARNINGS, 1 for FAILURE, 2 for bad input, 3 for any other
+    /// result (EXCEPTION, SKIPPED, RETRY, CANCELLED).
+    Run(RunArgs),
+    /// List the steps and observers built into Kiln.
+    List,
+}
+
+/// Arguments of `kiln step run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The step: a .wasm component file, or the name of a built-in step.
+    pub module: String,
+    /// The workdir the step gets read-write (its "."; the cwd of its commands).
+    #[arg(long, value_name = "DIR")]
+    pub workdir: PathBuf,
+    /// The step's arguments as JSON. `%(prop:NAME)s` and `%(secret:NAME)s` are interpolated.
+    #[arg(long, value_name = "JSON", default_value = "{}")]
+    pub args: String,
+    /// A build property, NAME=VALUE; VALUE is read as JSON if it parses, else as a string.
+    #[arg(long = "prop", value_name = "NAME=VALUE")]
+    pub props: Vec<String>,
+    /// An observer of the stdio log: a .wasm file or a built-in name, optionally =JSON args
+    /// (`--observer line-counter`, `--observer obs.wasm='{"x":1}'`).
+    #[arg(long = "observer", value_name = "OBSERVER[=JSON]")]
+    pub observers: Vec<String>,
+    /// A program the step may run, by name (looked up on PATH) or absolute path.
+    #[arg(long = "allow-program", value_name = "PROGRAM")]
+    pub programs: Vec<String>,
+    /// A directory the step may read (at the same path).
+    #[arg(long = "ro-dir", value_name = "DIR")]
+    pub ro_dirs: Vec<PathBuf>,
+    /// An environment variable for the step and its commands, NAME=VALUE.
+    #[arg(long = "env", value_name = "NAME=VALUE")]
+    pub env: Vec<String>,
+    /// A secret, NAME=VALUE, or NAME to take the value from the environment variable NAME.
+    /// Usable as %(secret:NAME)s; redacted from all output.
+    #[arg(long = "secret", value_name = "NAME[=VALUE]")]
+    pub secrets: Vec<String>,
+    /// Wall-clock limit for the whole step, in seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 3600.0, allow_negative_numbers = true)]
+    pub timeout: f64,
+    /// Memory limit of the step (and of each observer), in MiB.
+    #[arg(long, value_name = "MB", default_value_t = 512)]
+    pub memory: usize,
+    /// Largest log, in MiB; output past it is dropped with a marker line.
+    #[arg(long, value_name = "MB", default_value_t = 64)]
+    pub log_limit: u64,
+    /// Longest log line kept whole, in bytes; longer lines are split.
+    #[arg(long, value_name = "BYTES", default_value_t = 65536)]
+    pub max_line: usize,
+    /// Sandbox mode: confine commands (Landlock, seccomp, rlimits), as on an untrusted worker.
+    #[arg(long)]
+    pub sandbox: bool,
+    /// Let commands use the network (only enforced in sandbox mode; the step itself never has it).
+    #[arg(long)]
+    pub network: bool,
+    /// The local file store for artifact uploads and downloads.
+    #[arg(long, value_name = "DIR", default_value = "kiln-artifacts")]
+    pub artifacts: PathBuf,
+    /// Where compiled components are cached.
+    #[arg(long, value_name = "DIR", env = "KILN_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Print the outcome as JSON instead of the summary table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Sets up logging to stderr: `KILN_LOG` (or `RUST_LOG`) filters, warnings by default.
+pub fn init_tracing() {
+    let filter = std::env::var("KILN_LOG")
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .unwrap_or_else(|_| "warn".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Step(StepCommand::Run(args)) => crate::step_cmd::run(args),
+        Command::Step(StepCommand::List) => {
+            crate::step_cmd::list();
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

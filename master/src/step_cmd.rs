@@ -1,0 +1,286 @@
+//! `kiln step run` and `kiln step list`: run one step locally in exactly the sandbox a worker
+//! uses, printing its logs live and its outcome at the end.
+
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use runtime::{
+    CancelToken, Channel, Confinement, DirStore, Grant, Helper, Loaded, ObserverSpec, Outcome,
+    Properties, Runtime, RuntimeConfig, StepEvents, StepOutcome, StepRun,
+};
+use serde_json::Value;
+
+use crate::cli::RunArgs;
+
+pub(crate) fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    // Every input is checked before anything runs.
+    let step_args: Value = serde_json::from_str(&args.args).context("--args is not valid JSON")?;
+    let mut properties = Properties::new();
+    for p in &args.props {
+        let (name, value) = split_pair(p, "--prop")?;
+        runtime::props::check_property_name(name)
+            .map_err(|e| anyhow::anyhow!("--prop {p}: {e}"))?;
+        let value = serde_json::from_str(value).unwrap_or_else(|_| Value::String(value.to_owned()));
+        properties.set(name, value, "Command line");
+    }
+    let mut env = BTreeMap::new();
+    for e in &args.env {
+        let (name, value) = split_pair(e, "--env")?;
+        env.insert(name.to_owned(), value.to_owned());
+    }
+    let mut secrets = BTreeMap::new();
+    for s in &args.secrets {
+        let (name, value) = match s.split_once('=') {
+            Some((n, v)) => (n.to_owned(), v.to_owned()),
+            None => {
+                let v = std::env::var(s).with_context(|| {
+                    format!("--secret {s}: environment variable {s} is not set")
+                })?;
+                (s.clone(), v)
+            }
+        };
+        if name.is_empty() || value.is_empty() {
+            bail!("--secret {name}: a secret needs a name and a non-empty value");
+        }
+        secrets.insert(name, value);
+    }
+    if !args.workdir.is_dir() {
+        bail!(
+            "--workdir {}: no such directory; create it first",
+            args.workdir.display()
+        );
+    }
+    if !(args.timeout.is_finite() && args.timeout > 0.0) {
+        bail!(
+            "--timeout {}: give a positive number of seconds",
+            args.timeout
+        );
+    }
+    if args.max_line < 16 {
+        bail!("--max-line {}: give at least 16 bytes", args.max_line);
+    }
+    for dir in &args.ro_dirs {
+        if !dir.is_absolute() || !dir.is_dir() {
+            bail!(
+                "--ro-dir {}: give an existing directory by absolute path",
+                dir.display()
+            );
+        }
+    }
+    let confinement = if args.sandbox {
+        let helper =
+            Helper::current_exe().context("finding the kiln binary for the sandbox helper")?;
+        Some(Arc::new(Confinement::probe(helper)?))
+    } else {
+        None
+    };
+
+    let cache_dir = args.cache_dir.clone().or_else(default_cache_dir);
+    let rt = Runtime::new(RuntimeConfig { cache_dir })?;
+    let step = match load(&rt, &args.module)? {
+        Loaded::Step(s) => s,
+        Loaded::Observer(_) => bail!(
+            "{} is a log observer, not a step; pass it with --observer",
+            args.module
+        ),
+    };
+    let mut observers = Vec::new();
+    for spec in &args.observers {
+        let (module, obs_args) = match spec.split_once('=') {
+            Some((m, json)) => (
+                m,
+                serde_json::from_str(json)
+                    .with_context(|| format!("--observer {spec}: arguments are not valid JSON"))?,
+            ),
+            None => (spec.as_str(), Value::Null),
+        };
+        let component = match load(&rt, module)? {
+            Loaded::Observer(o) => o,
+            Loaded::Step(_) => bail!("--observer {module}: this is a step, not a log observer"),
+        };
+        let name = Path::new(module)
+            .file_stem()
+            .map_or(module.to_owned(), |s| s.to_string_lossy().into_owned());
+        observers.push(ObserverSpec {
+            component,
+            name,
+            args: obs_args,
+            log: "stdio".into(),
+        });
+    }
+
+    let workdir = args
+        .workdir
+        .canonicalize()
+        .with_context(|| format!("--workdir {}", args.workdir.display()))?;
+    let mut grant = Grant::new(workdir, Arc::new(DirStore::new(&args.artifacts)?));
+    grant.ro_dirs = args.ro_dirs.clone();
+    grant.env = env;
+    grant.programs = args.programs.clone();
+    grant.secrets = secrets;
+    grant.limits.deadline = Duration::from_secs_f64(args.timeout);
+    grant.limits.memory_bytes = args.memory.saturating_mul(1 << 20);
+    grant.limits.logs.max_log_bytes = args.log_limit.saturating_mul(1 << 20);
+    grant.limits.logs.max_line_bytes = args.max_line;
+    grant.command_network = args.network;
+    grant.confinement = confinement;
+
+    let cancel = CancelToken::new();
+    {
+        let cancel = cancel.clone();
+        ctrlc::set_handler(move || cancel.cancel()).context("installing the Ctrl-C handler")?;
+    }
+    let printer = Arc::new(Printer {
+        color: std::io::stdout().is_terminal(),
+    });
+    let outcome = rt.run_step(StepRun {
+        step: &step,
+        args: &step_args,
+        properties: &properties,
+        observers: &observers,
+        grant: &grant,
+        events: printer.clone(),
+        cancel,
+    });
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&outcome)?);
+    } else {
+        print_outcome(&outcome, printer.color);
+    }
+    Ok(ExitCode::from(match outcome.result {
+        Outcome::Success | Outcome::Warnings => 0,
+        Outcome::Failure => 1,
+        _ => 3,
+    }))
+}
+
+pub(crate) fn list() {
+    println!("{:<16} {:<9} DESCRIPTION", "NAME", "KIND");
+    for b in steps::BUILTINS {
+        let kind = match b.kind {
+            steps::Kind::Step => "step",
+            steps::Kind::Observer => "observer",
+        };
+        println!("{:<16} {:<9} {}", b.name, kind, b.description);
+    }
+}
+
+/// Loads a component from a file, or a built-in by name.
+fn load(rt: &Runtime, module: &str) -> anyhow::Result<Loaded> {
+    let path = Path::new(module);
+    if path.exists() || module.ends_with(".wasm") || module.contains('/') {
+        return Ok(rt.load_file(path)?);
+    }
+    match steps::find(module) {
+        Some(b) => Ok(rt.load(b.wasm, b.name)?),
+        None => {
+            let names: Vec<&str> = steps::BUILTINS.iter().map(|b| b.name).collect();
+            bail!(
+                "{module}: no such file, and no built-in step or observer has that name (built in: {})",
+                names.join(", ")
+            )
+        }
+    }
+}
+
+fn split_pair<'a>(pair: &'a str, flag: &str) -> anyhow::Result<(&'a str, &'a str)> {
+    match pair.split_once('=') {
+        Some((name, value)) if !name.is_empty() => Ok((name, value)),
+        _ => bail!("{flag} {pair}: write NAME=VALUE"),
+    }
+}
+
+fn default_cache_dir() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(base.join("kiln").join("components"))
+}
+
+/// Prints log lines as they arrive: `[out]`, `[err]` and `[hdr]` tell the channels apart (and
+/// colours, on a terminal); logs other than stdio carry their name.
+struct Printer {
+    color: bool,
+}
+
+impl StepEvents for Printer {
+    fn log(&self, log: &str, channel: Channel, text: &str) {
+        let tag = match channel {
+            Channel::Stdout => "out",
+            Channel::Stderr => "err",
+            Channel::Header => "hdr",
+        };
+        let (start, end) = match (self.color, channel) {
+            (true, Channel::Stderr) => ("\x1b[31m", "\x1b[0m"),
+            (true, Channel::Header) => ("\x1b[36m", "\x1b[0m"),
+            _ => ("", ""),
+        };
+        let prefix = if log == "stdio" {
+            format!("[{tag}] ")
+        } else {
+            format!("[{log}:{tag}] ")
+        };
+        let mut buf = String::with_capacity(text.len() + 64);
+        for line in text.split_terminator('\n') {
+            buf.push_str(start);
+            buf.push_str(&prefix);
+            buf.push_str(line);
+            buf.push_str(end);
+            buf.push('\n');
+        }
+        // A closed stdout (a pipe into `head`) must not kill the step.
+        let _ = std::io::stdout().lock().write_all(buf.as_bytes());
+    }
+}
+
+fn print_outcome(o: &StepOutcome, color: bool) {
+    let paint = match (color, o.result) {
+        (false, _) => "",
+        (true, Outcome::Success) => "\x1b[32m",
+        (true, Outcome::Warnings) => "\x1b[33m",
+        (true, _) => "\x1b[31m",
+    };
+    let reset = if color { "\x1b[0m" } else { "" };
+    let mut out = format!("result:     {paint}{}{reset}\n", o.result);
+    if let Some(s) = &o.summary {
+        out.push_str(&format!("summary:    {s}\n"));
+    }
+    if let Some(m) = &o.message
+        && o.summary.as_deref() != Some(m)
+    {
+        out.push_str(&format!("message:    {m}\n"));
+    }
+    for (k, v) in &o.properties {
+        out.push_str(&format!("property:   {k} = {v}\n"));
+    }
+    for (k, v) in &o.statistics {
+        out.push_str(&format!("statistic:  {k} = {v}\n"));
+    }
+    for (k, v) in &o.progress {
+        out.push_str(&format!("progress:   {k} = {v}\n"));
+    }
+    for u in &o.urls {
+        out.push_str(&format!("url:        {} {}\n", u.name, u.url));
+    }
+    for (name, s) in &o.logs {
+        let dropped = if s.dropped_bytes > 0 {
+            format!(", {} bytes dropped", s.dropped_bytes)
+        } else {
+            String::new()
+        };
+        out.push_str(&format!(
+            "log:        {name}: {} lines, {} bytes{dropped}\n",
+            s.lines, s.bytes
+        ));
+    }
+    out.push_str(&format!(
+        "elapsed:    {}\n",
+        runtime::human_duration(o.elapsed)
+    ));
+    let _ = std::io::stdout().lock().write_all(out.as_bytes());
+}

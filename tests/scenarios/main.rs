@@ -1,0 +1,3 @@
+//! Whole-farm scenarios: what users do, end to end, with real parts.
+
+mod step_author;
