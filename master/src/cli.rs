@@ -29,7 +29,7 @@ enum StepCommand {
     ///
     /// Exit status: 0 for SUCCESS or WARNINGS, 1 for FAILURE, 2 for bad input, 3 for any other
     /// result (EXCEPTION, SKIPPED, RETRY, CANCELLED).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// List the steps and observers built into Kiln.
     List,
 }
@@ -66,7 +66,12 @@ pub struct RunArgs {
     #[arg(long = "secret", value_name = "NAME[=VALUE]")]
     pub secrets: Vec<String>,
     /// Wall-clock limit for the whole step, in seconds.
-    #[arg(long, value_name = "SECONDS", default_value_t = 3600.0, allow_negative_numbers = true)]
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = 3600.0,
+        allow_negative_numbers = true
+    )]
     pub timeout: f64,
     /// Memory limit of the step (and of each observer), in MiB.
     #[arg(long, value_name = "MB", default_value_t = 512)]
@@ -108,7 +113,7 @@ pub fn init_tracing() {
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Step(StepCommand::Run(args)) => crate::step_cmd::run(args),
+        Command::Step(StepCommand::Run(args)) => crate::step_cmd::run(*args),
         Command::Step(StepCommand::List) => {
             crate::step_cmd::list();
             Ok(ExitCode::SUCCESS)

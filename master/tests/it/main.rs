@@ -25,7 +25,10 @@ fn dir() -> Dir {
     let root = tempfile::tempdir().unwrap();
     let workdir = root.path().join("work");
     std::fs::create_dir(&workdir).unwrap();
-    Dir { _root: root, workdir }
+    Dir {
+        _root: root,
+        workdir,
+    }
 }
 
 fn stdout(o: &Output) -> String {
@@ -41,7 +44,22 @@ fn a_step_runs_with_live_channels_and_an_outcome() {
     let d = dir();
     let w = d.workdir.to_str().unwrap();
     let args = r#"{"action":"run","argv":["sh","-c","echo hello; echo oops >&2"]}"#;
-    let out = kiln(&["step", "run", probe(), "--workdir", w, "--allow-program", "sh", "--args", args, "--observer", "line-counter"], &d.workdir);
+    let out = kiln(
+        &[
+            "step",
+            "run",
+            probe(),
+            "--workdir",
+            w,
+            "--allow-program",
+            "sh",
+            "--args",
+            args,
+            "--observer",
+            "line-counter",
+        ],
+        &d.workdir,
+    );
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let text = stdout(&out);
     let lines: Vec<&str> = text.lines().collect();
@@ -55,14 +73,58 @@ fn a_step_runs_with_live_channels_and_an_outcome() {
 fn exit_status_follows_the_result() {
     let d = dir();
     let w = d.workdir.to_str().unwrap();
-    let fail = kiln(&["step", "run", probe(), "--workdir", w, "--args", r#"{"action":"fail","message":"no"}"#], &d.workdir);
+    let fail = kiln(
+        &[
+            "step",
+            "run",
+            probe(),
+            "--workdir",
+            w,
+            "--args",
+            r#"{"action":"fail","message":"no"}"#,
+        ],
+        &d.workdir,
+    );
     assert_eq!(fail.status.code(), Some(1));
-    assert!(stdout(&fail).contains("[hdr] step failed: no\nresult:     FAILURE\nsummary:    no\n"), "{}", stdout(&fail));
-    let warn = kiln(&["step", "run", probe(), "--workdir", w, "--args", r#"{"action":"outcome","outcome":"warnings"}"#], &d.workdir);
+    assert!(
+        stdout(&fail).contains("[hdr] step failed: no\nresult:     FAILURE\nsummary:    no\n"),
+        "{}",
+        stdout(&fail)
+    );
+    let warn = kiln(
+        &[
+            "step",
+            "run",
+            probe(),
+            "--workdir",
+            w,
+            "--args",
+            r#"{"action":"outcome","outcome":"warnings"}"#,
+        ],
+        &d.workdir,
+    );
     assert_eq!(warn.status.code(), Some(0));
-    let exc = kiln(&["step", "run", probe(), "--workdir", w, "--timeout", "0.3", "--args", r#"{"action":"loop"}"#], &d.workdir);
+    let exc = kiln(
+        &[
+            "step",
+            "run",
+            probe(),
+            "--workdir",
+            w,
+            "--timeout",
+            "0.3",
+            "--args",
+            r#"{"action":"loop"}"#,
+        ],
+        &d.workdir,
+    );
     assert_eq!(exc.status.code(), Some(3));
-    assert!(stdout(&exc).contains("result:     EXCEPTION\nsummary:    the step's deadline of 300 ms passed\n"), "{}", stdout(&exc));
+    assert!(
+        stdout(&exc)
+            .contains("result:     EXCEPTION\nsummary:    the step's deadline of 300 ms passed\n"),
+        "{}",
+        stdout(&exc)
+    );
 }
 
 #[test]
@@ -71,7 +133,22 @@ fn properties_secrets_and_json_output() {
     let w = d.workdir.to_str().unwrap();
     let args = r#"{"action":"echo-args","text":"%(prop:branch)s/%(prop:n)s/%(secret:tok)s"}"#;
     let out = kiln(
-        &["step", "run", probe(), "--workdir", w, "--prop", "branch=main", "--prop", "n=3", "--secret", "tok=s3cr3t", "--json", "--args", args],
+        &[
+            "step",
+            "run",
+            probe(),
+            "--workdir",
+            w,
+            "--prop",
+            "branch=main",
+            "--prop",
+            "n=3",
+            "--secret",
+            "tok=s3cr3t",
+            "--json",
+            "--args",
+            args,
+        ],
         &d.workdir,
     );
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
@@ -87,9 +164,33 @@ fn sandbox_mode_confines_commands_through_the_kiln_binary_itself() {
     let outside = d.workdir.parent().unwrap().join("outside.txt");
     let script = format!("echo in > inside.txt; echo out > {}", outside.display());
     let args = serde_json::json!({"action": "run", "argv": ["sh", "-c", script]}).to_string();
-    let out = kiln(&["step", "run", probe(), "--workdir", w, "--sandbox", "--allow-program", "sh", "--args", &args], &d.workdir);
-    assert_eq!(out.status.code(), Some(1), "{}{}", stdout(&out), stderr(&out));
-    assert!(stdout(&out).contains("Permission denied"), "{}", stdout(&out));
+    let out = kiln(
+        &[
+            "step",
+            "run",
+            probe(),
+            "--workdir",
+            w,
+            "--sandbox",
+            "--allow-program",
+            "sh",
+            "--args",
+            &args,
+        ],
+        &d.workdir,
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    assert!(
+        stdout(&out).contains("Permission denied"),
+        "{}",
+        stdout(&out)
+    );
     assert!(d.workdir.join("inside.txt").exists());
     assert!(!outside.exists());
 }
@@ -101,11 +202,24 @@ fn artifacts_go_to_the_local_store() {
     std::fs::write(d.workdir.join("a.txt"), "artifact").unwrap();
     let store = d.workdir.parent().unwrap().join("store");
     let out = kiln(
-        &["step", "run", probe(), "--workdir", w, "--artifacts", store.to_str().unwrap(), "--args", r#"{"action":"upload","path":"a.txt","name":"a.txt"}"#],
+        &[
+            "step",
+            "run",
+            probe(),
+            "--workdir",
+            w,
+            "--artifacts",
+            store.to_str().unwrap(),
+            "--args",
+            r#"{"action":"upload","path":"a.txt","name":"a.txt"}"#,
+        ],
         &d.workdir,
     );
     assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
-    assert_eq!(std::fs::read_to_string(store.join("a.txt")).unwrap(), "artifact");
+    assert_eq!(
+        std::fs::read_to_string(store.join("a.txt")).unwrap(),
+        "artifact"
+    );
 }
 
 /// Each bad input gives exit status 2 and one line on stderr that says what to fix.
@@ -135,11 +249,21 @@ fn bad_input_gets_one_line_that_says_what_to_fix() {
         args.extend(["--workdir", w]);
         let out = kiln(&args, &d.workdir);
         assert_eq!(out.status.code(), Some(2), "{extra:?}");
-        assert_eq!(stderr(&out), format!("kiln: error: {expected}\n"), "{extra:?}");
+        assert_eq!(
+            stderr(&out),
+            format!("kiln: error: {expected}\n"),
+            "{extra:?}"
+        );
         assert_eq!(stdout(&out), "", "{extra:?}");
     }
-    let out = kiln(&["step", "run", probe(), "--workdir", "/nonexistent/dir"], &d.workdir);
-    assert_eq!(stderr(&out), "kiln: error: --workdir /nonexistent/dir: no such directory; create it first\n");
+    let out = kiln(
+        &["step", "run", probe(), "--workdir", "/nonexistent/dir"],
+        &d.workdir,
+    );
+    assert_eq!(
+        stderr(&out),
+        "kiln: error: --workdir /nonexistent/dir: no such directory; create it first\n"
+    );
 }
 
 #[test]

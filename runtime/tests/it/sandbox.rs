@@ -332,6 +332,31 @@ fn sandbox_commands_have_no_network() {
 }
 
 #[test]
+fn the_guest_has_no_network() {
+    let farm = Farm::new();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let (out, _) = farm.run(json!({"action": "connect", "addr": addr}));
+    assert_eq!(out.result, Outcome::Failure);
+    assert_eq!(
+        out.message.as_deref(),
+        Some(&*format!("connect {addr}: Permission denied (os error 2)"))
+    );
+}
+
+#[test]
+fn sandbox_mode_refuses_to_start_without_its_helper() {
+    let err =
+        Confinement::probe(runtime::Helper::dedicated("/nonexistent/kiln-confine")).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "the confinement helper /nonexistent/kiln-confine cannot be run: No such file or directory (os error 2)"
+    );
+    // This kernel enforces Landlock; what sandbox mode needs, and what it reports, is at least ABI 4.
+    assert!(runtime::confine::landlock_abi() >= runtime::confine::MIN_LANDLOCK_ABI);
+}
+
+#[test]
 fn sandbox_denies_dangerous_system_calls() {
     let mut farm = sandbox_farm();
     farm.allow(&["unshare"]);
