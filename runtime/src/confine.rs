@@ -21,13 +21,34 @@ pub const HELPER_ARG: &str = "__kiln-confine";
 /// The oldest Landlock ABI sandbox mode accepts: 4 is the first that can deny TCP.
 pub const MIN_LANDLOCK_ABI: i32 = 4;
 
-/// System directories a confined command may read and execute from, when they exist.
+/// System directories a confined command may read and execute from, when they exist. `/etc` is
+/// granted entry by entry (see [`ETC_WITHHELD`]); `/dev` device by device; `/run`, `/home`,
+/// `/root`, `/var` and `/tmp` not at all.
 const SYSTEM_RO: &[&str] = &[
-    "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/opt", "/proc",
-    "/sys", "/dev", "/run",
+    "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/opt", "/proc", "/sys",
 ];
 
-/// Device files a confined command may also write.
+/// Entries of `/etc` a confined command may not read, even on a worker running as root.
+const ETC_WITHHELD: &[&str] = &[
+    "shadow",
+    "shadow-",
+    "gshadow",
+    "gshadow-",
+    "sudoers",
+    "sudoers.d",
+    "ssh",
+    "ssl",
+    "kiln",
+    "security",
+    "credstore",
+    "credstore.encrypted",
+    "machine-id",
+];
+
+/// Devices a confined command may read.
+const DEVICES_RO: &[&str] = &["/dev/random", "/dev/urandom"];
+
+/// Devices a confined command may read and write.
 const DEVICES_RW: &[&str] = &[
     "/dev/null",
     "/dev/zero",
@@ -246,9 +267,23 @@ fn apply_landlock(policy: &Policy) -> Result<(), landlock::RulesetError> {
     if abi >= ABI::V6 {
         ruleset = ruleset.scope(Scope::from_all(abi))?;
     }
+    // /etc entry by entry, so that secrets readable by the worker's user stay out of reach. The
+    // public certificate bundle under /etc/ssl/certs is kept.
+    let etc: Vec<PathBuf> = std::fs::read_dir("/etc")
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter(|e| !ETC_WITHHELD.contains(&&*e.file_name().to_string_lossy()))
+                .map(|e| e.path())
+                .chain(std::iter::once(PathBuf::from("/etc/ssl/certs")))
+                .collect()
+        })
+        .unwrap_or_default();
     let ro: Vec<&Path> = SYSTEM_RO
         .iter()
+        .chain(DEVICES_RO)
         .map(Path::new)
+        .chain(etc.iter().map(PathBuf::as_path))
         .chain(policy.ro.iter().map(PathBuf::as_path))
         .collect();
     let rw: Vec<&Path> = DEVICES_RW
@@ -314,7 +349,9 @@ fn apply_seccomp(network: bool) -> Result<(), Box<dyn std::error::Error>> {
     let mut rules: std::collections::BTreeMap<i64, Vec<SeccompRule>> =
         DENIED_SYSCALLS.iter().map(|&s| (s, Vec::new())).collect();
     if !network {
-        // Landlock covers TCP; this closes UDP, raw and packet sockets too.
+        // Landlock covers TCP; this closes UDP, raw and packet sockets, and UNIX sockets, whose
+        // connect() to a named socket (say, a container engine's) no Landlock ABI governs.
+        // socketpair() stays available for a program's own IPC.
         let family = |f: libc::c_int| -> Result<SeccompRule, seccompiler::BackendError> {
             SeccompRule::new(vec![SeccompCondition::new(
                 0,
@@ -323,13 +360,16 @@ fn apply_seccomp(network: bool) -> Result<(), Box<dyn std::error::Error>> {
                 f as u64,
             )?])
         };
+        let families = [
+            libc::AF_INET,
+            libc::AF_INET6,
+            libc::AF_PACKET,
+            libc::AF_UNIX,
+            libc::AF_NETLINK,
+        ];
         rules.insert(
             libc::SYS_socket,
-            vec![
-                family(libc::AF_INET)?,
-                family(libc::AF_INET6)?,
-                family(libc::AF_PACKET)?,
-            ],
+            families.into_iter().map(family).collect::<Result<_, _>>()?,
         );
     }
     let arch = std::env::consts::ARCH.try_into()?;

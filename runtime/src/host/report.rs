@@ -24,6 +24,8 @@ const MAX_NAMES: usize = 1000;
 const MAX_NAME: usize = 256;
 /// Longest URL.
 const MAX_URL: usize = 4096;
+/// Most remarks about refused reports kept for the log.
+const MAX_NOTES: usize = 20;
 
 /// What one guest instance reported, plus what it can read.
 pub(crate) struct ReportState {
@@ -76,12 +78,17 @@ impl ReportState {
             };
         match problem {
             Some(p) => {
-                if self.notes.len() < 20 {
-                    self.notes.push(p);
-                }
+                self.note(p);
                 false
             }
             None => true,
+        }
+    }
+
+    /// Records a remark for the log, keeping at most [`MAX_NOTES`].
+    fn note(&mut self, text: String) {
+        if self.notes.len() < MAX_NOTES {
+            self.notes.push(text);
         }
     }
 }

@@ -299,6 +299,20 @@ fn sandbox_commands_write_the_workdir_but_not_outside() {
 }
 
 #[test]
+fn sandbox_commands_cannot_read_secrets_or_devices_of_the_worker() {
+    let farm = sandbox_farm();
+    // Reading (not just stat-ing, which Landlock does not govern) files and listing directories.
+    let script = "for f in /etc/shadow /dev/vda /dev/sda; do \
+                  if head -c 1 $f >/dev/null 2>&1; then echo \"readable $f\"; fi; done; \
+                  for d in /etc/ssh /run /root /home /var; do \
+                  if ls $d/ >/dev/null 2>&1; then echo \"listable $d\"; fi; done; \
+                  cat /etc/passwd /etc/hostname /usr/bin/env /dev/urandom 2>&1 | head -c 1 >/dev/null && echo system-ok";
+    let (out, rec) = farm.run(json!({"action": "run", "argv": ["sh", "-c", script]}));
+    assert_eq!(out.result, Outcome::Success, "{}", rec.all("stdio"));
+    assert_eq!(rec.text("stdio", Channel::Stdout), "system-ok\n");
+}
+
+#[test]
 fn sandbox_commands_have_a_private_tmpdir() {
     let farm = sandbox_farm();
     let (out, rec) = farm.run(json!({"action": "run", "argv": ["sh", "-c", "echo t > \"$TMPDIR/x\" && cat \"$TMPDIR/x\" && echo y > /tmp/kiln-escape-$$"]}));
@@ -322,6 +336,22 @@ fn sandbox_commands_have_no_network() {
     assert_eq!(
         rec.text("stdio", Channel::Stdout),
         "refused 1\nudp refused 1\n"
+    );
+
+    // Nor UNIX sockets outside: a named socket needs no read access to be connected to.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("daemon.sock");
+    let _daemon = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let unix = format!(
+        "import socket\ntry:\n socket.socket(socket.AF_UNIX).connect('{}')\n print('connected')\nexcept OSError as e:\n print('refused', e.errno)\na, b = socket.socketpair()\na.send(b'x')\nprint('socketpair', b.recv(1))\n",
+        path.display()
+    );
+    let (_, rec) = farm.run(json!({"action": "run", "argv": ["python3", "-c", unix]}));
+    assert_eq!(
+        rec.text("stdio", Channel::Stdout),
+        "refused 1\nsocketpair b'x'\n",
+        "{}",
+        rec.all("stdio")
     );
 
     // The same program unconfined connects: the refusal above is the sandbox's doing.
