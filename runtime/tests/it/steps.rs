@@ -183,33 +183,64 @@ fn components_load_as_their_world_and_are_cached() {
 }
 
 #[test]
-fn the_disk_cache_survives_a_new_runtime() {
+fn compiled_components_come_from_the_disk_cache() {
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("c");
-    let config = runtime::RuntimeConfig {
-        cache_dir: Some(cache.clone()),
+    let new_runtime = || {
+        runtime::Runtime::new(runtime::RuntimeConfig {
+            cache_dir: Some(cache.clone()),
+        })
+        .unwrap()
     };
-    runtime::Runtime::new(config.clone())
+    let first = new_runtime();
+    let probe = first
+        .load(steps::fixtures::PROBE_STEP, "probe")
         .unwrap()
+        .digest();
+    let counter = first
         .load(steps::fixtures::COUNT_OBSERVER, "count")
-        .unwrap();
-    let files: Vec<_> = std::fs::read_dir(&cache)
         .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
-    assert_eq!(files.len(), 1);
-    let started = std::time::Instant::now();
-    runtime::Runtime::new(config)
-        .unwrap()
-        .load(steps::fixtures::COUNT_OBSERVER, "count")
-        .unwrap();
-    assert!(started.elapsed().as_millis() < 2000);
+        .digest();
+    let file_of = |digest: runtime::ModuleDigest| {
+        std::fs::read_dir(&cache)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| {
+                p.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with(&digest.to_string())
+            })
+            .expect("a cache file named by the SHA-256 of the bytes")
+    };
+    let (probe_file, counter_file) = (file_of(probe), file_of(counter));
+    assert!(probe_file.to_string_lossy().ends_with(".cwasm"));
+
+    // Put the observer's compiled code under the step's key: a new runtime loading the step's
+    // bytes gets an observer, so it used the cache rather than compiling.
+    std::fs::copy(&counter_file, &probe_file).unwrap();
+    assert!(matches!(
+        new_runtime()
+            .load(steps::fixtures::PROBE_STEP, "probe")
+            .unwrap(),
+        Loaded::Observer(_)
+    ));
+
+    // A damaged entry is discarded and rebuilt.
+    std::fs::write(&probe_file, b"garbage").unwrap();
+    assert!(matches!(
+        new_runtime()
+            .load(steps::fixtures::PROBE_STEP, "probe")
+            .unwrap(),
+        Loaded::Step(_)
+    ));
+    assert!(std::fs::metadata(&probe_file).unwrap().len() > 1000);
+
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(
         std::fs::metadata(&cache).unwrap().permissions().mode() & 0o777,
         0o700
     );
-
     // A cache directory others can write is refused: its contents run without validation.
     std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o777)).unwrap();
     let err = runtime::Runtime::new(runtime::RuntimeConfig {
