@@ -5,6 +5,7 @@ use std::ops::Deref;
 use serde::de::DeserializeOwned;
 
 use crate::step_world::kiln::step::context as host;
+use crate::step_world::kiln::step::logs as host_logs;
 use crate::{Channel, Error, Report, Value};
 
 /// Bytes of log text gathered before one host call writes them. Batching keeps the cost of a
@@ -95,12 +96,12 @@ impl StepContext {
         for (log, channel, text) in self.pending.drain(..) {
             // A write is refused only for an invalid log name, which write_line's callers chose;
             // there is nowhere better to report it than the stdio log itself.
-            if let Err(e) = host::write_log(&log, channel, &text) {
+            if let Err(e) = host_logs::write_log(&log, channel, &text) {
                 let note = format!(
                     "could not write to log {log:?}: {}\n",
                     crate::describe_host_error(&e)
                 );
-                let _ = host::write_log("stdio", Channel::Header, &note);
+                let _ = host_logs::write_log("stdio", Channel::Header, &note);
             }
         }
         self.pending_bytes = 0;
@@ -123,6 +124,7 @@ impl StepContext {
                 quiet: false,
                 capture_stdout: 0,
                 stdin: None,
+                logfiles: Vec::new(),
             },
         }
     }
@@ -131,6 +133,15 @@ impl StepContext {
     pub fn upload(&mut self, path: &str, name: &str) -> Result<Artifact, Error> {
         self.flush();
         host::upload_artifact(path, name)
+            .map(Artifact::from)
+            .map_err(Error::from)
+    }
+
+    /// Packs a directory of the workdir (a relative path) as a tar stream into the file store.
+    /// Symlinks are stored as links, never followed.
+    pub fn upload_directory(&mut self, path: &str, name: &str) -> Result<Artifact, Error> {
+        self.flush();
+        host::upload_directory(path, name)
             .map(Artifact::from)
             .map_err(Error::from)
     }
@@ -206,6 +217,13 @@ impl Command<'_> {
     /// Returns up to `max_bytes` of standard output in [`CommandResult::stdout`].
     pub fn capture_stdout(mut self, max_bytes: u32) -> Self {
         self.spec.capture_stdout = max_bytes;
+        self
+    }
+
+    /// Follows a file under the workdir (which may not exist yet) into a log while the command
+    /// runs, as Buildbot's `logfiles`.
+    pub fn logfile(mut self, log: &str, path: &str) -> Self {
+        self.spec.logfiles.push((log.to_owned(), path.to_owned()));
         self
     }
 

@@ -115,6 +115,7 @@ pub mod observer_world {
         with: {
             "kiln:step/types@0.1.0": crate::step_world::kiln::step::types,
             "kiln:step/report@0.1.0": crate::step_world::kiln::step::report,
+            "kiln:step/logs@0.1.0": crate::step_world::kiln::step::logs,
         },
     });
 }
@@ -241,6 +242,13 @@ impl Report {
     /// Sets the one-line status summary of the step.
     pub fn set_summary(&self, text: &str) {
         host_report::set_summary(text);
+    }
+
+    /// Appends text (one or more lines) to a named log's stdout channel. Observers use it to
+    /// write their own logs, such as "warnings"; an observer may not write the log it observes.
+    /// Each call is a host call: gather lines and write them together.
+    pub fn write_log(&self, log: &str, text: &str) -> Result<(), Error> {
+        step_world::kiln::step::logs::write_log(log, Channel::Stdout, text).map_err(Error::from)
     }
 }
 

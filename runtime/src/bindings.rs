@@ -19,6 +19,7 @@ pub(crate) mod observer {
         with: {
             "kiln:step/types": crate::bindings::step::kiln::step::types,
             "kiln:step/report": crate::bindings::step::kiln::step::report,
+            "kiln:step/logs": crate::bindings::step::kiln::step::logs,
         },
     });
 }

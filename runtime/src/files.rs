@@ -6,6 +6,7 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path};
 
 use rustix::fs::{Mode, OFlags, ResolveFlags};
@@ -171,6 +172,102 @@ fn make_dirs(root: impl AsFd, rel: &Path) -> Result<OwnedFd, String> {
     Ok(dir)
 }
 
+/// Writes the directory `rel` beneath `root` as a tar stream: regular files with their mode and
+/// mtime, directories, and symlinks stored as links (never followed); other file types are
+/// skipped. Entries are sorted, so the same tree gives the same stream. Returns the number of
+/// entries.
+pub fn pack_directory(root: impl AsFd, rel: &Path, out: &mut dyn io::Write) -> Result<u64, String> {
+    let dir = rustix::fs::openat2(
+        root,
+        rel,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+        resolve_flags(),
+    )
+    .map_err(|e| match e {
+        rustix::io::Errno::NOTDIR => format!("{} is not a directory", rel.display()),
+        e => describe(e, rel),
+    })?;
+    let mut tar = tar::Builder::new(out);
+    tar.follow_symlinks(false);
+    let mut count = 0;
+    pack_into(&mut tar, dir, Path::new(""), &mut count)?;
+    tar.finish()
+        .map_err(|e| format!("writing the tar stream: {e}"))?;
+    Ok(count)
+}
+
+fn pack_into(
+    tar: &mut tar::Builder<&mut dyn io::Write>,
+    dir: OwnedFd,
+    prefix: &Path,
+    count: &mut u64,
+) -> Result<(), String> {
+    use rustix::fs::{AtFlags, FileType};
+    let mut names: Vec<std::ffi::OsString> = Vec::new();
+    let listing =
+        rustix::fs::Dir::read_from(&dir).map_err(|e| format!("{}: {e}", prefix.display()))?;
+    for entry in listing {
+        let entry = entry.map_err(|e| format!("{}: {e}", prefix.display()))?;
+        let name = std::ffi::OsStr::from_bytes(entry.file_name().to_bytes());
+        if name != "." && name != ".." {
+            names.push(name.to_owned());
+        }
+    }
+    names.sort();
+    for name in names {
+        let path = prefix.join(&name);
+        let st = rustix::fs::statat(&dir, name.as_os_str(), AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut header = tar::Header::new_gnu();
+        header.set_mode(st.st_mode & 0o7777);
+        header.set_mtime(u64::try_from(st.st_mtime).unwrap_or(0));
+        let io_err = |e: io::Error| format!("{}: {e}", path.display());
+        match FileType::from_raw_mode(st.st_mode) {
+            FileType::RegularFile => {
+                let fd = rustix::fs::openat(
+                    &dir,
+                    name.as_os_str(),
+                    OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+                header.set_entry_type(tar::EntryType::Regular);
+                header.set_size(u64::try_from(st.st_size).unwrap_or(0));
+                tar.append_data(&mut header, &path, File::from(fd))
+                    .map_err(io_err)?;
+            }
+            FileType::Directory => {
+                header.set_entry_type(tar::EntryType::Directory);
+                header.set_size(0);
+                tar.append_data(&mut header, &path, io::empty())
+                    .map_err(io_err)?;
+                let sub = rustix::fs::openat(
+                    &dir,
+                    name.as_os_str(),
+                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+                pack_into(tar, sub, &path, count)?;
+            }
+            FileType::Symlink => {
+                let target = rustix::fs::readlinkat(&dir, name.as_os_str(), Vec::new())
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                header.set_entry_type(tar::EntryType::Symlink);
+                header.set_size(0);
+                let target = std::ffi::OsStr::from_bytes(target.to_bytes()).to_owned();
+                tar.append_link(&mut header, &path, target)
+                    .map_err(io_err)?;
+            }
+            // Sockets, FIFOs and devices have no place in an artifact.
+            _ => continue,
+        }
+        *count += 1;
+    }
+    Ok(())
+}
+
 fn unique() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static NEXT: AtomicU64 = AtomicU64::new(0);
@@ -241,6 +338,57 @@ mod tests {
         assert_eq!(
             check_dir(&root, Path::new("deep/er/file")).unwrap_err(),
             "deep/er/file is not a directory"
+        );
+    }
+
+    #[test]
+    fn directories_pack_as_tar_without_following_symlinks() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.txt"), "A").unwrap();
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        std::fs::write(dir.path().join("sub/b.txt"), "BB").unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", dir.path().join("link")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), dir.path().join("sub/dirlink")).unwrap();
+        let root = open_dir(dir.path()).unwrap();
+
+        let mut stream = Vec::new();
+        assert_eq!(
+            pack_directory(&root, Path::new("."), &mut stream).unwrap(),
+            5
+        );
+        let mut archive = tar::Archive::new(&stream[..]);
+        let mut seen = Vec::new();
+        for entry in archive.entries().unwrap() {
+            let mut entry = entry.unwrap();
+            let mut body = String::new();
+            entry.read_to_string(&mut body).unwrap();
+            let link = entry
+                .link_name()
+                .unwrap()
+                .map(|l| l.display().to_string())
+                .unwrap_or_default();
+            seen.push(format!(
+                "{} {:?} {body}{link}",
+                entry.path().unwrap().display(),
+                entry.header().entry_type()
+            ));
+        }
+        let outside = outside.path().display();
+        assert_eq!(
+            seen,
+            [
+                "a.txt Regular A".to_owned(),
+                "link Symlink /etc/passwd".to_owned(),
+                "sub Directory ".to_owned(),
+                "sub/b.txt Regular BB".to_owned(),
+                format!("sub/dirlink Symlink {outside}"),
+            ]
+        );
+        let err = pack_directory(&root, Path::new("sub/dirlink"), &mut Vec::new()).unwrap_err();
+        assert_eq!(
+            err,
+            "sub/dirlink is or passes through a symlink, which Kiln never follows"
         );
     }
 }

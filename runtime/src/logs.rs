@@ -119,6 +119,8 @@ struct LogState {
     pending: [Vec<u8>; 3],
     stats: LogStats,
     truncated: bool,
+    /// Dropped bytes already reported by a marker line, so `finish` can run more than once.
+    noted_dropped: u64,
 }
 
 /// The logs of one step run.
@@ -209,8 +211,8 @@ impl Logs {
         }
     }
 
-    /// Ends every unfinished line and writes the marker of dropped output. Call once, after the
-    /// step and its commands are done.
+    /// Ends every unfinished line and writes the marker of dropped output. Call after the step
+    /// and its commands are done; calling it again only adds what came since.
     pub fn finish(&mut self, feed: Feed<'_>) {
         let names: Vec<String> = self.logs.keys().cloned().collect();
         for name in names {
@@ -223,8 +225,9 @@ impl Logs {
                     self.emit(&name, channel, &text, feed);
                 }
             }
-            let state = &self.logs[&name];
-            if state.stats.dropped_bytes > 0 {
+            let state = self.logs.get_mut(&name).expect("listed");
+            if state.stats.dropped_bytes > state.noted_dropped {
+                state.noted_dropped = state.stats.dropped_bytes;
                 let note = format!(
                     "kiln: {} bytes of output were dropped past the {}-byte cap of log {name:?}\n",
                     state.stats.dropped_bytes, self.limits.max_log_bytes

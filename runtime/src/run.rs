@@ -201,7 +201,9 @@ impl Runtime {
         }
         state.ctx.finish_logs();
 
-        let StepState { report, ctx, .. } = store.into_data();
+        let StepState {
+            report, mut ctx, ..
+        } = store.into_data();
         let mut outcome = StepOutcome {
             result,
             summary: report.summary,
@@ -210,21 +212,28 @@ impl Runtime {
             statistics: report.statistics,
             progress: report.progress,
             urls: report.urls,
-            logs: ctx.logs.stats(),
+            logs: Default::default(),
             elapsed: Duration::ZERO,
         };
-        for end in ctx.observers.into_iter().map(ObserverRun::finish) {
+        let observers = std::mem::take(&mut ctx.observers);
+        for end in observers.into_iter().map(ObserverRun::finish) {
             let ObserverEnd {
                 name,
                 verdict,
                 report,
+                logs,
                 failed,
             } = end;
+            for (log, channel, text) in logs {
+                ctx.logs
+                    .write(&log, channel, text.as_bytes(), &mut |_, _, _| {});
+            }
+            for note in report.notes {
+                ctx.header(&format!("kiln: observer {name}: {note}"));
+            }
             if let Some(why) = failed {
                 let why = format!("observer {name}: {why}");
-                ctx.logs
-                    .events()
-                    .log("stdio", Channel::Header, &format!("kiln: {why}\n"));
+                ctx.header(&format!("kiln: {why}"));
                 if result.worst(Outcome::Exception) == Outcome::Exception {
                     result = Outcome::Exception;
                     message.get_or_insert(why);
@@ -240,14 +249,10 @@ impl Runtime {
             if outcome.summary.is_none() {
                 outcome.summary = report.summary;
             }
-            for note in report.notes {
-                ctx.logs.events().log(
-                    "stdio",
-                    Channel::Header,
-                    &format!("kiln: observer {name}: {note}\n"),
-                );
-            }
         }
+        // Observers' last lines may have left unfinished lines in their logs.
+        ctx.finish_logs();
+        outcome.logs = ctx.logs.stats();
         outcome.result = result;
         if outcome.summary.is_none() {
             outcome.summary = message.clone();

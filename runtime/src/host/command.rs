@@ -25,6 +25,13 @@ use crate::run::human_duration;
 const MAX_COMMAND_BYTES: usize = 1 << 20;
 /// Largest capture of standard output.
 const MAX_CAPTURE: u32 = 16 << 20;
+/// Most logfiles one command may follow.
+const MAX_LOGFILES: usize = 16;
+/// How often followed logfiles are read.
+const TAIL_EVERY: Duration = Duration::from_millis(100);
+/// Most bytes read from one followed logfile per tick, so one file cannot starve the command's
+/// own output.
+const TAIL_BYTES: usize = 4 << 20;
 /// Bytes read from a pipe at a time.
 const READ_CHUNK: usize = 64 * 1024;
 /// How often a running command checks for cancellation when it is quiet.
@@ -44,6 +51,7 @@ impl ContextState {
             quiet,
             capture_stdout,
             stdin,
+            logfiles,
         } = cmd;
         if argv.is_empty() {
             return Err(HostError::Invalid(
@@ -76,6 +84,30 @@ impl ContextState {
                 "a step may have at most {} logs",
                 self.grant.limits.logs.max_logs
             )));
+        }
+
+        if logfiles.len() > MAX_LOGFILES {
+            return Err(HostError::TooLarge(format!(
+                "a command may follow at most {MAX_LOGFILES} logfiles"
+            )));
+        }
+        let mut followed = Vec::with_capacity(logfiles.len());
+        for (name, path) in logfiles {
+            check_log_name(&name)?;
+            if !self.logs.can_open(&name) {
+                return Err(HostError::TooLarge(format!(
+                    "a step may have at most {} logs",
+                    self.grant.limits.logs.max_logs
+                )));
+            }
+            let rel = files::check_relative(&path)
+                .map_err(HostError::Invalid)?
+                .to_path_buf();
+            followed.push(Followed {
+                log: name,
+                rel,
+                file: None,
+            });
         }
 
         let mut env = self.grant.command_env();
@@ -161,6 +193,13 @@ impl ContextState {
         if self.grant.confinement.is_some() {
             header.push_str(" confined (sandbox mode)\n");
         }
+        for f in &followed {
+            header.push_str(&format!(
+                " following {} into log {}\n",
+                f.rel.display(),
+                f.log
+            ));
+        }
         self.write(&log, Channel::Header, header.as_bytes());
 
         let started = Instant::now();
@@ -189,6 +228,7 @@ impl ContextState {
         let mut killed: Option<Exit> = None;
         let mut exited = pidfd.is_none();
         let mut grace_until: Option<Instant> = None;
+        let mut next_tail = Instant::now();
         loop {
             if out_pipe.is_none() && err_pipe.is_none() && exited {
                 break;
@@ -240,6 +280,10 @@ impl ContextState {
                 .map(|(_, w)| *w)
                 .collect();
             drop(fds);
+            if !followed.is_empty() && now >= next_tail {
+                self.tail(&mut followed, &mut buf);
+                next_tail = now + TAIL_EVERY;
+            }
             for w in ready {
                 match w {
                     0 | 1 => {
@@ -281,6 +325,7 @@ impl ContextState {
                 }
             }
         }
+        self.tail(&mut followed, &mut buf);
         let status = child
             .wait()
             .map_err(|e| HostError::Io(format!("waiting for the command: {e}")))?;
@@ -329,6 +374,39 @@ fn read_some(pipe: &mut dyn Read, buf: &mut [u8]) -> usize {
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             // A broken pipe ends the stream like EOF does.
             Err(_) => return 0,
+        }
+    }
+}
+
+/// A logfile followed while a command runs.
+struct Followed {
+    log: String,
+    rel: PathBuf,
+    file: Option<std::fs::File>,
+}
+
+impl ContextState {
+    /// Copies what the followed files gained since last time into their logs. A file that does
+    /// not exist yet (or is a symlink, or leaves the workdir) is tried again next time.
+    fn tail(&mut self, followed: &mut [Followed], buf: &mut [u8]) {
+        for f in followed.iter_mut() {
+            if f.file.is_none() {
+                f.file = files::open_read(&self.workdir, &f.rel).ok();
+            }
+            let Some(file) = f.file.as_mut() else {
+                continue;
+            };
+            let mut budget = TAIL_BYTES;
+            while budget > 0 {
+                let take = budget.min(buf.len());
+                let n = read_some(file, &mut buf[..take]);
+                if n == 0 {
+                    break;
+                }
+                budget -= n;
+                let log = f.log.clone();
+                self.write(&log, Channel::Stdout, &buf[..n]);
+            }
         }
     }
 }

@@ -7,6 +7,7 @@ use crate::artifacts::{Artifact, StoreError, check_name};
 use crate::bindings::step::kiln::step::context::{
     Artifact as WitArtifact, Command, CommandResult, Host,
 };
+use crate::bindings::step::kiln::step::logs;
 use crate::bindings::{HostError, WitChannel};
 use crate::files;
 use crate::grant::Grant;
@@ -34,10 +35,23 @@ pub(crate) struct ContextState {
 
 impl ContextState {
     /// Appends to a log, feeding the observers of that log.
+    /// Then writes what the observers wrote to their own logs; those lines are not fed to
+    /// observers, so observers cannot feed each other in a loop.
     pub fn write(&mut self, log: &str, channel: Channel, bytes: &[u8]) {
         let observers = &mut self.observers;
         self.logs
             .write(log, channel, bytes, &mut |l, c, t| feed(observers, l, c, t));
+        self.drain_observer_logs();
+    }
+
+    /// Moves lines observers wrote into the step's logs.
+    pub fn drain_observer_logs(&mut self) {
+        for o in &mut self.observers {
+            for (log, channel, text) in o.take_logs() {
+                self.logs
+                    .write(&log, channel, text.as_bytes(), &mut |_, _, _| {});
+            }
+        }
     }
 
     /// Moves what the guest printed with `println!`/`eprintln!` into the stdio log.
@@ -113,11 +127,7 @@ fn to_wit(a: Artifact) -> WitArtifact {
     }
 }
 
-impl Host for ContextState {
-    fn args(&mut self) -> wasmtime::Result<String> {
-        Ok(self.args_json.clone())
-    }
-
+impl logs::Host for ContextState {
     fn write_log(
         &mut self,
         log: String,
@@ -143,6 +153,12 @@ impl Host for ContextState {
         self.drain_guest_output();
         self.write(&log, channel.into(), text.as_bytes());
         Ok(Ok(()))
+    }
+}
+
+impl Host for ContextState {
+    fn args(&mut self) -> wasmtime::Result<String> {
+        Ok(self.args_json.clone())
     }
 
     fn run_command(
@@ -176,6 +192,48 @@ impl Host for ContextState {
             ));
         }
         Ok(result.map(to_wit))
+    }
+
+    fn upload_directory(
+        &mut self,
+        path: String,
+        name: String,
+    ) -> wasmtime::Result<Result<WitArtifact, HostError>> {
+        self.drain_guest_output();
+        let result = (|| {
+            check_name(&name).map_err(store_error)?;
+            let rel = files::check_relative(&path).map_err(HostError::Invalid)?;
+            let limit = self.grant.limits.max_artifact_bytes;
+            let mut tmp =
+                tempfile::tempfile().map_err(|e| HostError::Io(format!("temporary file: {e}")))?;
+            let mut capped = Capped {
+                inner: &mut tmp,
+                left: limit,
+            };
+            let entries = files::pack_directory(&self.workdir, rel, &mut capped).map_err(|e| {
+                if capped.left == 0 {
+                    HostError::TooLarge(format!(
+                        "the tar stream of {path} is larger than the {limit}-byte limit"
+                    ))
+                } else {
+                    HostError::NotFound(e)
+                }
+            })?;
+            std::io::Seek::rewind(&mut tmp).map_err(|e| HostError::Io(e.to_string()))?;
+            let artifact = self
+                .grant
+                .artifacts
+                .put(&name, &mut tmp, limit)
+                .map_err(store_error)?;
+            Ok((artifact, entries))
+        })();
+        Ok(result.map(|(a, entries)| {
+            self.header(&format!(
+                "uploaded directory {path} as artifact {} ({entries} entries, {} bytes of tar, sha256 {})",
+                a.name, a.size, a.sha256
+            ));
+            to_wit(a)
+        }))
     }
 
     fn download_artifact(
@@ -212,5 +270,27 @@ impl Host for ContextState {
             ));
         }
         Ok(result.map(to_wit))
+    }
+}
+
+/// A writer that refuses to go past a byte limit.
+struct Capped<'a> {
+    inner: &'a mut std::fs::File,
+    left: u64,
+}
+
+impl std::io::Write for Capped<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if buf.len() as u64 > self.left {
+            self.left = 0;
+            return Err(std::io::Error::other("size limit reached"));
+        }
+        let n = self.inner.write(buf)?;
+        self.left -= n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
     }
 }

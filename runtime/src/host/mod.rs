@@ -14,12 +14,12 @@ use wasmtime::{Store, UpdateDeadline};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::bindings::step::kiln::step::{
-    context as wit_context, report as wit_report, types as wit_types,
+    context as wit_context, logs as wit_logs, report as wit_report, types as wit_types,
 };
 use crate::run::CancelToken;
 
 pub(crate) use context::ContextState;
-pub(crate) use observers::ObserverRun;
+pub(crate) use observers::{ObserverLogs, ObserverRun};
 pub(crate) use output::GuestOutput;
 pub(crate) use report::ReportState;
 
@@ -38,6 +38,7 @@ pub(crate) struct ObserverState {
     pub table: ResourceTable,
     pub limiter: Limiter,
     pub report: ReportState,
+    pub logs: ObserverLogs,
 }
 
 impl WasiView for StepState {
@@ -68,11 +69,17 @@ impl HasData for ContextData {
     type Data<'a> = &'a mut ContextState;
 }
 
+struct ObserverLogData;
+impl HasData for ObserverLogData {
+    type Data<'a> = &'a mut ObserverLogs;
+}
+
 impl wit_types::Host for ReportState {}
 
 pub(crate) fn add_step_imports(linker: &mut Linker<StepState>) -> wasmtime::Result<()> {
     wit_types::add_to_linker::<StepState, ReportData>(linker, |s| &mut s.report)?;
     wit_report::add_to_linker::<StepState, ReportData>(linker, |s| &mut s.report)?;
+    wit_logs::add_to_linker::<StepState, ContextData>(linker, |s| &mut s.ctx)?;
     wit_context::add_to_linker::<StepState, ContextData>(linker, |s| &mut s.ctx)?;
     Ok(())
 }
@@ -80,6 +87,7 @@ pub(crate) fn add_step_imports(linker: &mut Linker<StepState>) -> wasmtime::Resu
 pub(crate) fn add_observer_imports(linker: &mut Linker<ObserverState>) -> wasmtime::Result<()> {
     wit_types::add_to_linker::<ObserverState, ReportData>(linker, |s| &mut s.report)?;
     wit_report::add_to_linker::<ObserverState, ReportData>(linker, |s| &mut s.report)?;
+    wit_logs::add_to_linker::<ObserverState, ObserverLogData>(linker, |s| &mut s.logs)?;
     Ok(())
 }
 

@@ -9,9 +9,13 @@ use wasmtime::component::ResourceTable;
 use wasmtime_wasi::WasiCtxBuilder;
 
 use crate::Outcome;
+use crate::bindings::HostError;
+use crate::bindings::WitChannel;
 use crate::bindings::observer::LogObserver;
+use crate::bindings::step::kiln::step::logs::Host as LogsHost;
 use crate::bindings::step::kiln::step::types::Chunk;
 use crate::engine::ObserverComponent;
+use crate::host::context::check_log_name;
 use crate::host::{Limiter, ObserverState, ReportState, describe_error, limit_store};
 use crate::logs::{Channel, StepEvents};
 use crate::props::Properties;
@@ -21,6 +25,48 @@ use crate::run::CancelToken;
 /// Bytes of lines gathered before an observer is called. Large batches keep the per-call cost
 /// negligible next to the cost of the lines themselves.
 const OBSERVER_BATCH_BYTES: usize = 256 * 1024;
+
+/// Most bytes of log text an observer may write between two of its calls returning; its lines
+/// are moved into the step's logs after every call.
+const OBSERVER_LOG_BYTES: usize = 4 << 20;
+
+/// The `logs` interface for an observer: lines it writes wait here until the runtime moves them
+/// into the step's logs. An observer may not write the log it observes.
+pub(crate) struct ObserverLogs {
+    observed: String,
+    pending: Vec<(String, Channel, String)>,
+    bytes: usize,
+}
+
+impl LogsHost for ObserverLogs {
+    fn write_log(
+        &mut self,
+        log: String,
+        channel: WitChannel,
+        text: String,
+    ) -> wasmtime::Result<Result<(), HostError>> {
+        if let Err(e) = check_log_name(&log) {
+            return Ok(Err(e));
+        }
+        if log == self.observed {
+            return Ok(Err(HostError::Denied(format!(
+                "an observer cannot write to {log:?}, the log it observes"
+            ))));
+        }
+        if self.bytes + text.len() > OBSERVER_LOG_BYTES {
+            return Ok(Err(HostError::TooLarge(format!(
+                "an observer may write at most {OBSERVER_LOG_BYTES} bytes of logs per batch of lines it is given"
+            ))));
+        }
+        self.bytes += text.len();
+        let channel = channel.into();
+        match self.pending.last_mut() {
+            Some((l, c, t)) if *l == log && *c == channel => t.push_str(&text),
+            _ => self.pending.push((log, channel, text)),
+        }
+        Ok(Ok(()))
+    }
+}
 
 /// An observer during a step run.
 pub(crate) struct ObserverRun {
@@ -39,6 +85,7 @@ pub(crate) struct ObserverEnd {
     pub name: String,
     pub verdict: Option<Outcome>,
     pub report: ReportState,
+    pub logs: Vec<(String, Channel, String)>,
     pub failed: Option<String>,
 }
 
@@ -67,6 +114,11 @@ impl ObserverRun {
             table: ResourceTable::new(),
             limiter: Limiter::new(s.memory_bytes),
             report: ReportState::new(s.base, s.redactor, s.events, s.max_property_bytes),
+            logs: ObserverLogs {
+                observed: s.log.to_owned(),
+                pending: Vec::new(),
+                bytes: 0,
+            },
         };
         let mut store = Store::new(s.engine, state);
         limit_store(
@@ -135,6 +187,13 @@ impl ObserverRun {
         }
     }
 
+    /// Takes the lines the observer wrote to other logs.
+    pub fn take_logs(&mut self) -> Vec<(String, Channel, String)> {
+        let logs = &mut self.store.data_mut().logs;
+        logs.bytes = 0;
+        std::mem::take(&mut logs.pending)
+    }
+
     /// Flushes, calls `finish`, and hands back what the observer reported.
     pub fn finish(mut self) -> ObserverEnd {
         self.flush();
@@ -154,6 +213,7 @@ impl ObserverRun {
             name: self.name,
             verdict,
             report: data.report,
+            logs: data.logs.pending,
             failed: self.failed,
         }
     }

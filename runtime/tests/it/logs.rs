@@ -153,3 +153,58 @@ fn secrets_are_redacted_everywhere() {
     assert_eq!(out.message.as_deref(), Some("bad <secret:token>"));
     assert!(!format!("{:?}", rec.lines.lock().unwrap()).contains("hunter2"));
 }
+
+#[test]
+fn observers_write_their_own_logs_but_not_the_one_they_observe() {
+    let mut farm = Farm::new();
+    farm.observe(counter(), "count", json!(null));
+    let (out, rec) = farm.run(json!({"action": "flood", "count": 3, "width": 1}));
+    assert_eq!(out.result, Outcome::Success);
+    assert_eq!(rec.all("counts"), "3 out\n0 err\n");
+    assert_eq!(out.logs["counts"].lines, 2);
+    assert_eq!(out.statistics["own_log_refused"], 1.0);
+    assert!(!rec.all("stdio").contains("loop!"));
+}
+
+#[test]
+fn logfiles_are_followed_live_into_their_own_logs() {
+    let mut farm = Farm::new();
+    farm.allow(&["sh"]);
+    let script = "for i in 1 2 3; do echo line$i >> out/build.log; sleep 0.15; done; echo done";
+    std::fs::create_dir(farm.path("out")).unwrap();
+    let (out, rec) = farm.run(json!({
+        "action": "run", "argv": ["sh", "-c", script],
+        "logfiles": [["build.log", "out/build.log"], ["never", "missing.log"]]
+    }));
+    assert_eq!(out.result, Outcome::Success, "{}", rec.all("stdio"));
+    assert_eq!(rec.all("build.log"), "line1\nline2\nline3\n");
+    assert!(
+        rec.all("stdio")
+            .contains(" following out/build.log into log build.log\n")
+    );
+    // The lines arrived while the command ran, interleaved with its own output's arrival.
+    let order: Vec<String> = rec
+        .lines
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(l, _, t)| format!("{l}:{t}"))
+        .collect();
+    let first_logfile = order
+        .iter()
+        .position(|l| l.starts_with("build.log:"))
+        .unwrap();
+    let done = order.iter().position(|l| l == "stdio:done\n").unwrap();
+    assert!(first_logfile < done, "{order:?}");
+}
+
+#[test]
+fn a_logfile_that_is_a_symlink_is_not_followed() {
+    let mut farm = Farm::new();
+    farm.allow(&["true"]);
+    std::os::unix::fs::symlink("/etc/passwd", farm.path("sneaky.log")).unwrap();
+    let (out, rec) = farm
+        .run(json!({"action": "run", "argv": ["true"], "logfiles": [["sneaky", "sneaky.log"]]}));
+    assert_eq!(out.result, Outcome::Success);
+    assert_eq!(rec.all("sneaky"), "");
+}

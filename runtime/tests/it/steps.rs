@@ -255,3 +255,57 @@ fn compiled_components_come_from_the_disk_cache() {
         )
     );
 }
+
+#[test]
+fn directories_upload_as_tar_streams_without_following_symlinks() {
+    let farm = Farm::new();
+    std::fs::create_dir_all(farm.path("dist/docs")).unwrap();
+    std::fs::write(farm.path("dist/app"), "binary").unwrap();
+    std::fs::write(farm.path("dist/docs/README"), "read me").unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", farm.path("dist/passwd")).unwrap();
+    let (out, rec) = farm.run(json!({"action": "upload-dir", "path": "dist", "name": "dist.tar"}));
+    assert_eq!(out.result, Outcome::Success, "{:?}", out.message);
+    assert!(
+        rec.all("stdio")
+            .contains("uploaded directory dist as artifact dist.tar (4 entries, ")
+    );
+    let stream = std::fs::read(farm.store.path().join("dist.tar")).unwrap();
+    let mut names: Vec<String> = tar::Archive::new(&stream[..])
+        .entries()
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            format!(
+                "{} {} {:?}",
+                e.path().unwrap().display(),
+                e.header().size().unwrap(),
+                e.header().entry_type()
+            )
+        })
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "app 6 Regular",
+            "docs 0 Directory",
+            "docs/README 7 Regular",
+            "passwd 0 Symlink"
+        ]
+    );
+
+    let mut small = Farm::new();
+    small.grant.limits.max_artifact_bytes = 1000;
+    std::fs::create_dir(small.path("d")).unwrap();
+    std::fs::write(small.path("d/big"), vec![b'x'; 5000]).unwrap();
+    let (out, _) = small.run(json!({"action": "upload-dir", "path": "d", "name": "d.tar"}));
+    assert_eq!(
+        out.message.as_deref(),
+        Some("too large: the tar stream of d is larger than the 1000-byte limit")
+    );
+    let (out, _) = small.run(json!({"action": "upload-dir", "path": "nope", "name": "d.tar"}));
+    assert_eq!(
+        out.message.as_deref(),
+        Some("not found: nope does not exist")
+    );
+}
