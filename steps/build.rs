@@ -6,7 +6,16 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Standard guests shipped inside the binaries.
-const STANDARD: &[&str] = &["line-counter"];
+const STANDARD: &[&str] = &[
+    "line-counter",
+    "warnings",
+    "test-results",
+    "regex-observer",
+    "shell",
+    "set-property",
+    "file-transfer",
+    "git",
+];
 /// Test fixtures, built only with the `fixtures` feature.
 const FIXTURES: &[&str] = &["probe-step", "count-observer"];
 const TARGET: &str = "wasm32-wasip2";

@@ -327,3 +327,42 @@ impl From<host::Artifact> for Artifact {
         }
     }
 }
+
+/// A command as step arguments give it: an argv list, or a string for a shell. Deserializes
+/// from either JSON form (`["make", "-j4"]` or `"make -j4 && make check"`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(
+    untagged,
+    expecting = "a command: a list of strings such as [\"make\", \"-j4\"], or one string for the shell"
+)]
+pub enum CommandLine {
+    /// The program and its arguments, run directly.
+    Argv(Vec<String>),
+    /// A string run by a shell (`sh -c STRING` by default); the shell must be granted.
+    Shell(String),
+}
+
+impl CommandLine {
+    /// The argv to run, using `shell` for the string form. Empty commands are refused.
+    pub fn argv(&self, shell: &str) -> Result<Vec<String>, Error> {
+        match self {
+            CommandLine::Argv(argv) if argv.is_empty() || argv[0].is_empty() => Err(Error::msg(
+                "command is empty: give a program and its arguments",
+            )),
+            CommandLine::Argv(argv) => Ok(argv.clone()),
+            CommandLine::Shell(s) if s.trim().is_empty() => {
+                Err(Error::msg("command is an empty string"))
+            }
+            CommandLine::Shell(s) => Ok(vec![shell.to_owned(), "-c".to_owned(), s.clone()]),
+        }
+    }
+
+    /// A short description for summaries: the program name, or the first word of the string.
+    pub fn describe(&self) -> String {
+        let first = match self {
+            CommandLine::Argv(argv) => argv.first().map(String::as_str),
+            CommandLine::Shell(s) => s.split_whitespace().next(),
+        };
+        first.unwrap_or("command").to_owned()
+    }
+}

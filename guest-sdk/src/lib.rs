@@ -83,10 +83,12 @@
 //! ```
 #![deny(missing_docs)]
 
+mod args;
 mod context;
 mod observe;
 
-pub use context::{Artifact, Command, CommandResult, Exit, LogWriter, StepContext};
+pub use args::parse_args;
+pub use context::{Artifact, Command, CommandLine, CommandResult, Exit, LogWriter, StepContext};
 pub use observe::LineObserver;
 pub use serde_json::Value;
 

@@ -89,7 +89,30 @@ pub(crate) fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             args.module
         ),
     };
+    // A built-in step brings its preset arguments and its own observers (compile: warnings).
     let mut observers = Vec::new();
+    let builtin = steps::find(&args.module)
+        .filter(|b| b.kind == steps::Kind::Step && !Path::new(&args.module).exists());
+    let step_args = match builtin {
+        Some(b) => {
+            let merged = b
+                .args(&step_args)
+                .map_err(|e| anyhow::anyhow!("--args: {e}"))?;
+            for (observer, obs_args) in b.default_observers(&merged) {
+                let Loaded::Observer(component) = rt.load(observer.wasm, observer.name)? else {
+                    bail!("built-in {} is not an observer", observer.name)
+                };
+                observers.push(ObserverSpec {
+                    component,
+                    name: observer.name.to_owned(),
+                    args: obs_args,
+                    log: "stdio".into(),
+                });
+            }
+            merged
+        }
+        None => step_args,
+    };
     for spec in &args.observers {
         let (module, obs_args) = match spec.split_once('=') {
             Some((m, json)) => (
@@ -160,13 +183,18 @@ pub(crate) fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub(crate) fn list() {
-    println!("{:<16} {:<9} DESCRIPTION", "NAME", "KIND");
+    let width = steps::BUILTINS
+        .iter()
+        .map(|b| b.name.len())
+        .max()
+        .unwrap_or(4);
+    println!("{:<width$}  {:<8}  DESCRIPTION", "NAME", "KIND");
     for b in steps::BUILTINS {
         let kind = match b.kind {
             steps::Kind::Step => "step",
             steps::Kind::Observer => "observer",
         };
-        println!("{:<16} {:<9} {}", b.name, kind, b.description);
+        println!("{:<width$}  {kind:<8}  {}", b.name, b.description);
     }
 }
 

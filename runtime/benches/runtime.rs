@@ -5,7 +5,9 @@
 //!     `true` natively (and through the confinement helper alone);
 //! (b) instantiate + run of an empty step with a warm cache (target: under 100 us);
 //! (c) 2,000,000 lines of `seq` through the line-counter observer, against `seq` alone
-//!     (target: at least 5M lines/s).
+//!     (target: at least 5M lines/s);
+//! (d) the same lines through the warnings, test-results and regex observers, against the line
+//!     counter.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -222,7 +224,8 @@ fn main() {
             log: "stdio".into(),
         }]
     };
-    let line_counter = observers("line-counter", steps::find("line-counter").unwrap().wasm);
+    let builtin = |name: &str| observers(name, steps::find(name).unwrap().wasm);
+    let line_counter = builtin("line-counter");
     let per_line = observers("count-observer", steps::fixtures::COUNT_OBSERVER);
     let run_seq = json!({"action": "run", "argv": ["seq", "1", count]});
     for (label, obs) in [
@@ -252,6 +255,36 @@ fn main() {
                 seq_med.as_secs_f64() * 1e3
             ),
             format!("{:.2}x seq", med.as_secs_f64() / seq_med.as_secs_f64()),
+        );
+    }
+
+    // (d) the standard observers over the same lines, against the line counter in this run.
+    let (counter_med, _) = measure(iters, || {
+        bench.run(&run_seq, &bench.grant, &line_counter);
+    });
+    for name in ["warnings", "test-results", "regex"] {
+        let mut obs = builtin(name);
+        if name == "regex" {
+            obs[0].args = json!({"patterns": [{"regex": "^1234", "statistic": "hits"}, {"regex": "(?i)error", "statistic": "errors"}]});
+        }
+        let (med, _) = measure(iters, || {
+            let out = bench.run(&run_seq, &bench.grant, &obs);
+            assert!(out.result.is_ok(), "{name}: {:?}", out.message);
+        });
+        let rate = lines as f64 / med.as_secs_f64();
+        emit(
+            &format!("d.seq_{name}"),
+            json!({"lines": lines, "elapsed_ms": med.as_secs_f64() * 1e3, "lines_per_s": rate, "line_counter_ms": counter_med.as_secs_f64() * 1e3, "ratio_to_line_counter": med.as_secs_f64() / counter_med.as_secs_f64()}),
+            format!(
+                "{:.2}M lines/s ({:.0} ms; line counter {:.0} ms)",
+                rate / 1e6,
+                med.as_secs_f64() * 1e3,
+                counter_med.as_secs_f64() * 1e3
+            ),
+            format!(
+                "{:.2}x line counter",
+                med.as_secs_f64() / counter_med.as_secs_f64()
+            ),
         );
     }
 

@@ -11,6 +11,7 @@
 
 pub mod artifacts;
 mod bindings;
+pub mod build;
 pub mod confine;
 mod engine;
 pub mod files;
@@ -23,6 +24,7 @@ pub mod redact;
 mod run;
 
 pub use artifacts::{Artifact, ArtifactStore, DirStore};
+pub use build::{BuildOutcome, BuildStep, Condition, StepOptions, StepRecord};
 pub use confine::{Confinement, Helper};
 pub use engine::{
     CONTRACT, EPOCH_TICK, LoadError, Loaded, ModuleDigest, ObserverComponent, Runtime,

@@ -243,7 +243,11 @@ impl Runtime {
                 result = result.worst(v);
             }
             outcome.properties.extend(report.properties);
-            outcome.statistics.extend(report.statistics);
+            // The step's own word wins over an observer's reading of its output (a test step's
+            // JUnit counts over the test-results observer's), and the first observer over later ones.
+            for (name, value) in report.statistics {
+                outcome.statistics.entry(name).or_insert(value);
+            }
             outcome.progress.extend(report.progress);
             outcome.urls.extend(report.urls);
             if outcome.summary.is_none() {

@@ -1,9 +1,12 @@
 //! The `kiln` command line, run as a real process.
 
+mod git_step;
+mod standard_steps;
+
 use std::path::Path;
 use std::process::{Command, Output};
 
-fn kiln(args: &[&str], workdir: &Path) -> Output {
+pub(crate) fn kiln(args: &[&str], workdir: &Path) -> Output {
     Command::new(env!("CARGO_BIN_EXE_kiln"))
         .args(args)
         .env("KILN_CACHE_DIR", workdir.parent().unwrap().join("cache"))
@@ -16,12 +19,12 @@ fn probe() -> &'static str {
     steps::guest_path("probe-step").unwrap()
 }
 
-struct Dir {
+pub(crate) struct Dir {
     _root: tempfile::TempDir,
-    workdir: std::path::PathBuf,
+    pub(crate) workdir: std::path::PathBuf,
 }
 
-fn dir() -> Dir {
+pub(crate) fn dir() -> Dir {
     let root = tempfile::tempdir().unwrap();
     let workdir = root.path().join("work");
     std::fs::create_dir(&workdir).unwrap();
@@ -31,11 +34,11 @@ fn dir() -> Dir {
     }
 }
 
-fn stdout(o: &Output) -> String {
+pub(crate) fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-fn stderr(o: &Output) -> String {
+pub(crate) fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
@@ -233,15 +236,55 @@ fn bad_input_gets_one_line_that_says_what_to_fix() {
     std::fs::write(&core, b"\0asm\x01\0\0\0").unwrap();
     let counter = steps::guest_path("count-observer").unwrap();
     let cases: Vec<(Vec<&str>, String)> = vec![
-        (vec![not_wasm.to_str().unwrap()], format!("{} is not a WebAssembly file (it does not start with \\0asm); give the .wasm file cargo built", not_wasm.display())),
-        (vec![core.to_str().unwrap()], format!("{} is a core WebAssembly module, not a component; build the step with `cargo build --target wasm32-wasip2` (not wasm32-unknown-unknown or wasm32-wasip1)", core.display())),
-        (vec!["missing.wasm"], "cannot read missing.wasm: No such file or directory (os error 2)".into()),
-        (vec![counter], format!("{counter} is a log observer, not a step; pass it with --observer")),
-        (vec![probe(), "--args", "{nope"], "--args is not valid JSON: key must be a string at line 1 column 2".into()),
-        (vec![probe(), "--prop", "novalue"], "--prop novalue: write NAME=VALUE".into()),
-        (vec![probe(), "--observer", probe()], format!("--observer {}: this is a step, not a log observer", probe())),
-        (vec![probe(), "--timeout", "-1"], "--timeout -1: give a positive number of seconds".into()),
-        (vec!["line-cuonter"], "line-cuonter: no such file, and no built-in step or observer has that name (built in: line-counter)".into()),
+        (
+            vec![not_wasm.to_str().unwrap()],
+            format!(
+                "{} is not a WebAssembly file (it does not start with \\0asm); give the .wasm file cargo built",
+                not_wasm.display()
+            ),
+        ),
+        (
+            vec![core.to_str().unwrap()],
+            format!(
+                "{} is a core WebAssembly module, not a component; build the step with `cargo build --target wasm32-wasip2` (not wasm32-unknown-unknown or wasm32-wasip1)",
+                core.display()
+            ),
+        ),
+        (
+            vec!["missing.wasm"],
+            "cannot read missing.wasm: No such file or directory (os error 2)".into(),
+        ),
+        (
+            vec![counter],
+            format!("{counter} is a log observer, not a step; pass it with --observer"),
+        ),
+        (
+            vec![probe(), "--args", "{nope"],
+            "--args is not valid JSON: key must be a string at line 1 column 2".into(),
+        ),
+        (
+            vec![probe(), "--prop", "novalue"],
+            "--prop novalue: write NAME=VALUE".into(),
+        ),
+        (
+            vec![probe(), "--observer", probe()],
+            format!("--observer {}: this is a step, not a log observer", probe()),
+        ),
+        (
+            vec![probe(), "--timeout", "-1"],
+            "--timeout -1: give a positive number of seconds".into(),
+        ),
+        (
+            vec!["line-cuonter"],
+            format!(
+                "line-cuonter: no such file, and no built-in step or observer has that name (built in: {})",
+                steps::BUILTINS
+                    .iter()
+                    .map(|b| b.name)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ),
     ];
     for (extra, expected) in cases {
         let mut args = vec!["step", "run"];
@@ -271,5 +314,17 @@ fn step_list_names_the_builtins() {
     let d = dir();
     let out = kiln(&["step", "list"], &d.workdir);
     assert_eq!(out.status.code(), Some(0));
-    assert!(stdout(&out).contains("line-counter     observer  counts output lines"));
+    let text = stdout(&out);
+    assert!(
+        text.starts_with("NAME                       KIND      DESCRIPTION\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("\nline-counter               observer  counts output lines"),
+        "{text}"
+    );
+    assert!(
+        text.contains("\nset-property-from-command  step      set a property"),
+        "{text}"
+    );
 }

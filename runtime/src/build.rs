@@ -1,0 +1,418 @@
+//! A build: a builder's steps run in order on one workdir, with Buildbot's standard step
+//! options deciding how each step's result affects the build (`haltOnFailure`,
+//! `flunkOnFailure`, `warnOnFailure`, `flunkOnWarnings`, `warnOnWarnings`, `alwaysRun`,
+//! `doStepIf`, `hideStepIf`), and the properties each step sets passed to the next.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::engine::{Runtime, StepComponent};
+use crate::grant::Grant;
+use crate::logs::StepEvents;
+use crate::outcome::{Outcome, StepOutcome};
+use crate::props::{Properties, interpolate};
+use crate::run::{CancelToken, ObserverSpec, StepRun};
+
+/// How a step's result affects its build, with Buildbot's names and meanings. The defaults
+/// suit ordinary steps: a failure fails the build (and later steps still run), warnings make
+/// it WARNINGS.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StepOptions {
+    /// On FAILURE, run no further steps (except those with `always_run`).
+    pub halt_on_failure: bool,
+    /// On FAILURE, the build fails.
+    pub flunk_on_failure: bool,
+    /// On FAILURE, the build is at least WARNINGS (for steps whose failure is not fatal).
+    pub warn_on_failure: bool,
+    /// On WARNINGS, the build fails.
+    pub flunk_on_warnings: bool,
+    /// On WARNINGS, the build is at least WARNINGS.
+    pub warn_on_warnings: bool,
+    /// Run even after an earlier step halted the build.
+    pub always_run: bool,
+    /// Run only if this condition holds; otherwise the step is SKIPPED.
+    pub do_step_if: Option<Condition>,
+    /// Hide the step in the UI: `true`, a list of results ("SKIPPED", "SUCCESS"), or a
+    /// condition on properties.
+    pub hide_step_if: Option<HideIf>,
+}
+
+impl Default for StepOptions {
+    fn default() -> Self {
+        StepOptions {
+            halt_on_failure: false,
+            flunk_on_failure: true,
+            warn_on_failure: false,
+            flunk_on_warnings: false,
+            warn_on_warnings: true,
+            always_run: false,
+            do_step_if: None,
+            hide_step_if: None,
+        }
+    }
+}
+
+/// A condition on the build's properties.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(
+    untagged,
+    expecting = "a condition: true/false, a string such as \"%(prop:deploy:-)s\", {\"property\": NAME, \"equals\": V}, \
+                 {\"property\": NAME, \"in\": [..]}, {\"property\": NAME, \"exists\": true}, {\"not\": C}, {\"all\": [..]} or {\"any\": [..]}"
+)]
+pub enum Condition {
+    /// Always or never.
+    Bool(bool),
+    /// A string interpolated with `%(prop:...)s`; true unless empty, "0", "false" or "no".
+    Rendered(String),
+    /// A test of one property.
+    Property(PropertyTest),
+    /// The negation of a condition.
+    Not {
+        /// The condition negated.
+        not: Box<Condition>,
+    },
+    /// All conditions hold.
+    All {
+        /// The conditions.
+        all: Vec<Condition>,
+    },
+    /// At least one condition holds.
+    Any {
+        /// The conditions.
+        any: Vec<Condition>,
+    },
+}
+
+/// A test of one property: exactly one of `equals`, `in`, `exists`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PropertyTest {
+    /// The property.
+    pub property: String,
+    /// Holds if the property equals this value.
+    #[serde(default)]
+    pub equals: Option<Value>,
+    /// Holds if the property equals one of these values.
+    #[serde(default, rename = "in")]
+    pub one_of: Option<Vec<Value>>,
+    /// Holds if the property is set (`true`) or unset (`false`).
+    #[serde(default)]
+    pub exists: Option<bool>,
+}
+
+/// When to hide a step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum HideIf {
+    /// When the step ended with one of these results.
+    Results(Vec<Outcome>),
+    /// When the condition holds (evaluated after the step).
+    Condition(Condition),
+}
+
+impl Condition {
+    /// Evaluates the condition against the build's properties.
+    pub fn holds(&self, props: &Properties) -> Result<bool, String> {
+        Ok(match self {
+            Condition::Bool(b) => *b,
+            Condition::Rendered(text) => {
+                let rendered =
+                    interpolate(&Value::String(text.clone()), props, &Default::default())
+                        .map_err(|e| e.to_string())?;
+                let s = rendered
+                    .as_str()
+                    .unwrap_or_default()
+                    .trim()
+                    .to_ascii_lowercase();
+                !matches!(s.as_str(), "" | "0" | "false" | "no")
+            }
+            Condition::Property(t) => {
+                let value = props.get(&t.property);
+                match (&t.equals, &t.one_of, t.exists) {
+                    (Some(v), None, None) => value == Some(v),
+                    (None, Some(vs), None) => value.is_some_and(|v| vs.contains(v)),
+                    (None, None, Some(e)) => value.is_some() == e,
+                    _ => {
+                        return Err(format!(
+                            "the condition on property {:?} needs exactly one of \"equals\", \"in\" and \"exists\"",
+                            t.property
+                        ));
+                    }
+                }
+            }
+            Condition::Not { not } => !not.holds(props)?,
+            Condition::All { all } => {
+                for c in all {
+                    if !c.holds(props)? {
+                        return Ok(false);
+                    }
+                }
+                true
+            }
+            Condition::Any { any } => {
+                for c in any {
+                    if c.holds(props)? {
+                        return Ok(true);
+                    }
+                }
+                false
+            }
+        })
+    }
+}
+
+/// One step of a build.
+#[derive(Clone)]
+pub struct BuildStep {
+    /// Its name in the build ("checkout", "compile").
+    pub name: String,
+    /// The component.
+    pub step: StepComponent,
+    /// Its arguments, before interpolation.
+    pub args: Value,
+    /// Observers of its logs.
+    pub observers: Vec<ObserverSpec>,
+    /// How its result affects the build.
+    pub options: StepOptions,
+}
+
+/// What happened to one step of a build.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepRecord {
+    /// The step's name.
+    pub name: String,
+    /// Whether it ran (a skipped or halted-over step did not).
+    pub ran: bool,
+    /// Whether the UI should hide it.
+    pub hidden: bool,
+    /// Its outcome; for a step that did not run, SKIPPED with the reason as summary.
+    pub outcome: StepOutcome,
+}
+
+/// What a build produced.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BuildOutcome {
+    /// The build's result.
+    pub result: Outcome,
+    /// Each step, in order.
+    pub steps: Vec<StepRecord>,
+    /// The properties at the end of the build.
+    pub properties: Properties,
+}
+
+/// Gives each step of a build its event sink: (step index, step name).
+pub type EventsFor<'a> = &'a dyn Fn(usize, &str) -> Arc<dyn StepEvents>;
+
+impl Runtime {
+    /// Runs a build's steps in order on one grant, applying the step options as Buildbot does.
+    pub fn run_build(
+        &self,
+        steps: &[BuildStep],
+        mut properties: Properties,
+        grant: &Grant,
+        events: EventsFor<'_>,
+        cancel: &CancelToken,
+    ) -> BuildOutcome {
+        let mut result = Outcome::Success;
+        let mut halted = false;
+        let mut records = Vec::with_capacity(steps.len());
+        for (i, s) in steps.iter().enumerate() {
+            let span = tracing::info_span!("build_step", step = %s.name, index = i);
+            let _enter = span.enter();
+            let not_run = |why: String| StepRecord {
+                name: s.name.clone(),
+                ran: false,
+                hidden: false,
+                outcome: skipped(why),
+            };
+            if cancel.is_cancelled() {
+                records.push(not_run("not run: the build was cancelled".into()));
+                continue;
+            }
+            if halted && !s.options.always_run {
+                records.push(not_run("not run: an earlier step halted the build".into()));
+                continue;
+            }
+            match s.options.do_step_if.as_ref().map(|c| c.holds(&properties)) {
+                Some(Ok(false)) => {
+                    let mut record = not_run("skipped: its condition is false".into());
+                    record.hidden = hidden(&s.options, &record.outcome, &properties);
+                    records.push(record);
+                    continue;
+                }
+                Some(Err(e)) => {
+                    let mut outcome = skipped(String::new());
+                    outcome.result = Outcome::Exception;
+                    outcome.summary = Some(format!("do_step_if: {e}"));
+                    outcome.message = outcome.summary.clone();
+                    result = result.worst(Outcome::Exception);
+                    halted = true;
+                    records.push(StepRecord {
+                        name: s.name.clone(),
+                        ran: false,
+                        hidden: false,
+                        outcome,
+                    });
+                    continue;
+                }
+                _ => {}
+            }
+            let outcome = self.run_step(StepRun {
+                step: &s.step,
+                args: &s.args,
+                properties: &properties,
+                observers: &s.observers,
+                grant,
+                events: events(i, &s.name),
+                cancel: cancel.clone(),
+            });
+            for (name, value) in &outcome.properties {
+                properties.set(name.clone(), value.clone(), format!("Step {}", s.name));
+            }
+            let o = &s.options;
+            match outcome.result {
+                Outcome::Failure => {
+                    if o.warn_on_failure {
+                        result = result.worst(Outcome::Warnings);
+                    }
+                    if o.flunk_on_failure {
+                        result = result.worst(Outcome::Failure);
+                    }
+                    halted |= o.halt_on_failure;
+                }
+                Outcome::Warnings => {
+                    if o.warn_on_warnings {
+                        result = result.worst(Outcome::Warnings);
+                    }
+                    if o.flunk_on_warnings {
+                        result = result.worst(Outcome::Failure);
+                    }
+                }
+                Outcome::Exception | Outcome::Retry | Outcome::Cancelled => {
+                    result = result.worst(outcome.result);
+                    halted = true;
+                }
+                Outcome::Success | Outcome::Skipped => {}
+            }
+            let hidden = hidden(o, &outcome, &properties);
+            records.push(StepRecord {
+                name: s.name.clone(),
+                ran: true,
+                hidden,
+                outcome,
+            });
+        }
+        BuildOutcome {
+            result,
+            steps: records,
+            properties,
+        }
+    }
+}
+
+fn skipped(why: String) -> StepOutcome {
+    StepOutcome {
+        result: Outcome::Skipped,
+        summary: (!why.is_empty()).then_some(why),
+        message: None,
+        properties: Default::default(),
+        statistics: Default::default(),
+        progress: Default::default(),
+        urls: Vec::new(),
+        logs: Default::default(),
+        elapsed: Default::default(),
+    }
+}
+
+fn hidden(options: &StepOptions, outcome: &StepOutcome, props: &Properties) -> bool {
+    match &options.hide_step_if {
+        None => false,
+        Some(HideIf::Results(results)) => results.contains(&outcome.result),
+        // A condition that cannot be evaluated shows the step rather than hide a problem.
+        Some(HideIf::Condition(c)) => c.holds(props).unwrap_or(false),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn props() -> Properties {
+        let mut p = Properties::new();
+        p.set("branch", json!("main"), "Change");
+        p.set("deploy", json!("yes"), "Force");
+        p.set("empty", json!(""), "Force");
+        p
+    }
+
+    fn holds(c: Value) -> Result<bool, String> {
+        let c: Condition = serde_json::from_value(c).map_err(|e| e.to_string())?;
+        c.holds(&props())
+    }
+
+    #[test]
+    fn conditions() {
+        assert_eq!(holds(json!(true)), Ok(true));
+        assert_eq!(holds(json!("%(prop:deploy)s")), Ok(true));
+        assert_eq!(holds(json!("%(prop:empty)s")), Ok(false));
+        assert_eq!(holds(json!("%(prop:nope:-false)s")), Ok(false));
+        assert_eq!(
+            holds(json!({"property": "branch", "equals": "main"})),
+            Ok(true)
+        );
+        assert_eq!(
+            holds(json!({"property": "branch", "in": ["dev", "release"]})),
+            Ok(false)
+        );
+        assert_eq!(
+            holds(json!({"property": "nope", "exists": false})),
+            Ok(true)
+        );
+        assert_eq!(
+            holds(json!({"not": {"property": "branch", "equals": "main"}})),
+            Ok(false)
+        );
+        assert_eq!(
+            holds(json!({"all": [true, {"property": "deploy", "exists": true}]})),
+            Ok(true)
+        );
+        assert_eq!(holds(json!({"any": [false, "%(prop:empty)s"]})), Ok(false));
+        assert_eq!(
+            holds(json!({"property": "branch"})),
+            Err("the condition on property \"branch\" needs exactly one of \"equals\", \"in\" and \"exists\"".into())
+        );
+        assert!(
+            holds(json!("%(prop:nope)s"))
+                .unwrap_err()
+                .contains("not set")
+        );
+        assert!(
+            holds(json!(3))
+                .unwrap_err()
+                .starts_with("a condition: true/false")
+        );
+    }
+
+    #[test]
+    fn options_parse_with_defaults_and_refuse_typos() {
+        let o: StepOptions =
+            serde_json::from_value(json!({"halt_on_failure": true, "hide_step_if": ["SKIPPED"]}))
+                .unwrap();
+        assert!(o.halt_on_failure && o.flunk_on_failure && o.warn_on_warnings && !o.always_run);
+        assert_eq!(
+            o.hide_step_if,
+            Some(HideIf::Results(vec![Outcome::Skipped]))
+        );
+        let err =
+            serde_json::from_value::<StepOptions>(json!({"halt_on_failur": true})).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("unknown field `halt_on_failur`")
+        );
+    }
+}
