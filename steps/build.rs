@@ -15,6 +15,7 @@ const STANDARD: &[&str] = &[
     "set-property",
     "file-transfer",
     "git",
+    "trigger",
 ];
 /// Test fixtures, built only with the `fixtures` feature.
 const FIXTURES: &[&str] = &["probe-step", "count-observer"];

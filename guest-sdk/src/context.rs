@@ -146,6 +146,35 @@ impl StepContext {
             .map_err(Error::from)
     }
 
+    /// Asks the farm to start builds on triggerable schedulers, with properties (name, value),
+    /// waiting for them if `wait`. Run locally, nothing starts and no builds come back.
+    pub fn trigger(
+        &mut self,
+        schedulers: &[String],
+        properties: &[(String, Value)],
+        wait: bool,
+    ) -> Result<Vec<TriggeredBuild>, Error> {
+        self.flush();
+        let request = host::TriggerRequest {
+            schedulers: schedulers.to_vec(),
+            properties: properties
+                .iter()
+                .map(|(k, v)| (k.clone(), v.to_string()))
+                .collect(),
+            wait,
+        };
+        let builds = host::trigger(&request).map_err(Error::from)?;
+        Ok(builds
+            .into_iter()
+            .map(|b| TriggeredBuild {
+                scheduler: b.scheduler,
+                builder: b.builder,
+                outcome: b.outcome,
+                url: b.url,
+            })
+            .collect())
+    }
+
     /// Copies a file of the farm's file store into the workdir at a relative path.
     pub fn download(&mut self, name: &str, path: &str) -> Result<Artifact, Error> {
         self.flush();
@@ -159,6 +188,19 @@ impl Drop for StepContext {
     fn drop(&mut self) {
         self.flush();
     }
+}
+
+/// A build started by [`StepContext::trigger`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TriggeredBuild {
+    /// The scheduler that started it.
+    pub scheduler: String,
+    /// Its builder.
+    pub builder: String,
+    /// Its result, if the trigger waited.
+    pub outcome: Option<crate::Outcome>,
+    /// A link to it.
+    pub url: Option<String>,
 }
 
 /// Writes lines to one named log; see [`StepContext::log`].

@@ -88,7 +88,9 @@ mod context;
 mod observe;
 
 pub use args::parse_args;
-pub use context::{Artifact, Command, CommandLine, CommandResult, Exit, LogWriter, StepContext};
+pub use context::{
+    Artifact, Command, CommandLine, CommandResult, Exit, LogWriter, StepContext, TriggeredBuild,
+};
 pub use observe::LineObserver;
 pub use serde_json::Value;
 

@@ -40,6 +40,20 @@ impl From<WitOutcome> for crate::Outcome {
     }
 }
 
+impl From<crate::Outcome> for WitOutcome {
+    fn from(o: crate::Outcome) -> Self {
+        match o {
+            crate::Outcome::Success => WitOutcome::Success,
+            crate::Outcome::Warnings => WitOutcome::Warnings,
+            crate::Outcome::Failure => WitOutcome::Failure,
+            crate::Outcome::Skipped => WitOutcome::Skipped,
+            crate::Outcome::Exception => WitOutcome::Exception,
+            crate::Outcome::Retry => WitOutcome::Retry,
+            crate::Outcome::Cancelled => WitOutcome::Cancelled,
+        }
+    }
+}
+
 impl From<WitChannel> for crate::Channel {
     fn from(c: WitChannel) -> Self {
         match c {

@@ -9,6 +9,7 @@ use std::time::Duration;
 use crate::artifacts::ArtifactStore;
 use crate::confine::Confinement;
 use crate::logs::LogLimits;
+use crate::trigger::{LocalTriggers, Triggers};
 
 /// Limits of one step run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,6 +66,8 @@ pub struct Grant {
     pub confinement: Option<Arc<Confinement>>,
     /// The farm's file store (locally, a directory).
     pub artifacts: Arc<dyn ArtifactStore>,
+    /// Where trigger requests go (locally, nowhere: [`LocalTriggers`]).
+    pub triggers: Arc<dyn Triggers>,
 }
 
 impl Grant {
@@ -80,6 +83,7 @@ impl Grant {
             command_network: false,
             confinement: None,
             artifacts,
+            triggers: Arc::new(LocalTriggers),
         }
     }
 

@@ -22,6 +22,7 @@ mod outcome;
 pub mod props;
 pub mod redact;
 mod run;
+pub mod trigger;
 
 pub use artifacts::{Artifact, ArtifactStore, DirStore};
 pub use build::{BuildOutcome, BuildStep, Condition, StepOptions, StepRecord};
@@ -35,3 +36,4 @@ pub use logs::{Channel, LogLimits, NoEvents, ReportEvent, StepEvents};
 pub use outcome::{LogStats, Outcome, StepOutcome, Url};
 pub use props::{Properties, Property};
 pub use run::{CancelToken, ObserverSpec, StepRun, human_duration};
+pub use trigger::{LocalTriggers, TriggerRequest, TriggerResponse, TriggeredBuild, Triggers};

@@ -98,6 +98,13 @@ pub const BUILTINS: &[Builtin] = &[
         &[],
     ),
     step(
+        "trigger",
+        "start builds on triggerable schedulers, optionally waiting; locally, says what it would trigger",
+        guest!("trigger"),
+        "",
+        &[],
+    ),
+    step(
         "set-property",
         "set build properties from values",
         guest!("set-property"),

@@ -146,9 +146,30 @@ fn bad_arguments_fail_before_any_command_runs() {
             json!({"name": "a"}),
             "property \"a\" has no value",
         ),
+        (
+            "git",
+            json!({"branch": "main"}),
+            "bad step arguments: missing field `repourl`",
+        ),
+        (
+            "git",
+            json!({"repourl": "x", "mode": "fresh"}),
+            "bad step arguments: unknown variant `fresh`, expected `incremental` or `full`",
+        ),
+        (
+            "git",
+            json!({"repourl": "x", "method": "copy"}),
+            "method Copy goes with mode \"full\"",
+        ),
+        (
+            "trigger",
+            json!({"schedulers": "nightly"}),
+            "bad step arguments: invalid type: string \"nightly\", expected a sequence",
+        ),
     ];
     for (name, args, expected) in cases {
-        let (code, out, log) = step(name, args.clone(), &["--allow-program", "true"], &d.workdir);
+        let grants = ["--allow-program", "true", "--allow-program", "git"];
+        let (code, out, log) = step(name, args.clone(), &grants, &d.workdir);
         assert_eq!(
             (code, out["result"].as_str()),
             (1, Some("FAILURE")),
@@ -384,5 +405,24 @@ fn test_reads_junit_xml_after_the_command() {
             .unwrap()
             .starts_with("junit file missing.xml: "),
         "{out}"
+    );
+}
+
+#[test]
+fn trigger_run_locally_says_what_it_would_start() {
+    let d = dir();
+    let args = json!({"schedulers": ["nightly"], "copy_properties": ["branch"], "set_properties": {"reason": "release"}});
+    let (code, out, log) = step("trigger", args, &["--prop", "branch=main"], &d.workdir);
+    assert_eq!((code, out["result"].as_str()), (0, Some("SUCCESS")));
+    assert_eq!(out["summary"], "triggered nightly: no builds started");
+    assert!(log.contains("[hdr] triggering nightly with properties {\"branch\":\"main\",\"reason\":\"release\"}\n"), "{log}");
+    assert!(
+        log.contains("[hdr] run locally: nothing was started; on a farm this would fire nightly\n"),
+        "{log}"
+    );
+    let (_, out, _) = step("trigger", json!({"schedulers": []}), &[], &d.workdir);
+    assert_eq!(
+        out["message"],
+        "schedulers is empty: name at least one triggerable scheduler"
     );
 }

@@ -5,7 +5,8 @@ use std::time::Instant;
 
 use crate::artifacts::{Artifact, StoreError, check_name};
 use crate::bindings::step::kiln::step::context::{
-    Artifact as WitArtifact, Command, CommandResult, Host,
+    Artifact as WitArtifact, Command, CommandResult, Host, TriggerRequest as WitTriggerRequest,
+    TriggeredBuild as WitTriggeredBuild,
 };
 use crate::bindings::step::kiln::step::logs;
 use crate::bindings::{HostError, WitChannel};
@@ -233,6 +234,82 @@ impl Host for ContextState {
                 a.name, a.size, a.sha256
             ));
             to_wit(a)
+        }))
+    }
+
+    fn trigger(
+        &mut self,
+        request: WitTriggerRequest,
+    ) -> wasmtime::Result<Result<Vec<WitTriggeredBuild>, HostError>> {
+        self.drain_guest_output();
+        let result = (|| {
+            if request.schedulers.is_empty() {
+                return Err(HostError::Invalid(
+                    "name at least one scheduler to trigger".into(),
+                ));
+            }
+            if request.schedulers.len() > 100 {
+                return Err(HostError::TooLarge(
+                    "a step may trigger at most 100 schedulers".into(),
+                ));
+            }
+            for s in &request.schedulers {
+                if s.is_empty() || s.len() > 256 || s.chars().any(char::is_control) {
+                    return Err(HostError::Invalid(format!(
+                        "scheduler name {s:?} is not valid"
+                    )));
+                }
+            }
+            let mut properties = std::collections::BTreeMap::new();
+            for (name, json) in &request.properties {
+                crate::props::check_property_name(name).map_err(HostError::Invalid)?;
+                if json.len() > self.grant.limits.max_property_bytes {
+                    return Err(HostError::TooLarge(format!(
+                        "property {name:?} is too large to pass on"
+                    )));
+                }
+                let mut value: serde_json::Value = serde_json::from_str(json).map_err(|e| {
+                    HostError::Invalid(format!("property {name:?}: invalid JSON: {e}"))
+                })?;
+                // Secrets never leave the runtime: the triggered builds get their own grants.
+                self.logs.redactor().redact_json(&mut value);
+                properties.insert(name.clone(), value);
+            }
+            let request = crate::trigger::TriggerRequest {
+                schedulers: request.schedulers,
+                properties,
+                wait: request.wait,
+            };
+            let shown = serde_json::to_value(&request.properties).unwrap_or_default();
+            self.header(&format!(
+                "triggering {}{} with properties {shown}",
+                request.schedulers.join(", "),
+                if request.wait {
+                    ", waiting for the builds"
+                } else {
+                    ""
+                }
+            ));
+            let response = self
+                .grant
+                .triggers
+                .trigger(&request, &self.cancel)
+                .map_err(HostError::Io)?;
+            if let Some(note) = &response.note {
+                self.header(note);
+            }
+            Ok(response.builds)
+        })();
+        Ok(result.map(|builds| {
+            builds
+                .into_iter()
+                .map(|b| WitTriggeredBuild {
+                    scheduler: b.scheduler,
+                    builder: b.builder,
+                    outcome: b.result.map(Into::into),
+                    url: b.url,
+                })
+                .collect()
         }))
     }
 

@@ -7,3 +7,4 @@ mod limits;
 mod logs;
 mod sandbox;
 mod steps;
+mod trigger;
