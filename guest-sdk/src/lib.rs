@@ -86,6 +86,7 @@
 mod args;
 mod context;
 mod observe;
+mod text;
 
 pub use args::parse_args;
 pub use context::{
@@ -93,6 +94,7 @@ pub use context::{
 };
 pub use observe::LineObserver;
 pub use serde_json::Value;
+pub use text::strip_ansi;
 
 /// The generated bindings of the `step` world. Use the safe API of this crate instead; this is
 /// public only so that [`step!`] can name it from another crate.
@@ -126,6 +128,29 @@ pub mod observer_world {
 
 use step_world::kiln::step::report as host_report;
 pub use step_world::kiln::step::types::{Channel, HostError, Outcome};
+
+impl Outcome {
+    /// The worse of two outcomes, by Buildbot's order: SKIPPED < SUCCESS < WARNINGS < FAILURE <
+    /// EXCEPTION < RETRY < CANCELLED. The farm combines a step's and its observers' this way.
+    pub fn worst(self, other: Outcome) -> Outcome {
+        fn rank(o: Outcome) -> u8 {
+            match o {
+                Outcome::Skipped => 0,
+                Outcome::Success => 1,
+                Outcome::Warnings => 2,
+                Outcome::Failure => 3,
+                Outcome::Exception => 4,
+                Outcome::Retry => 5,
+                Outcome::Cancelled => 6,
+            }
+        }
+        if rank(other) > rank(self) {
+            other
+        } else {
+            self
+        }
+    }
+}
 
 /// What a step function returns: its outcome, or an error that makes it a FAILURE.
 pub type StepResult = Result<Outcome, Error>;

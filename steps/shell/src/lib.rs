@@ -124,23 +124,9 @@ fn run(ctx: &mut StepContext) -> StepResult {
         ctx.set_summary(&format!("{what}: {}", done.describe()));
     }
     if !args.junit.is_empty() {
-        outcome = worst(outcome, read_junit(ctx, &args.junit)?);
+        outcome = outcome.worst(read_junit(ctx, &args.junit)?);
     }
     Ok(outcome)
-}
-
-/// Buildbot's worst-status order.
-fn worst(a: Outcome, b: Outcome) -> Outcome {
-    let rank = |o: Outcome| match o {
-        Outcome::Skipped => 0,
-        Outcome::Success => 1,
-        Outcome::Warnings => 2,
-        Outcome::Failure => 3,
-        Outcome::Exception => 4,
-        Outcome::Retry => 5,
-        Outcome::Cancelled => 6,
-    };
-    if rank(b) > rank(a) { b } else { a }
 }
 
 /// Test counts from JUnit XML.

@@ -5,8 +5,6 @@
 //! summary lines (`cargo test -q` prints dots, plain `pytest` prints letters), so a test is never
 //! counted twice.
 
-use std::borrow::Cow;
-
 /// A test's result.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Status {
@@ -93,7 +91,7 @@ impl Tally {
     /// Takes one line (without its "\n"), appending the name of a failed test, with a "\n", to
     /// `failures`.
     pub fn line(&mut self, line: &str, failures: &mut String) {
-        let line = clean(line);
+        let line = guest_sdk::strip_ansi(line);
         let line = line.as_ref();
         if std::mem::take(&mut self.in_libtest_failures) {
             // "    path::name", one per failed test, until a blank line.
@@ -311,49 +309,6 @@ fn pytest_status(word: &str) -> Option<Status> {
         "SKIPPED" | "XFAIL" => Status::Skipped,
         _ => return None,
     })
-}
-
-/// The line without a trailing "\r" and without ANSI escape sequences (colours, hyperlinks),
-/// which test runners emit when told to colour their output. Borrowed when there is nothing to
-/// do.
-pub fn clean(line: &str) -> Cow<'_, str> {
-    let line = line.strip_suffix('\r').unwrap_or(line);
-    if memchr::memchr(0x1b, line.as_bytes()).is_none() {
-        return Cow::Borrowed(line);
-    }
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c != '\x1b' {
-            out.push(c);
-            continue;
-        }
-        match chars.next() {
-            // CSI: parameters and intermediates, then one final byte in '@'..='~'.
-            Some('[') => {
-                for c in chars.by_ref() {
-                    if ('@'..='~').contains(&c) {
-                        break;
-                    }
-                }
-            }
-            // OSC (such as a hyperlink): up to BEL or ESC '\'.
-            Some(']') => {
-                while let Some(c) = chars.next() {
-                    if c == '\x07' {
-                        break;
-                    }
-                    if c == '\x1b' {
-                        chars.next();
-                        break;
-                    }
-                }
-            }
-            // Any other escape is two characters long.
-            _ => {}
-        }
-    }
-    Cow::Owned(out)
 }
 
 #[cfg(test)]

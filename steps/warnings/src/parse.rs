@@ -5,8 +5,6 @@
 //! search over the whole run, so output without warnings costs one `memmem` pass and no line
 //! splitting.
 
-use std::borrow::Cow;
-
 use memchr::memmem;
 
 /// What a line is to the warning counter.
@@ -62,7 +60,7 @@ impl Scanner {
             let start = memchr::memrchr(b'\n', &bytes[pos..hit]).map_or(pos, |i| pos + i + 1);
             let end = memchr::memchr(b'\n', &bytes[hit..]).map_or(bytes.len(), |i| hit + i);
             pos = (end + 1).min(bytes.len());
-            let line = clean(&text[start..end]);
+            let line = guest_sdk::strip_ansi(&text[start..end]);
             let kind = classify(&line);
             if kind == LineKind::Other {
                 continue;
@@ -86,7 +84,7 @@ impl Scanner {
 fn take_location(text: &str, start: usize, log: &mut String) -> usize {
     let rest = &text.as_bytes()[start..];
     let end = memchr::memchr(b'\n', rest).map_or(text.len(), |i| start + i);
-    let line = clean(&text[start..end]);
+    let line = guest_sdk::strip_ansi(&text[start..end]);
     if !is_location(&line) {
         return start;
     }
@@ -218,48 +216,6 @@ fn msvc(line: &str) -> bool {
         .take_while(u8::is_ascii_digit)
         .count();
     letters > 0 && digits > 0 && code[letters + digits..].starts_with(':')
-}
-
-/// The line without a trailing "\r" and without ANSI escape sequences (colours, hyperlinks),
-/// which compilers emit when told to colour their output. Borrowed when there is nothing to do.
-pub fn clean(line: &str) -> Cow<'_, str> {
-    let line = line.strip_suffix('\r').unwrap_or(line);
-    if memchr::memchr(0x1b, line.as_bytes()).is_none() {
-        return Cow::Borrowed(line);
-    }
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c != '\x1b' {
-            out.push(c);
-            continue;
-        }
-        match chars.next() {
-            // CSI: parameters and intermediates, then one final byte in '@'..='~'.
-            Some('[') => {
-                for c in chars.by_ref() {
-                    if ('@'..='~').contains(&c) {
-                        break;
-                    }
-                }
-            }
-            // OSC (such as a hyperlink): up to BEL or ESC '\'.
-            Some(']') => {
-                while let Some(c) = chars.next() {
-                    if c == '\x07' {
-                        break;
-                    }
-                    if c == '\x1b' {
-                        chars.next();
-                        break;
-                    }
-                }
-            }
-            // Any other escape is two characters long.
-            _ => {}
-        }
-    }
-    Cow::Owned(out)
 }
 
 #[cfg(test)]
@@ -441,16 +397,5 @@ C:\\src\\app\\util.cpp(31,5): warning C4244: '=': conversion from 'double' to 'i
     fn without_warning_nothing_happens() {
         assert_eq!(scan("compiling\nall fine\n"), (0, String::new()));
         assert_eq!(scan(""), (0, String::new()));
-    }
-
-    #[test]
-    fn cleans_escapes() {
-        assert_eq!(clean("plain\r"), "plain");
-        assert_eq!(clean("\x1b[1m\x1b[33mwarning\x1b[0m: x"), "warning: x");
-        assert_eq!(
-            clean("[\x1b]8;;https://gcc.gnu.org/\x07-Wunused\x1b]8;;\x1b\\]"),
-            "[-Wunused]"
-        );
-        assert!(matches!(clean("no escapes"), Cow::Borrowed(_)));
     }
 }
