@@ -42,3 +42,37 @@ fn kind(value: &Value) -> &'static str {
         Value::Object(_) => "an object",
     }
 }
+
+/// A duration given in seconds by an argument (`"timeout": 2.5`), checked: positive, finite and
+/// not absurdly large. `what` names the argument in the error.
+pub fn seconds(value: f64, what: &str) -> Result<std::time::Duration, Error> {
+    match std::time::Duration::try_from_secs_f64(value) {
+        Ok(d) if !d.is_zero() && d <= MAX_SECONDS => Ok(d),
+        _ => Err(Error::msg(format!(
+            "{what}: {value:?} is not a number of seconds between 0 and {}",
+            MAX_SECONDS.as_secs()
+        ))),
+    }
+}
+
+/// The longest duration an argument may give: a week.
+const MAX_SECONDS: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seconds_are_checked() {
+        assert_eq!(
+            seconds(2.5, "timeout").unwrap(),
+            std::time::Duration::from_millis(2500)
+        );
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY, 1e300, 1e7] {
+            assert_eq!(
+                seconds(bad, "timeout").unwrap_err().to_string(),
+                format!("timeout: {bad:?} is not a number of seconds between 0 and 604800")
+            );
+        }
+    }
+}

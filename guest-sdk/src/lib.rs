@@ -88,7 +88,7 @@ mod context;
 mod observe;
 mod text;
 
-pub use args::parse_args;
+pub use args::{parse_args, seconds};
 pub use context::{
     Artifact, Command, CommandLine, CommandResult, Exit, LogWriter, StepContext, TriggeredBuild,
 };

@@ -55,14 +55,26 @@ pub(crate) fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             args.workdir.display()
         );
     }
-    if !(args.timeout.is_finite() && args.timeout > 0.0) {
+    let deadline = Duration::try_from_secs_f64(args.timeout)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .with_context(|| {
+            format!(
+                "--timeout {:?}: give a positive number of seconds",
+                args.timeout
+            )
+        })?;
+    if !(1..=4096).contains(&args.memory) {
         bail!(
-            "--timeout {}: give a positive number of seconds",
-            args.timeout
+            "--memory {}: give 1 to 4096 MiB (a wasm32 guest cannot use more than 4 GiB)",
+            args.memory
         );
     }
-    if args.max_line < 16 {
-        bail!("--max-line {}: give at least 16 bytes", args.max_line);
+    if args.log_limit == 0 {
+        bail!("--log-limit 0: give at least 1 MiB");
+    }
+    if !(16..=64 << 20).contains(&args.max_line) {
+        bail!("--max-line {}: give 16 bytes to 64 MiB", args.max_line);
     }
     for dir in &args.ro_dirs {
         if !dir.is_absolute() || !dir.is_dir() {
@@ -82,17 +94,15 @@ pub(crate) fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 
     let cache_dir = args.cache_dir.clone().or_else(default_cache_dir);
     let rt = Runtime::new(RuntimeConfig { cache_dir })?;
-    let step = match load(&rt, &args.module)? {
-        Loaded::Step(s) => s,
-        Loaded::Observer(_) => bail!(
+    let (step, builtin) = match load(&rt, &args.module)? {
+        (Loaded::Step(s), builtin) => (s, builtin),
+        (Loaded::Observer(_), _) => bail!(
             "{} is a log observer, not a step; pass it with --observer",
             args.module
         ),
     };
     // A built-in step brings its preset arguments and its own observers (compile: warnings).
     let mut observers = Vec::new();
-    let builtin = steps::find(&args.module)
-        .filter(|b| b.kind == steps::Kind::Step && !Path::new(&args.module).exists());
     let step_args = match builtin {
         Some(b) => {
             let merged = b
@@ -122,7 +132,7 @@ pub(crate) fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             ),
             None => (spec.as_str(), Value::Null),
         };
-        let component = match load(&rt, module)? {
+        let component = match load(&rt, module)?.0 {
             Loaded::Observer(o) => o,
             Loaded::Step(_) => bail!("--observer {module}: this is a step, not a log observer"),
         };
@@ -146,7 +156,7 @@ pub(crate) fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     grant.env = env;
     grant.programs = args.programs.clone();
     grant.secrets = secrets;
-    grant.limits.deadline = Duration::from_secs_f64(args.timeout);
+    grant.limits.deadline = deadline;
     grant.limits.memory_bytes = args.memory.saturating_mul(1 << 20);
     grant.limits.logs.max_log_bytes = args.log_limit.saturating_mul(1 << 20);
     grant.limits.logs.max_line_bytes = args.max_line;
@@ -198,14 +208,15 @@ pub(crate) fn list() {
     }
 }
 
-/// Loads a component from a file, or a built-in by name.
-fn load(rt: &Runtime, module: &str) -> anyhow::Result<Loaded> {
+/// Loads a component from a file, or a built-in by name (returned too: it brings a preset and
+/// default observers).
+fn load(rt: &Runtime, module: &str) -> anyhow::Result<(Loaded, Option<&'static steps::Builtin>)> {
     let path = Path::new(module);
     if path.exists() || module.ends_with(".wasm") || module.contains('/') {
-        return Ok(rt.load_file(path)?);
+        return Ok((rt.load_file(path)?, None));
     }
     match steps::find(module) {
-        Some(b) => Ok(rt.load(b.wasm, b.name)?),
+        Some(b) => Ok((rt.load(b.wasm, b.name)?, Some(b))),
         None => {
             let names: Vec<&str> = steps::BUILTINS.iter().map(|b| b.name).collect();
             bail!(

@@ -272,7 +272,19 @@ fn bad_input_gets_one_line_that_says_what_to_fix() {
         ),
         (
             vec![probe(), "--timeout", "-1"],
-            "--timeout -1: give a positive number of seconds".into(),
+            "--timeout -1.0: give a positive number of seconds".into(),
+        ),
+        (
+            vec![probe(), "--timeout", "1e300"],
+            "--timeout 1e300: give a positive number of seconds".into(),
+        ),
+        (
+            vec![probe(), "--memory", "0"],
+            "--memory 0: give 1 to 4096 MiB (a wasm32 guest cannot use more than 4 GiB)".into(),
+        ),
+        (
+            vec![probe(), "--log-limit", "0"],
+            "--log-limit 0: give at least 1 MiB".into(),
         ),
         (
             vec!["line-cuonter"],

@@ -153,6 +153,21 @@ fn bad_arguments_fail_before_any_command_runs() {
         ),
         (
             "git",
+            json!({"repourl": "x", "timeout": 1e300}),
+            "timeout: 1e300 is not a number of seconds",
+        ),
+        (
+            "shell",
+            json!({"command": ["true"], "timeout": 1e300}),
+            "timeout: 1e300 is not a number of seconds",
+        ),
+        (
+            "set-property-from-command",
+            json!({"command": ["true"], "property": "p", "timeout": -2}),
+            "timeout: -2.0 is not a number of seconds",
+        ),
+        (
+            "git",
             json!({"repourl": "x", "mode": "fresh"}),
             "bad step arguments: unknown variant `fresh`, expected `incremental` or `full`",
         ),

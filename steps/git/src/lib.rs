@@ -97,6 +97,9 @@ fn check(args: &Args) -> Result<Method, Error> {
             "revision {rev:?} is not a commit id (hex digits)"
         )));
     }
+    if let Some(t) = args.timeout {
+        guest_sdk::seconds(t, "timeout")?;
+    }
     if args.shallow == Some(0) {
         return Err(Error::msg("shallow: give a depth of at least 1"));
     }
@@ -150,7 +153,7 @@ impl Git<'_> {
             .env("GIT_TERMINAL_PROMPT", "0")
             .capture_stdout(4096);
         if let Some(t) = self.timeout {
-            cmd = cmd.timeout(std::time::Duration::from_secs_f64(t));
+            cmd = cmd.timeout(guest_sdk::seconds(t, "timeout")?);
         }
         if let Some(text) = stdin {
             cmd = cmd.stdin(text);

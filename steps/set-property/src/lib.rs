@@ -130,12 +130,7 @@ fn run(ctx: &mut StepContext) -> StepResult {
                 cmd = cmd.env(k, v);
             }
             if let Some(t) = timeout {
-                if !(t.is_finite() && t > 0.0) {
-                    return Err(Error::msg(format!(
-                        "timeout: {t} is not a positive number of seconds"
-                    )));
-                }
-                cmd = cmd.timeout(std::time::Duration::from_secs_f64(t));
+                cmd = cmd.timeout(guest_sdk::seconds(t, "timeout")?);
             }
             let done = cmd.run()?;
             if !done.success() {

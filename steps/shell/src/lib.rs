@@ -85,12 +85,8 @@ fn decode_table(args: &Args) -> Result<BTreeMap<i32, Outcome>, Error> {
         })?;
         table.insert(code, outcome);
     }
-    if let Some(t) = args.timeout
-        && !(t.is_finite() && t > 0.0)
-    {
-        return Err(Error::msg(format!(
-            "timeout: {t} is not a positive number of seconds"
-        )));
+    if let Some(t) = args.timeout {
+        guest_sdk::seconds(t, "timeout")?;
     }
     Ok(table)
 }
@@ -108,7 +104,7 @@ fn run(ctx: &mut StepContext) -> StepResult {
         cmd = cmd.env(name, value);
     }
     if let Some(t) = args.timeout {
-        cmd = cmd.timeout(std::time::Duration::from_secs_f64(t));
+        cmd = cmd.timeout(guest_sdk::seconds(t, "timeout")?);
     }
     for (log, path) in &args.logfiles {
         cmd = cmd.logfile(log, path);
@@ -250,7 +246,7 @@ mod tests {
         let a = args(r#"{"command": ["x"], "timeout": -1}"#).unwrap();
         assert_eq!(
             decode_table(&a).unwrap_err().to_string(),
-            "timeout: -1 is not a positive number of seconds"
+            "timeout: -1.0 is not a number of seconds between 0 and 604800"
         );
         assert_eq!(
             CommandLine::Argv(vec![])
