@@ -100,6 +100,11 @@ pub(crate) fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             "{} is a log observer, not a step; pass it with --observer",
             args.module
         ),
+        (Loaded::Policy(_), _) => bail!(
+            "{} is a policy (customization hooks), not a step; name it in the master's \
+             [hooks] or a scheduler's `policy`",
+            args.module
+        ),
     };
     // A built-in step brings its preset arguments and its own observers (compile: warnings).
     let mut observers = Vec::new();
@@ -135,6 +140,7 @@ pub(crate) fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         let component = match load(&rt, module)?.0 {
             Loaded::Observer(o) => o,
             Loaded::Step(_) => bail!("--observer {module}: this is a step, not a log observer"),
+            Loaded::Policy(_) => bail!("--observer {module}: this is a policy, not a log observer"),
         };
         let name = Path::new(module)
             .file_stem()

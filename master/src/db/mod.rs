@@ -1,0 +1,214 @@
+//! The master's database: SQLite (the embedded default) or PostgreSQL (farms with several
+//! masters), through sqlx's `Any` driver so one set of queries serves both. All SQL lives in
+//! this module and its submodules; everything else calls these functions.
+//!
+//! Concurrency rules, which hold for several masters sharing one PostgreSQL database:
+//! - Claims (of build requests, of schedulers) are rows whose primary key is the arbiter:
+//!   `INSERT ... ON CONFLICT DO NOTHING`, and whoever inserted the row owns the thing.
+//! - Rows that consumers read through a watermark (changes, events) are appended under
+//!   [`Db::serialize_appends`], so ids become visible in increasing order and a watermark can
+//!   never skip a row that commits late.
+//! - On SQLite, write transactions start with `BEGIN IMMEDIATE`: the write lock is taken up
+//!   front, so two writers queue on the busy timeout instead of failing on lock upgrade.
+
+mod queries;
+
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::{Any, AnyPool, Executor, Transaction};
+use std::str::FromStr;
+
+pub use queries::*;
+
+/// Which database server is behind the pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// An embedded SQLite file.
+    Sqlite,
+    /// A PostgreSQL server.
+    Postgres,
+}
+
+/// A write transaction.
+pub type Tx = Transaction<'static, Any>;
+
+/// Errors opening or migrating the database.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// The URL names no database Kiln supports.
+    #[error(
+        "database URL {0:?} is not supported: use a SQLite file (sqlite:///path/kiln.sqlite) or a \
+         PostgreSQL URL (postgres://user@host/dbname)"
+    )]
+    UnsupportedUrl(String),
+    /// Connecting failed.
+    #[error("cannot connect to the database at {url}: {source}")]
+    Connect {
+        /// The URL, with any password removed.
+        url: String,
+        /// Why.
+        source: sqlx::Error,
+    },
+    /// A migration failed.
+    #[error("cannot migrate the database at {url}: {source}")]
+    Migrate {
+        /// The URL, with any password removed.
+        url: String,
+        /// Why.
+        source: sqlx::migrate::MigrateError,
+    },
+}
+
+/// The master's connection pool.
+#[derive(Debug, Clone)]
+pub struct Db {
+    pool: AnyPool,
+    backend: Backend,
+}
+
+/// Key of the PostgreSQL advisory lock that orders appends to watermarked tables.
+const APPEND_LOCK: i64 = 0x4b494c4e; // "KILN"
+
+static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
+static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
+
+impl Db {
+    /// Connects to `url` (`sqlite://...` or `postgres://...`) and brings the schema up to date.
+    pub async fn open(url: &str) -> Result<Db, DbError> {
+        let db = Db::connect(url).await?;
+        db.migrate().await.map_err(|source| DbError::Migrate {
+            url: redact_url(url),
+            source,
+        })?;
+        Ok(db)
+    }
+
+    /// Connects without migrating.
+    pub async fn connect(url: &str) -> Result<Db, DbError> {
+        sqlx::any::install_default_drivers();
+        let backend = if url.starts_with("sqlite:") {
+            Backend::Sqlite
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Backend::Postgres
+        } else {
+            return Err(DbError::UnsupportedUrl(redact_url(url)));
+        };
+        let connect_err = |source| DbError::Connect {
+            url: redact_url(url),
+            source,
+        };
+        let options = AnyConnectOptions::from_str(url).map_err(connect_err)?;
+        let pool = match backend {
+            Backend::Sqlite => {
+                AnyPoolOptions::new()
+                    // SQLite has one writer at a time; a few connections serve concurrent reads.
+                    .max_connections(4)
+                    .after_connect(|conn, _| {
+                        Box::pin(async move {
+                            // WAL lets readers run beside the writer; NORMAL sync is durable
+                            // against a process kill (the case that matters for a master),
+                            // and a commit costs no fsync.
+                            conn.execute(
+                                "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
+                                 PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 10000;",
+                            )
+                            .await?;
+                            Ok(())
+                        })
+                    })
+                    .connect_with(options)
+                    .await
+            }
+            Backend::Postgres => {
+                AnyPoolOptions::new()
+                    .max_connections(8)
+                    .connect_with(options)
+                    .await
+            }
+        }
+        .map_err(connect_err)?;
+        Ok(Db { pool, backend })
+    }
+
+    /// Applies pending migrations.
+    pub async fn migrate(&self) -> Result<(), sqlx::migrate::MigrateError> {
+        match self.backend {
+            Backend::Sqlite => SQLITE_MIGRATIONS.run(&self.pool).await,
+            Backend::Postgres => POSTGRES_MIGRATIONS.run(&self.pool).await,
+        }
+    }
+
+    /// Which database this is.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// The pool, for reads.
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    /// Starts a write transaction.
+    pub async fn begin(&self) -> Result<Tx, sqlx::Error> {
+        match self.backend {
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
+            Backend::Postgres => self.pool.begin().await,
+        }
+    }
+
+    /// Makes the rest of `tx` the only transaction appending to watermarked tables (changes,
+    /// events) until it ends. SQLite's write lock already does this.
+    pub async fn serialize_appends(&self, tx: &mut Tx) -> Result<(), sqlx::Error> {
+        if self.backend == Backend::Postgres {
+            sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                .bind(APPEND_LOCK)
+                .execute(&mut **tx)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Closes every connection.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+/// The URL with any password replaced, for messages.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.find('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.find(':') {
+                Some(colon) => format!(
+                    "{}{}:***{}",
+                    &url[..scheme + 3],
+                    &userinfo[..colon],
+                    &url[at..]
+                ),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_never_reach_messages() {
+        assert_eq!(
+            redact_url("postgres://kiln:hunter2@db/kiln"),
+            "postgres://kiln:***@db/kiln"
+        );
+        assert_eq!(
+            redact_url("postgres://kiln@db/kiln"),
+            "postgres://kiln@db/kiln"
+        );
+        assert_eq!(
+            redact_url("sqlite:///tmp/k.sqlite"),
+            "sqlite:///tmp/k.sqlite"
+        );
+    }
+}

@@ -1,0 +1,405 @@
+//! From buildsets to claimed build requests: submitting a buildset (and collapsing older
+//! compatible requests into the new ones), completing requests (and with them buildsets, with
+//! their first-failure and finished events), and choosing which queued requests free workers
+//! take, with the farm's hooks deciding, and claiming them atomically.
+
+use std::collections::BTreeMap;
+
+use anyhow::Context;
+use runtime::policy::{BuilderInfo, RequestInfo, WorkerInfo};
+use serde_json::{Value, json};
+use sqlx::AnyConnection;
+
+use crate::db::{self, Db};
+use crate::hooks::Hooks;
+use crate::model::*;
+
+/// Builder settings that matter for queueing and dispatch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BuilderQueueing {
+    /// Name.
+    pub name: String,
+    /// Builder priority: higher is served first.
+    pub priority: i32,
+    /// Whether its requests may be collapsed.
+    pub collapse: bool,
+    /// Tags, for policies.
+    pub tags: Vec<String>,
+    /// False: only sandbox workers, never secrets.
+    pub trusted: bool,
+    /// A trusted builder's builds may also go to sandbox workers.
+    pub allow_sandbox_workers: bool,
+    /// Explicit worker names, if given.
+    pub workers: Option<Vec<String>>,
+    /// Required capabilities.
+    pub requires_arch: Option<String>,
+    /// Required capabilities.
+    pub requires_os: Option<String>,
+    /// Required tags (all).
+    pub requires_tags: Vec<String>,
+}
+
+impl BuilderQueueing {
+    /// Whether `worker` may run this builder's builds at all (capabilities and names), and a
+    /// build of trust `trusted` in particular.
+    pub fn accepts(&self, worker: &WorkerInfo, request_trusted: bool) -> bool {
+        if let Some(names) = &self.workers
+            && !names.iter().any(|n| *n == worker.name)
+        {
+            return false;
+        }
+        if let Some(arch) = &self.requires_arch
+            && worker.arch.as_ref() != Some(arch)
+        {
+            return false;
+        }
+        if let Some(os) = &self.requires_os
+            && worker.os.as_ref() != Some(os)
+        {
+            return false;
+        }
+        if !self.requires_tags.iter().all(|t| worker.tags.contains(t)) {
+            return false;
+        }
+        let trusted = self.trusted && request_trusted;
+        if trusted {
+            // Trusted work runs on plain workers, and on sandbox workers only by permission.
+            !worker.sandbox || self.allow_sandbox_workers
+        } else {
+            // Untrusted work never runs outside the sandbox.
+            worker.sandbox
+        }
+    }
+}
+
+/// What one claim pass decided: `request` on `builder` goes to `worker`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Assignment {
+    /// The claimed request.
+    pub request: BuildRequestId,
+    /// Its builder.
+    pub builder: String,
+    /// The worker to run it.
+    pub worker: String,
+}
+
+/// What a hook sees of a request without reading its buildset: enough for the built-in hooks,
+/// which look only at priority and age.
+fn basic_info(r: &QueuedRequest) -> RequestInfo {
+    RequestInfo {
+        id: r.id.0 as u64,
+        builder: r.builder.clone(),
+        priority: r.priority.clamp(i32::MIN as i64, i32::MAX as i64) as i32,
+        submitted_at: r.submitted_ms,
+        reason: String::new(),
+        branch: None,
+        repository: None,
+        codebase: String::new(),
+        has_patch: false,
+        properties: Default::default(),
+    }
+}
+
+/// Everything a policy looks at for one request.
+async fn request_info(conn: &mut AnyConnection, r: &QueuedRequest) -> anyhow::Result<RequestInfo> {
+    let bs = db::get_buildset(&mut *conn, r.buildset)
+        .await?
+        .context("request without a buildset")?;
+    let stamps = db::buildset_sourcestamps(&mut *conn, r.buildset).await?;
+    let props = db::buildset_properties(&mut *conn, r.buildset).await?;
+    let first = stamps.first();
+    Ok(RequestInfo {
+        id: r.id.0 as u64,
+        builder: r.builder.clone(),
+        priority: r.priority.clamp(i32::MIN as i64, i32::MAX as i64) as i32,
+        submitted_at: r.submitted_ms,
+        reason: bs.reason,
+        branch: first.and_then(|s| s.branch.clone()),
+        repository: first.map(|s| s.repository.clone()),
+        codebase: first.map(|s| s.codebase.clone()).unwrap_or_default(),
+        has_patch: stamps.iter().any(|s| s.patch.is_some()),
+        properties: props.into_iter().map(|p| (p.name, p.value)).collect(),
+    })
+}
+
+/// Properties that differ between otherwise identical requests without making them different
+/// builds: where the request came from, not what it builds.
+const COLLAPSE_IGNORED_PROPERTIES: &[&str] = &["scheduler", "reason", "owner"];
+
+/// Buildbot's default collapse rule: the same source stamps per codebase (repository, branch,
+/// project), no patch on either side, both with changes or both at the same revision, and the
+/// same properties apart from those recording where each came from (change properties and
+/// [`COLLAPSE_IGNORED_PROPERTIES`]).
+pub async fn can_collapse(
+    conn: &mut AnyConnection,
+    new: BuildsetId,
+    older: BuildsetId,
+) -> anyhow::Result<bool> {
+    let a = db::buildset_sourcestamps(&mut *conn, new).await?;
+    let b = db::buildset_sourcestamps(&mut *conn, older).await?;
+    let by_codebase = |s: &[SourceStamp]| -> BTreeMap<String, SourceStamp> {
+        s.iter().map(|s| (s.codebase.clone(), s.clone())).collect()
+    };
+    let (a, b) = (by_codebase(&a), by_codebase(&b));
+    if a.keys().ne(b.keys()) {
+        return Ok(false);
+    }
+    for (codebase, x) in &a {
+        let y = &b[codebase];
+        if x.repository != y.repository || x.branch != y.branch || x.project != y.project {
+            return Ok(false);
+        }
+        if x.patch.is_some() || y.patch.is_some() {
+            return Ok(false);
+        }
+        match (x.changes.is_empty(), y.changes.is_empty()) {
+            (false, false) => {}
+            (true, true) if x.revision == y.revision => {}
+            _ => return Ok(false),
+        }
+    }
+    let relevant = |props: Vec<SourcedProperty>| -> BTreeMap<String, Value> {
+        props
+            .into_iter()
+            .filter(|p| {
+                p.source != "Change" && !COLLAPSE_IGNORED_PROPERTIES.contains(&p.name.as_str())
+            })
+            .map(|p| (p.name, p.value))
+            .collect()
+    };
+    let pa = relevant(db::buildset_properties(&mut *conn, new).await?);
+    let pb = relevant(db::buildset_properties(&mut *conn, older).await?);
+    Ok(pa == pb)
+}
+
+/// A buildset as submitted.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Submitted {
+    /// The buildset.
+    pub buildset: BuildsetId,
+    /// Its requests, with their builders.
+    pub requests: Vec<(BuildRequestId, String)>,
+    /// Older requests collapsed into the new ones.
+    pub collapsed: Vec<BuildRequestId>,
+}
+
+/// Adds a buildset in the caller's transaction: one request per builder, then collapses older
+/// compatible queued requests on builders that allow it into the new requests (they complete
+/// as SKIPPED, pointing at the request that absorbed them). `None` if the scheduler already
+/// made a buildset with this `external_id`.
+pub async fn submit_buildset(
+    db: &Db,
+    tx: &mut db::Tx,
+    master: MasterId,
+    bs: &NewBuildset,
+    builders: &BTreeMap<String, BuilderQueueing>,
+    hooks: &Hooks,
+    now: i64,
+) -> anyhow::Result<Option<Submitted>> {
+    let ids = db::builder_ids(&mut *tx).await?;
+    let Some((buildset, requests)) = db::insert_buildset(&mut *tx, bs, &ids, now).await? else {
+        return Ok(None);
+    };
+    let mut collapsed = Vec::new();
+    for (new_id, builder) in &requests {
+        if !builders.get(builder).is_some_and(|b| b.collapse) {
+            continue;
+        }
+        let queue = db::queued_requests(&mut *tx, Some(builder), i64::MAX).await?;
+        let Some(new) = queue.iter().find(|r| r.id == *new_id).cloned() else {
+            continue;
+        };
+        let full = hooks.collapse_needs_details();
+        let new_info = if full {
+            request_info(&mut *tx, &new).await?
+        } else {
+            basic_info(&new)
+        };
+        for older in queue.iter().filter(|r| r.id < new.id) {
+            let older_info = if full {
+                request_info(&mut *tx, older).await?
+            } else {
+                basic_info(older)
+            };
+            let default = can_collapse(&mut *tx, new.buildset, older.buildset).await?;
+            if !hooks.collapse(builder, &new_info, &older_info, || default) {
+                continue;
+            }
+            // Claiming first makes the collapse safe against another master claiming the
+            // same request for a build at this moment.
+            if db::claim_request(&mut *tx, older.id, master, now).await? {
+                collapsed.push((older.id, Results::Skipped, Some(new.id)));
+            }
+        }
+    }
+    let done: Vec<BuildRequestId> = collapsed.iter().map(|c| c.0).collect();
+    finish_requests(db, tx, master, &collapsed, now).await?;
+    Ok(Some(Submitted {
+        buildset,
+        requests,
+        collapsed: done,
+    }))
+}
+
+/// Completes claimed requests in the caller's transaction. A failing request records its
+/// buildset's first failure (once, with a `buildset.first_failure` event); a buildset whose
+/// requests are all complete completes with the worst result (with a `buildset.complete`
+/// event). Returns the buildsets completed.
+pub async fn finish_requests(
+    db: &Db,
+    tx: &mut db::Tx,
+    master: MasterId,
+    requests: &[(BuildRequestId, Results, Option<BuildRequestId>)],
+    now: i64,
+) -> anyhow::Result<Vec<(BuildsetId, Results)>> {
+    if requests.is_empty() {
+        return Ok(Vec::new());
+    }
+    db.serialize_appends(tx).await?;
+    let mut buildsets = Vec::new();
+    for &(id, results, into) in requests {
+        if !db::complete_request(&mut *tx, id, master, results, into, now).await? {
+            continue;
+        }
+        let Some((req, ..)) = db::get_request(&mut *tx, id).await? else {
+            continue;
+        };
+        if matches!(
+            results,
+            Results::Failure | Results::Exception | Results::Cancelled
+        ) && db::mark_first_failure(&mut *tx, req.buildset, now).await?
+        {
+            db::insert_event(
+                &mut *tx,
+                "buildset.first_failure",
+                req.buildset.0,
+                &json!({"request": id.0, "builder": req.builder, "results": results}),
+                now,
+            )
+            .await?;
+        }
+        if !buildsets.contains(&req.buildset) {
+            buildsets.push(req.buildset);
+        }
+    }
+    let mut completed = Vec::new();
+    for bs in buildsets {
+        if let Some(results) = db::complete_buildset_if_done(&mut *tx, bs, now).await? {
+            let scheduler = db::get_buildset(&mut *tx, bs)
+                .await?
+                .and_then(|b| b.scheduler);
+            db::insert_event(
+                &mut *tx,
+                "buildset.complete",
+                bs.0,
+                &json!({"scheduler": scheduler, "results": results}),
+                now,
+            )
+            .await?;
+            completed.push((bs, results));
+        }
+    }
+    Ok(completed)
+}
+
+/// A worker with room for more builds, as the dispatcher sees it.
+pub type FreeWorker = WorkerInfo;
+
+/// One claim pass: offers free workers to builders in priority order and claims the requests
+/// they will run. Hooks decide the builder order, the request, the worker and whether it may
+/// start; the database decides who wins a claim when several masters try at once. Builders
+/// missing from `builders` (removed by a reload) get no new builds.
+pub async fn claim_for_workers(
+    db: &Db,
+    master: MasterId,
+    builders: &BTreeMap<String, BuilderQueueing>,
+    workers: &mut [FreeWorker],
+    hooks: &Hooks,
+    now: i64,
+) -> anyhow::Result<Vec<Assignment>> {
+    let mut conn = db.pool().acquire().await?;
+    let mut order: Vec<BuilderInfo> = db::queue_summary(&mut conn)
+        .await?
+        .into_iter()
+        .filter_map(|(name, queued, oldest)| {
+            let b = builders.get(&name)?;
+            Some(BuilderInfo {
+                name,
+                priority: b.priority,
+                oldest_request_at: Some(oldest),
+                queued: queued as u32,
+                tags: b.tags.clone(),
+            })
+        })
+        .collect();
+    order.sort_by(|a, b| {
+        b.priority
+            .cmp(&a.priority)
+            .then(a.oldest_request_at.cmp(&b.oldest_request_at))
+            .then_with(|| a.name.cmp(&b.name))
+    });
+    let order = hooks.prioritize(order);
+    let mut assignments = Vec::new();
+    for info in order {
+        let builder = &builders[&info.name];
+        if !workers.iter().any(|w| w.running_builds < w.max_builds) {
+            break;
+        }
+        let queue = db::queued_requests(&mut conn, Some(&builder.name), 200).await?;
+        let mut pending = Vec::with_capacity(queue.len());
+        let full = hooks.dispatch_needs_details();
+        for r in &queue {
+            let info = if full {
+                request_info(&mut conn, r).await?
+            } else {
+                basic_info(r)
+            };
+            pending.push((r.clone(), info));
+        }
+        while !pending.is_empty() {
+            let infos: Vec<RequestInfo> = pending.iter().map(|(_, i)| i.clone()).collect();
+            let pick = hooks
+                .next_build(&builder.name, None, &infos)
+                .min(pending.len() - 1);
+            let (request, info) = pending.remove(pick);
+            let candidates: Vec<usize> = (0..workers.len())
+                .filter(|&i| {
+                    let w = &workers[i];
+                    w.running_builds < w.max_builds && builder.accepts(w, request.trusted)
+                })
+                .collect();
+            if candidates.is_empty() {
+                // No worker can take this request now; later requests may need other workers
+                // (trusted and untrusted ones differ), so keep looking.
+                continue;
+            }
+            let mut offered: Vec<WorkerInfo> =
+                candidates.iter().map(|&i| workers[i].clone()).collect();
+            let mut chosen = None;
+            while let Some(k) = hooks.next_worker(&builder.name, &offered, &info) {
+                if hooks.can_start(&builder.name, &offered[k], &info) {
+                    chosen = Some(offered[k].name.clone());
+                    break;
+                }
+                offered.remove(k);
+            }
+            let Some(worker) = chosen else { continue };
+            if !db::claim_request(&mut conn, request.id, master, now).await? {
+                continue; // another master won it
+            }
+            if let Some(w) = workers.iter_mut().find(|w| w.name == worker) {
+                w.running_builds += 1;
+            }
+            tracing::debug!(request = %request.id, builder = %builder.name, %worker, "claimed");
+            assignments.push(Assignment {
+                request: request.id,
+                builder: builder.name.clone(),
+                worker,
+            });
+            if !workers.iter().any(|w| w.running_builds < w.max_builds) {
+                break;
+            }
+        }
+    }
+    Ok(assignments)
+}

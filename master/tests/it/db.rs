@@ -1,0 +1,597 @@
+//! Every query of `master::db`, against SQLite and against a real PostgreSQL server.
+
+use std::collections::BTreeMap;
+
+use master::db::{self, Db};
+use master::model::*;
+use serde_json::json;
+
+use crate::support::{TestDb, on_both_databases};
+
+on_both_databases!(
+    changes_are_stored_whole_and_deduplicated,
+    buildsets_make_one_request_per_builder_and_fire_once,
+    the_queue_orders_by_priority_then_age,
+    a_claim_has_exactly_one_winner_across_masters,
+    buildsets_complete_with_the_worst_result,
+    dead_masters_release_what_they_held,
+    scheduler_state_and_held_changes,
+    events_are_read_in_order,
+    builds_are_numbered_per_builder,
+    logs_are_stored_compressed_and_read_by_line_range,
+    modules_are_registered_once_per_version,
+);
+
+fn change(author: &str, branch: &str, key: Option<&str>) -> NewChange {
+    NewChange {
+        author: author.into(),
+        comments: "fix the frobnicator\n\nlong text".into(),
+        branch: Some(branch.into()),
+        revision: Some("abc123".into()),
+        repository: "https://example.org/kiln.git".into(),
+        project: "kiln".into(),
+        files: vec!["src/main.rs".into(), "README.md".into()],
+        properties: json!({"ticket": 42, "labels": ["a", "b"]})
+            .as_object()
+            .unwrap()
+            .clone(),
+        source: "test".into(),
+        source_key: key.map(str::to_owned),
+        ..Default::default()
+    }
+}
+
+async fn conn(db: &Db) -> sqlx::pool::PoolConnection<sqlx::Any> {
+    db.pool().acquire().await.unwrap()
+}
+
+async fn add_change(db: &Db, c: &NewChange) -> Option<ChangeId> {
+    let mut tx = db.begin().await.unwrap();
+    db.serialize_appends(&mut tx).await.unwrap();
+    let id = db::insert_change(&mut tx, c, 1_000).await.unwrap();
+    tx.commit().await.unwrap();
+    id
+}
+
+async fn changes_are_stored_whole_and_deduplicated(t: TestDb) {
+    let db = &t.db;
+    let a = add_change(db, &change("Alice <alice@example.org>", "main", Some("d1")))
+        .await
+        .unwrap();
+    assert_eq!(
+        add_change(db, &change("Alice <alice@example.org>", "main", Some("d1"))).await,
+        None,
+        "a redelivered change is dropped"
+    );
+    let b = add_change(db, &change("bob", "dev", None)).await.unwrap();
+    let c = add_change(db, &change("bob", "dev", None)).await.unwrap();
+    assert!(a < b && b < c);
+    let mut conn = conn(db).await;
+    let all = db::changes_after(&mut conn, ChangeId(0), 10).await.unwrap();
+    assert_eq!(all.iter().map(|c| c.id).collect::<Vec<_>>(), vec![a, b, c]);
+    let first = &all[0];
+    assert_eq!(first.author, "Alice <alice@example.org>");
+    assert_eq!(first.comments, "fix the frobnicator\n\nlong text");
+    assert_eq!(first.files, vec!["src/main.rs", "README.md"]);
+    assert_eq!(first.properties["ticket"], json!(42));
+    assert_eq!(first.properties["labels"], json!(["a", "b"]));
+    assert_eq!(first.when_ms, 1_000);
+    assert!(first.trusted);
+    assert_eq!(
+        db::changes_after(&mut conn, a, 1).await.unwrap()[0].id,
+        b,
+        "after and limit"
+    );
+    assert_eq!(db::last_change_id(&mut conn).await.unwrap(), c);
+    assert_eq!(db::count_changes(&mut conn).await.unwrap(), 3);
+    assert_eq!(
+        db::get_change(&mut conn, b).await.unwrap().unwrap().branch,
+        Some("dev".into())
+    );
+    assert_eq!(
+        db::get_change(&mut conn, ChangeId(999)).await.unwrap(),
+        None
+    );
+}
+
+fn buildset(scheduler: &str, key: Option<&str>, builders: &[(&str, i64)]) -> NewBuildset {
+    NewBuildset {
+        scheduler: scheduler.into(),
+        reason: format!("scheduler {scheduler}"),
+        external_id: key.map(str::to_owned),
+        sourcestamps: vec![SourceStamp {
+            repository: "https://example.org/kiln.git".into(),
+            branch: Some("main".into()),
+            revision: Some("abc".into()),
+            ..Default::default()
+        }],
+        properties: vec![SourcedProperty {
+            name: "reason_code".into(),
+            value: json!(7),
+            source: "Scheduler".into(),
+        }],
+        builders: builders.iter().map(|(b, p)| (b.to_string(), *p)).collect(),
+        trusted: true,
+        parent_build: None,
+    }
+}
+
+async fn add_buildset(
+    db: &Db,
+    bs: &NewBuildset,
+    now: i64,
+) -> Option<(BuildsetId, Vec<(BuildRequestId, String)>)> {
+    let mut tx = db.begin().await.unwrap();
+    let ids = db::builder_ids(&mut tx).await.unwrap();
+    let out = db::insert_buildset(&mut tx, bs, &ids, now).await.unwrap();
+    tx.commit().await.unwrap();
+    out
+}
+
+async fn buildsets_make_one_request_per_builder_and_fire_once(t: TestDb) {
+    let db = &t.db;
+    let mut conn = conn(db).await;
+    let ids = db::sync_builders(
+        &mut conn,
+        &[
+            ("linux".into(), "Linux".into(), vec!["os".into()]),
+            ("mac".into(), String::new(), vec![]),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(ids.len(), 2);
+    let a = add_change(db, &change("Alice <a@x.org>", "main", None))
+        .await
+        .unwrap();
+    let b = add_change(db, &change("Bob <b@x.org>", "main", None))
+        .await
+        .unwrap();
+    let mut bs = buildset("nightly", Some("fire:1"), &[("linux", 0), ("mac", 5)]);
+    bs.sourcestamps[0].changes = vec![a, b];
+    bs.sourcestamps[0].patch = Some(Patch {
+        level: 1,
+        body: b"--- a\n+++ b\n".to_vec(),
+        author: Some("alice".into()),
+        comment: None,
+        subdir: None,
+    });
+    let (set, requests) = add_buildset(db, &bs, 5).await.unwrap();
+    assert_eq!(requests.len(), 2);
+    assert_eq!(
+        add_buildset(db, &bs, 6).await,
+        None,
+        "the same external id never makes a second buildset"
+    );
+    // A builder the configuration no longer has still gets a row.
+    let (_, gone) = add_buildset(db, &buildset("nightly", Some("fire:2"), &[("old", 0)]), 7)
+        .await
+        .unwrap();
+    assert_eq!(gone[0].1, "old");
+
+    let got = db::get_buildset(&mut conn, set).await.unwrap().unwrap();
+    assert_eq!(got.scheduler.as_deref(), Some("nightly"));
+    assert!(!got.complete);
+    let stamps = db::buildset_sourcestamps(&mut conn, set).await.unwrap();
+    assert_eq!(stamps[0].changes, vec![a, b]);
+    assert_eq!(stamps[0].patch.as_ref().unwrap().body, b"--- a\n+++ b\n");
+    let props = db::buildset_properties(&mut conn, set).await.unwrap();
+    assert_eq!(props[0].value, json!(7));
+    assert_eq!(props[0].source, "Scheduler");
+    assert_eq!(
+        db::blamelist(&mut conn, set).await.unwrap(),
+        vec!["Alice <a@x.org>", "Bob <b@x.org>"]
+    );
+    assert_eq!(
+        db::buildsets_of(&mut conn, "nightly").await.unwrap().len(),
+        2
+    );
+    // Re-syncing without "mac" deactivates it but keeps its id.
+    let again = db::sync_builders(&mut conn, &[("linux".into(), String::new(), vec![])])
+        .await
+        .unwrap();
+    assert_eq!(again["linux"], ids["linux"]);
+    assert_eq!(db::builder_ids(&mut conn).await.unwrap()["mac"], ids["mac"]);
+}
+
+async fn the_queue_orders_by_priority_then_age(t: TestDb) {
+    let db = &t.db;
+    let mut conn = conn(db).await;
+    db::sync_builders(&mut conn, &[("b".into(), String::new(), vec![])])
+        .await
+        .unwrap();
+    let (_, old) = add_buildset(db, &buildset("s", None, &[("b", 0)]), 10)
+        .await
+        .unwrap();
+    let (_, new) = add_buildset(db, &buildset("s", None, &[("b", 0)]), 20)
+        .await
+        .unwrap();
+    let (_, urgent) = add_buildset(db, &buildset("s", None, &[("b", 9)]), 30)
+        .await
+        .unwrap();
+    let q = db::queued_requests(&mut conn, Some("b"), 10).await.unwrap();
+    assert_eq!(
+        q.iter().map(|r| r.id).collect::<Vec<_>>(),
+        vec![urgent[0].0, old[0].0, new[0].0]
+    );
+    assert_eq!(q[1].submitted_ms, 10);
+    assert_eq!(q[0].priority, 9);
+    assert_eq!(
+        db::queue_summary(&mut conn).await.unwrap(),
+        vec![("b".to_string(), 3, 10)]
+    );
+    assert!(
+        db::queued_requests(&mut conn, Some("nope"), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+async fn a_claim_has_exactly_one_winner_across_masters(t: TestDb) {
+    // Two masters, each with its own pool, claim the same requests at once.
+    let other = Db::connect(&t.url).await.unwrap();
+    let db = &t.db;
+    let m1 = db::register_master(&mut *conn(db).await, "m1", 1)
+        .await
+        .unwrap();
+    let m2 = db::register_master(&mut *conn(&other).await, "m2", 1)
+        .await
+        .unwrap();
+    let mut requests = Vec::new();
+    for _ in 0..20 {
+        let (_, r) = add_buildset(db, &buildset("s", None, &[("b", 0)]), 1)
+            .await
+            .unwrap();
+        requests.push(r[0].0);
+    }
+    let race = |db: Db, master: MasterId, requests: Vec<BuildRequestId>| async move {
+        let mut won = Vec::new();
+        for r in requests {
+            let mut c = db.pool().acquire().await.unwrap();
+            if db::claim_request(&mut c, r, master, 2).await.unwrap() {
+                won.push(r);
+            }
+        }
+        won
+    };
+    let mut reversed = requests.clone();
+    reversed.reverse();
+    let (w1, w2) = tokio::join!(
+        tokio::spawn(race(db.clone(), m1, requests.clone())),
+        tokio::spawn(race(other.clone(), m2, reversed))
+    );
+    let (w1, w2) = (w1.unwrap(), w2.unwrap());
+    assert_eq!(w1.len() + w2.len(), 20, "{w1:?} {w2:?}");
+    assert!(w1.iter().all(|r| !w2.contains(r)));
+    let mut c = conn(db).await;
+    assert!(
+        db::queued_requests(&mut c, None, 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // Only the holder can complete or unclaim.
+    let r = w1.first().copied().unwrap_or(w2[0]);
+    let (holder, stranger) = if w1.contains(&r) { (m1, m2) } else { (m2, m1) };
+    assert_eq!(db::claimed_by(&mut c, r).await.unwrap(), Some(holder));
+    assert!(
+        !db::complete_request(&mut c, r, stranger, Results::Success, None, 3)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        db::unclaim_requests(&mut c, &[r], stranger).await.unwrap(),
+        0
+    );
+    assert_eq!(db::unclaim_requests(&mut c, &[r], holder).await.unwrap(), 1);
+    assert_eq!(
+        db::queued_requests(&mut c, None, 100).await.unwrap().len(),
+        1
+    );
+    assert!(db::claim_request(&mut c, r, stranger, 4).await.unwrap());
+    assert!(
+        db::complete_request(&mut c, r, stranger, Results::Success, None, 5)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !db::claim_request(&mut c, r, holder, 6).await.unwrap(),
+        "a complete request cannot be claimed"
+    );
+}
+
+async fn buildsets_complete_with_the_worst_result(t: TestDb) {
+    let db = &t.db;
+    let mut c = conn(db).await;
+    let m = db::register_master(&mut c, "m", 1).await.unwrap();
+    let (set, reqs) = add_buildset(db, &buildset("s", None, &[("a", 0), ("b", 0), ("c", 0)]), 1)
+        .await
+        .unwrap();
+    for (r, _) in &reqs {
+        assert!(db::claim_request(&mut c, *r, m, 2).await.unwrap());
+    }
+    assert!(
+        db::complete_request(&mut c, reqs[0].0, m, Results::Warnings, None, 3)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        db::complete_buildset_if_done(&mut c, set, 3).await.unwrap(),
+        None
+    );
+    assert!(
+        db::complete_request(&mut c, reqs[1].0, m, Results::Failure, None, 4)
+            .await
+            .unwrap()
+    );
+    assert!(db::mark_first_failure(&mut c, set, 4).await.unwrap());
+    assert!(
+        !db::mark_first_failure(&mut c, set, 5).await.unwrap(),
+        "only once"
+    );
+    assert!(
+        !db::complete_request(&mut c, reqs[1].0, m, Results::Success, None, 5)
+            .await
+            .unwrap(),
+        "a complete request stays complete"
+    );
+    assert!(
+        db::complete_request(&mut c, reqs[2].0, m, Results::Skipped, Some(reqs[0].0), 6)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        db::complete_buildset_if_done(&mut c, set, 7).await.unwrap(),
+        Some(Results::Failure)
+    );
+    assert_eq!(
+        db::complete_buildset_if_done(&mut c, set, 8).await.unwrap(),
+        None,
+        "completed once"
+    );
+    let bs = db::get_buildset(&mut c, set).await.unwrap().unwrap();
+    assert!(bs.complete);
+    assert_eq!(bs.results, Some(Results::Failure));
+    assert_eq!(bs.first_failure_ms, Some(4));
+    let (_, complete, results, collapsed) =
+        db::get_request(&mut c, reqs[2].0).await.unwrap().unwrap();
+    assert!(complete);
+    assert_eq!(results, Some(Results::Skipped));
+    assert_eq!(collapsed, Some(reqs[0].0));
+}
+
+async fn dead_masters_release_what_they_held(t: TestDb) {
+    let db = &t.db;
+    let mut c = conn(db).await;
+    let m1 = db::register_master(&mut c, "m1", 100).await.unwrap();
+    let m2 = db::register_master(&mut c, "m2", 100).await.unwrap();
+    assert_eq!(db::register_master(&mut c, "m1", 150).await.unwrap(), m1);
+    db::heartbeat(&mut c, m2, 500).await.unwrap();
+    assert_eq!(
+        db::stale_masters(&mut c, 400).await.unwrap(),
+        vec![(m1, "m1".to_string())]
+    );
+    let (_, reqs) = add_buildset(db, &buildset("s", None, &[("a", 0), ("b", 0)]), 1)
+        .await
+        .unwrap();
+    assert!(db::claim_request(&mut c, reqs[0].0, m1, 2).await.unwrap());
+    assert!(db::claim_request(&mut c, reqs[1].0, m1, 2).await.unwrap());
+    // The second has a build in progress: the worker reconciliation owns it.
+    db::insert_build(&mut c, reqs[1].0, None, m1, "cookie", 3)
+        .await
+        .unwrap();
+    assert!(db::claim_scheduler(&mut c, "nightly", m1, 3).await.unwrap());
+    assert!(!db::claim_scheduler(&mut c, "nightly", m2, 3).await.unwrap());
+    let released = db::release_master_claims(&mut c, m1).await.unwrap();
+    assert_eq!(released, vec![reqs[0].0]);
+    db::deactivate_master(&mut c, m1).await.unwrap();
+    assert!(db::stale_masters(&mut c, 400).await.unwrap().is_empty());
+    assert!(db::claim_scheduler(&mut c, "nightly", m2, 4).await.unwrap());
+    db::release_scheduler(&mut c, "nightly", m2).await.unwrap();
+    assert!(db::claim_scheduler(&mut c, "nightly", m1, 5).await.unwrap());
+}
+
+async fn scheduler_state_and_held_changes(t: TestDb) {
+    let db = &t.db;
+    let mut c = conn(db).await;
+    assert_eq!(db::get_state(&mut c, "s", "next").await.unwrap(), None);
+    db::set_state(&mut c, "s", "next", &json!(5)).await.unwrap();
+    db::set_state(&mut c, "s", "next", &json!(6)).await.unwrap();
+    db::set_state(&mut c, "s", "timer:main", &json!({"at": 1}))
+        .await
+        .unwrap();
+    db::set_state(&mut c, "other", "timer:x", &json!(0))
+        .await
+        .unwrap();
+    assert_eq!(
+        db::get_state(&mut c, "s", "next").await.unwrap(),
+        Some(json!(6))
+    );
+    assert_eq!(
+        db::state_with_prefix(&mut c, "s", "timer:").await.unwrap(),
+        vec![("timer:main".to_string(), json!({"at": 1}))]
+    );
+    db::delete_state(&mut c, "s", "next").await.unwrap();
+    assert_eq!(db::get_state(&mut c, "s", "next").await.unwrap(), None);
+
+    let a = add_change(db, &change("a", "main", None)).await.unwrap();
+    let b = add_change(db, &change("b", "main", None)).await.unwrap();
+    db::classify_change(&mut c, "s", b, false).await.unwrap();
+    db::classify_change(&mut c, "s", a, true).await.unwrap();
+    db::classify_change(&mut c, "s", a, false).await.unwrap();
+    assert_eq!(
+        db::classified_changes(&mut c, "s").await.unwrap(),
+        vec![(a, true), (b, false)]
+    );
+    db::flush_classified(&mut c, "s", &[a]).await.unwrap();
+    assert_eq!(
+        db::classified_changes(&mut c, "s").await.unwrap(),
+        vec![(b, false)]
+    );
+}
+
+async fn events_are_read_in_order(t: TestDb) {
+    let db = &t.db;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let mut tx = db.begin().await.unwrap();
+        db.serialize_appends(&mut tx).await.unwrap();
+        ids.push(
+            db::insert_event(
+                &mut tx,
+                "buildset.complete",
+                i,
+                &json!({"results": i}),
+                10 + i,
+            )
+            .await
+            .unwrap(),
+        );
+        tx.commit().await.unwrap();
+    }
+    let mut c = conn(db).await;
+    let events = db::events_after(&mut c, ids[1], 2).await.unwrap();
+    assert_eq!(events.len(), 2);
+    assert_eq!(events[0].id, ids[2]);
+    assert_eq!(events[0].subject, 2);
+    assert_eq!(events[0].payload, json!({"results": 2}));
+    assert_eq!(db::last_event_id(&mut c).await.unwrap(), ids[4]);
+}
+
+async fn builds_are_numbered_per_builder(t: TestDb) {
+    let db = &t.db;
+    let mut c = conn(db).await;
+    let m = db::register_master(&mut c, "m", 1).await.unwrap();
+    let (_, r) = add_buildset(db, &buildset("s", None, &[("a", 0), ("b", 0)]), 1)
+        .await
+        .unwrap();
+    let (_, r2) = add_buildset(db, &buildset("s", None, &[("a", 0)]), 1)
+        .await
+        .unwrap();
+    let (b1, n1) = db::insert_build(&mut c, r[0].0, None, m, "k1", 2)
+        .await
+        .unwrap();
+    let (_, n2) = db::insert_build(&mut c, r[1].0, None, m, "k2", 2)
+        .await
+        .unwrap();
+    let (b3, n3) = db::insert_build(&mut c, r2[0].0, None, m, "k3", 2)
+        .await
+        .unwrap();
+    assert_eq!((n1, n2, n3), (1, 1, 2));
+    assert_ne!(b1, b3);
+    db::set_build_properties(
+        &mut c,
+        b1,
+        &[SourcedProperty {
+            name: "got_revision".into(),
+            value: json!("abc"),
+            source: "Step git".into(),
+        }],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        db::build_properties(&mut c, b1).await.unwrap()[0].source,
+        "Step git"
+    );
+    assert!(
+        db::finish_build(&mut c, b1, Results::Success, "done", 9)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !db::finish_build(&mut c, b1, Results::Failure, "again", 9)
+            .await
+            .unwrap()
+    );
+}
+
+async fn logs_are_stored_compressed_and_read_by_line_range(t: TestDb) {
+    let db = &t.db;
+    let mut c = conn(db).await;
+    let m = db::register_master(&mut c, "m", 1).await.unwrap();
+    let (_, r) = add_buildset(db, &buildset("s", None, &[("a", 0)]), 1)
+        .await
+        .unwrap();
+    let (build, _) = db::insert_build(&mut c, r[0].0, None, m, "k", 2)
+        .await
+        .unwrap();
+    let step = db::insert_step(&mut c, build, 0, "compile", 3)
+        .await
+        .unwrap();
+    let log = db::insert_log(&mut c, step, "stdio", "s").await.unwrap();
+    assert!(
+        db::insert_log(&mut c, step, "stdio", "s").await.is_err(),
+        "one stdio"
+    );
+    let big: String = (0..1000).map(|i| format!("line {i}\n")).collect();
+    assert_eq!(db::append_log(&mut c, log, "a\nb\n").await.unwrap(), 2);
+    assert_eq!(db::append_log(&mut c, log, &big).await.unwrap(), 1002);
+    assert_eq!(db::append_log(&mut c, log, "").await.unwrap(), 1002);
+    assert_eq!(
+        db::log_lines(&mut c, log, 1, 3).await.unwrap(),
+        vec!["b", "line 0", "line 1"]
+    );
+    assert_eq!(
+        db::log_lines(&mut c, log, 1000, 5000).await.unwrap(),
+        vec!["line 998", "line 999"]
+    );
+    let stored: i64 =
+        sqlx::query_scalar("SELECT SUM(LENGTH(content)) FROM logchunks WHERE log_id = $1")
+            .bind(log)
+            .fetch_one(&mut *c)
+            .await
+            .unwrap();
+    assert!(stored < big.len() as i64 / 3, "compressed: {stored} bytes");
+}
+
+async fn modules_are_registered_once_per_version(t: TestDb) {
+    let db = &t.db;
+    let mut c = conn(db).await;
+    let sha1 = "a".repeat(40);
+    assert!(
+        db::insert_file(&mut c, &sha1, &"b".repeat(64), b"\0asm", 1)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !db::insert_file(&mut c, &sha1, &"b".repeat(64), b"\0asm", 1)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        db::get_file(&mut c, &sha1).await.unwrap(),
+        Some(("b".repeat(64), b"\0asm".to_vec()))
+    );
+    let m = db::StepModule {
+        name: "lint".into(),
+        version: "1.0".into(),
+        kind: "step".into(),
+        sha1: sha1.clone(),
+        sha256: "b".repeat(64),
+        size: 4,
+        uploaded_ms: 1,
+    };
+    assert!(db::insert_step_module(&mut c, &m).await.unwrap());
+    assert!(!db::insert_step_module(&mut c, &m).await.unwrap());
+    let v2 = db::StepModule {
+        version: "2.0".into(),
+        uploaded_ms: 2,
+        ..m.clone()
+    };
+    assert!(db::insert_step_module(&mut c, &v2).await.unwrap());
+    let all = db::step_modules(&mut c, Some("lint")).await.unwrap();
+    assert_eq!(
+        all.iter().map(|m| m.version.as_str()).collect::<Vec<_>>(),
+        vec!["2.0", "1.0"]
+    );
+    assert_eq!(db::step_modules(&mut c, None).await.unwrap().len(), 2);
+    assert!(
+        db::step_modules(&mut c, Some("x"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let _ = BTreeMap::<(), ()>::new();
+}
