@@ -18,7 +18,7 @@ const STANDARD: &[&str] = &[
     "trigger",
 ];
 /// Test fixtures, built only with the `fixtures` feature.
-const FIXTURES: &[&str] = &["probe-step", "count-observer"];
+const FIXTURES: &[&str] = &["probe-step", "count-observer", "policy-fixture"];
 const TARGET: &str = "wasm32-wasip2";
 
 fn main() {

@@ -1,12 +1,14 @@
-//! Write Kiln build steps and log observers in Rust.
+//! Write Kiln build steps, log observers and farm policies in Rust.
 //!
 //! A **step** is a function over a [`StepContext`]: it reads its arguments and the build's
 //! properties, writes logs, runs the programs its grant allows, and returns an [`Outcome`].
 //! A **log observer** is a type implementing [`LineObserver`]: it is fed the lines of a step's
 //! log and reports progress, statistics, properties, URLs and a summary, like Buildbot's
-//! `LogLineObserver`.
+//! `LogLineObserver`. A **farm policy** is a type implementing [`Policy`]: the master's
+//! customization hooks (which request to build next, on which worker, ...), like Buildbot's
+//! `nextBuild` and friends.
 //!
-//! Both compile to WebAssembly components with one command,
+//! All three compile to WebAssembly components with one command,
 //! `cargo build --release --target wasm32-wasip2`, and run in exactly the sandbox the farm uses
 //! (`kiln step run step.wasm --workdir DIR`).
 //!
@@ -81,11 +83,64 @@
 //!
 //! guest_sdk::observer!(Errors);
 //! ```
+//!
+//! # A complete policy
+//!
+//! Same `Cargo.toml` as a step (`serde` is not needed). Every hook has a default answering
+//! `None` ("no opinion": Kiln decides as it would without a policy), so implement only the
+//! hooks you care about. The master calls them with plain data; a policy has no files,
+//! environment, network or host calls, a fresh instance per call and a deadline of 100 ms.
+//!
+//! ```no_run
+//! use guest_sdk::prelude::*;
+//!
+//! struct Farm;
+//!
+//! impl Policy for Farm {
+//!     // Requests collapse only when their "collapse_key" properties agree.
+//!     fn collapse_requests(_builder: String, new: RequestInfo, older: RequestInfo) -> Option<bool> {
+//!         Some(new.property("collapse_key")? == older.property("collapse_key")?)
+//!     }
+//!
+//!     // Release builders go first; the rest keep Kiln's order.
+//!     fn prioritize_builders(builders: Vec<BuilderInfo>) -> Option<Vec<String>> {
+//!         let release = builders.into_iter().filter(|b| b.tags.iter().any(|t| t == "release"));
+//!         Some(release.map(|b| b.name).collect())
+//!     }
+//!
+//!     // The newest request on a "latest-only" builder.
+//!     fn next_build(builder: String, _worker: Option<WorkerInfo>, requests: Vec<RequestInfo>) -> Option<u64> {
+//!         if !builder.ends_with("-latest") {
+//!             return None;
+//!         }
+//!         requests.iter().max_by_key(|r| r.submitted_at).map(|r| r.id)
+//!     }
+//!
+//!     // The least busy worker.
+//!     fn next_worker(_builder: String, workers: Vec<WorkerInfo>, _request: RequestInfo) -> Option<String> {
+//!         workers.into_iter().min_by_key(|w| w.running_builds).map(|w| w.name)
+//!     }
+//!
+//!     // Try builds (patches) only on sandbox workers.
+//!     fn can_start_build(_builder: String, worker: WorkerInfo, request: RequestInfo) -> Option<bool> {
+//!         request.has_patch.then_some(worker.sandbox)
+//!     }
+//!
+//!     // Documentation-only changes never start builds.
+//!     fn change_filter(_scheduler: String, change: ChangeInfo) -> Option<ChangeVerdict> {
+//!         let docs_only = change.files.iter().all(|f| f.starts_with("docs/"));
+//!         (docs_only && !change.files.is_empty()).then_some(ChangeVerdict::Unimportant)
+//!     }
+//! }
+//!
+//! guest_sdk::policy!(Farm);
+//! ```
 #![deny(missing_docs)]
 
 mod args;
 mod context;
 mod observe;
+mod policy;
 mod text;
 
 pub use args::{parse_args, seconds};
@@ -93,6 +148,7 @@ pub use context::{
     Artifact, Command, CommandLine, CommandResult, Exit, LogWriter, StepContext, TriggeredBuild,
 };
 pub use observe::LineObserver;
+pub use policy::{BuilderInfo, ChangeInfo, ChangeVerdict, Policy, RequestInfo, WorkerInfo};
 pub use serde_json::Value;
 pub use text::strip_ansi;
 
@@ -123,6 +179,19 @@ pub mod observer_world {
             "kiln:step/report@0.1.0": crate::step_world::kiln::step::report,
             "kiln:step/logs@0.1.0": crate::step_world::kiln::step::logs,
         },
+    });
+}
+
+/// The generated bindings of the `farm-policy` world. Use [`Policy`] and [`policy!`] instead;
+/// this is public only so that [`policy!`] can name it from another crate.
+#[doc(hidden)]
+pub mod policy_world {
+    wit_bindgen::generate!({
+        path: "../wit",
+        world: "farm-policy",
+        pub_export_macro: true,
+        export_macro_name: "export_policy",
+        default_bindings_module: "guest_sdk::policy_world",
     });
 }
 
@@ -284,7 +353,8 @@ impl Report {
 /// The names most steps and observers use.
 pub mod prelude {
     pub use crate::{
-        Channel, Error, LineObserver, Outcome, Report, StepContext, StepResult, Value,
+        BuilderInfo, ChangeInfo, ChangeVerdict, Channel, Error, LineObserver, Outcome, Policy,
+        Report, RequestInfo, StepContext, StepResult, Value, WorkerInfo,
     };
 }
 
@@ -328,6 +398,61 @@ macro_rules! observer {
         }
 
         $crate::observer_world::export_observer!(__KilnObserver with_types_in $crate::observer_world);
+    };
+}
+
+/// Exports a [`Policy`] type as this component's farm policy (world `farm-policy`).
+///
+/// Hooks the type does not implement answer `None`, so Kiln uses its defaults for them.
+#[macro_export]
+macro_rules! policy {
+    ($policy:ty) => {
+        #[doc(hidden)]
+        struct __KilnPolicy;
+
+        impl $crate::policy_world::exports::kiln::step::policy::Guest for __KilnPolicy {
+            fn collapse_requests(
+                builder: ::std::string::String,
+                new: $crate::RequestInfo,
+                older: $crate::RequestInfo,
+            ) -> ::core::option::Option<bool> {
+                <$policy as $crate::Policy>::collapse_requests(builder, new, older)
+            }
+            fn prioritize_builders(
+                builders: ::std::vec::Vec<$crate::BuilderInfo>,
+            ) -> ::core::option::Option<::std::vec::Vec<::std::string::String>> {
+                <$policy as $crate::Policy>::prioritize_builders(builders)
+            }
+            fn next_build(
+                builder: ::std::string::String,
+                worker: ::core::option::Option<$crate::WorkerInfo>,
+                requests: ::std::vec::Vec<$crate::RequestInfo>,
+            ) -> ::core::option::Option<u64> {
+                <$policy as $crate::Policy>::next_build(builder, worker, requests)
+            }
+            fn next_worker(
+                builder: ::std::string::String,
+                workers: ::std::vec::Vec<$crate::WorkerInfo>,
+                request: $crate::RequestInfo,
+            ) -> ::core::option::Option<::std::string::String> {
+                <$policy as $crate::Policy>::next_worker(builder, workers, request)
+            }
+            fn can_start_build(
+                builder: ::std::string::String,
+                worker: $crate::WorkerInfo,
+                request: $crate::RequestInfo,
+            ) -> ::core::option::Option<bool> {
+                <$policy as $crate::Policy>::can_start_build(builder, worker, request)
+            }
+            fn change_filter(
+                scheduler: ::std::string::String,
+                change: $crate::ChangeInfo,
+            ) -> ::core::option::Option<$crate::ChangeVerdict> {
+                <$policy as $crate::Policy>::change_filter(scheduler, change)
+            }
+        }
+
+        $crate::policy_world::export_policy!(__KilnPolicy with_types_in $crate::policy_world);
     };
 }
 

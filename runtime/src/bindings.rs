@@ -24,6 +24,14 @@ pub(crate) mod observer {
     });
 }
 
+/// The `farm-policy` world. It imports nothing of Kiln's, so it shares nothing with the others.
+pub(crate) mod policy {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "farm-policy",
+    });
+}
+
 pub(crate) use step::kiln::step::types::{Channel as WitChannel, HostError, Outcome as WitOutcome};
 
 impl From<WitOutcome> for crate::Outcome {

@@ -1,5 +1,5 @@
 //! The runtime: one wasmtime `Engine` per process, an epoch ticker for wall-clock deadlines,
-//! linkers for the step and observer worlds, and components compiled once and cached (in
+//! linkers for the step, observer and policy worlds, and components compiled once and cached (in
 //! memory, and on disk keyed by the SHA-256 of their bytes and the engine's compatibility hash).
 
 use std::collections::HashMap;
@@ -16,8 +16,10 @@ use wasmtime::component::{Component as WasmComponent, Linker};
 use wasmtime::{Config, Engine};
 
 use crate::bindings::observer::LogObserverPre;
+use crate::bindings::policy::FarmPolicyPre;
 use crate::bindings::step::StepPre;
-use crate::host::{ObserverState, StepState};
+use crate::host::{ObserverState, PolicyState, StepState};
+use crate::policy::{PolicyComponent, PolicyLimits};
 
 /// How often the epoch advances. Deadlines are checked on each tick, so a runaway guest is
 /// stopped at most this late.
@@ -72,15 +74,45 @@ pub enum LoadError {
     /// It imports something the contract does not offer.
     #[error(
         "{0} imports `{1}`, which Kiln does not provide; steps and observers may import only {CONTRACT} interfaces \
-         and WASI 0.2 (rebuild against this guest-sdk)"
+         and WASI 0.2, policies only WASI 0.2 (rebuild against this guest-sdk)"
     )]
     UnknownImport(String, String),
     /// It is a component of another world or version.
-    #[error("{0} is not a Kiln step or observer: {1}")]
+    #[error("{0} is not a Kiln step, observer or policy: {1}")]
     WrongWorld(String, String),
+    /// It is a Kiln component, but not of the kind asked for (a step given as a policy).
+    #[error("{label} is {} {found}, not {} {wanted}; {}", article(.found), article(.wanted), kind_hint(.wanted))]
+    WrongKind {
+        /// The component's label.
+        label: String,
+        /// What it is: "step", "observer" or "policy".
+        found: &'static str,
+        /// What was asked for.
+        wanted: &'static str,
+    },
     /// The compiled-component cache failed.
     #[error("component cache {0}: {1}")]
     Cache(PathBuf, String),
+}
+
+/// "a" or "an", for the kind of a component.
+fn article(kind: &str) -> &'static str {
+    if kind.starts_with(['a', 'e', 'i', 'o', 'u']) {
+        "an"
+    } else {
+        "a"
+    }
+}
+
+/// How a component of each kind is made, for error messages.
+fn kind_hint(kind: &str) -> &'static str {
+    match kind {
+        "step" => "a step exports `run` (world `step`, guest_sdk::step!)",
+        "observer" => {
+            "an observer exports `kiln:step/observer@0.1.0` (world `log-observer`, guest_sdk::observer!)"
+        }
+        _ => "a policy exports `kiln:step/policy@0.1.0` (world `farm-policy`, guest_sdk::policy!)",
+    }
 }
 
 /// A loaded step component, ready to instantiate. Cheap to clone.
@@ -97,13 +129,15 @@ pub struct ObserverComponent {
     pub(crate) pre: LogObserverPre<ObserverState>,
 }
 
-/// A loaded component of either world.
+/// A loaded component of any of the three worlds.
 #[derive(Clone)]
 pub enum Loaded {
     /// A build step.
     Step(StepComponent),
     /// A log observer.
     Observer(ObserverComponent),
+    /// A farm policy: the master's customization hooks.
+    Policy(PolicyComponent),
 }
 
 impl Loaded {
@@ -112,14 +146,16 @@ impl Loaded {
         match self {
             Loaded::Step(s) => s.digest,
             Loaded::Observer(o) => o.digest,
+            Loaded::Policy(p) => p.digest(),
         }
     }
 
-    /// "step" or "observer".
+    /// "step", "observer" or "policy".
     pub fn kind(&self) -> &'static str {
         match self {
             Loaded::Step(_) => "step",
             Loaded::Observer(_) => "observer",
+            Loaded::Policy(_) => "policy",
         }
     }
 }
@@ -145,16 +181,55 @@ pub struct RuntimeConfig {
     pub cache_dir: Option<PathBuf>,
 }
 
+/// The thread that advances the engine's epoch, on which every deadline depends. The runtime
+/// and every [`PolicyComponent`] hold it, so a policy called after its runtime is gone still
+/// has a deadline. The last holder stops it.
+pub(crate) struct EpochTicker {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EpochTicker {
+    fn start(engine: Engine) -> std::io::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name("kiln-epoch".into())
+                .spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(EPOCH_TICK);
+                        engine.increment_epoch();
+                    }
+                })?
+        };
+        Ok(EpochTicker {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for EpochTicker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 /// The wasmtime host. Create one per process and share it: it owns the engine, the epoch
 /// ticker and the component caches. Runs are independent: each gets fresh stores.
 pub struct Runtime {
     pub(crate) engine: Engine,
     step_linker: Linker<StepState>,
     observer_linker: Linker<ObserverState>,
+    policy_linker: Linker<PolicyState>,
     cache_dir: Option<PathBuf>,
     compat: String,
     loaded: Mutex<HashMap<ModuleDigest, Loaded>>,
-    ticker: Option<(Arc<AtomicBool>, JoinHandle<()>)>,
+    ticker: Arc<EpochTicker>,
 }
 
 impl fmt::Debug for Runtime {
@@ -180,6 +255,10 @@ impl Runtime {
         let mut observer_linker = Linker::<ObserverState>::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut observer_linker)?;
         crate::host::add_observer_imports(&mut observer_linker)?;
+        // A policy gets WASI only because the standard library links against it; its context
+        // is empty (see `PolicyComponent::call`).
+        let mut policy_linker = Linker::<PolicyState>::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut policy_linker)?;
 
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);
@@ -190,27 +269,16 @@ impl Runtime {
                 .map_err(|e| anyhow::anyhow!("component cache {}: {e}", dir.display()))?;
         }
 
-        let stop = Arc::new(AtomicBool::new(false));
-        let ticker = {
-            let engine = engine.clone();
-            let stop = stop.clone();
-            std::thread::Builder::new()
-                .name("kiln-epoch".into())
-                .spawn(move || {
-                    while !stop.load(Ordering::Relaxed) {
-                        std::thread::sleep(EPOCH_TICK);
-                        engine.increment_epoch();
-                    }
-                })?
-        };
+        let ticker = Arc::new(EpochTicker::start(engine.clone())?);
         Ok(Runtime {
             engine,
             step_linker,
             observer_linker,
+            policy_linker,
             cache_dir: config.cache_dir,
             compat,
             loaded: Mutex::new(HashMap::new()),
-            ticker: Some((stop, ticker)),
+            ticker,
         })
     }
 
@@ -241,6 +309,19 @@ impl Runtime {
             .expect("cache lock")
             .insert(digest, loaded.clone());
         Ok(loaded)
+    }
+
+    /// Loads a policy component; see [`Runtime::load`]. Any other kind of component is refused
+    /// with a message saying what it is and how a policy is made.
+    pub fn load_policy(&self, bytes: &[u8], label: &str) -> Result<PolicyComponent, LoadError> {
+        match self.load(bytes, label)? {
+            Loaded::Policy(p) => Ok(p),
+            other => Err(LoadError::WrongKind {
+                label: label.to_owned(),
+                found: other.kind(),
+                wanted: "policy",
+            }),
+        }
     }
 
     fn compile_cached(
@@ -297,9 +378,20 @@ impl Runtime {
             .map(|(name, _)| name.to_owned())
             .collect();
         let is_step = exports.iter().any(|e| e == "run");
-        let observer_export = exports
-            .iter()
-            .find(|e| e.starts_with("kiln:step/observer@"));
+        let export_of = |interface: &str| {
+            let prefix = format!("kiln:step/{interface}@");
+            let export = exports.iter().find(|e| e.starts_with(&prefix))?;
+            let wanted = CONTRACT.replacen('@', &format!("/{interface}@"), 1);
+            if *export != wanted {
+                return Some(Err(LoadError::WrongWorld(
+                    label.to_owned(),
+                    format!(
+                        "it exports `{export}`, but this runtime implements {CONTRACT}; rebuild it against this guest-sdk"
+                    ),
+                )));
+            }
+            Some(Ok(()))
+        };
         let link_error = |e: wasmtime::Error| {
             let text = format!("{e:#}");
             match text.split('`').nth(1) {
@@ -318,15 +410,8 @@ impl Runtime {
                 .map_err(|e| LoadError::WrongWorld(label.to_owned(), format!("{e:#}")))?;
             return Ok(Loaded::Step(StepComponent { digest, pre }));
         }
-        if let Some(export) = observer_export {
-            if export != "kiln:step/observer@0.1.0" {
-                return Err(LoadError::WrongWorld(
-                    label.to_owned(),
-                    format!(
-                        "it exports `{export}`, but this runtime implements {CONTRACT}; rebuild it against this guest-sdk"
-                    ),
-                ));
-            }
+        if let Some(matched) = export_of("observer") {
+            matched?;
             let pre = self
                 .observer_linker
                 .instantiate_pre(component)
@@ -334,6 +419,21 @@ impl Runtime {
             let pre = LogObserverPre::new(pre)
                 .map_err(|e| LoadError::WrongWorld(label.to_owned(), format!("{e:#}")))?;
             return Ok(Loaded::Observer(ObserverComponent { digest, pre }));
+        }
+        if let Some(matched) = export_of("policy") {
+            matched?;
+            let pre = self
+                .policy_linker
+                .instantiate_pre(component)
+                .map_err(link_error)?;
+            let pre = FarmPolicyPre::new(pre)
+                .map_err(|e| LoadError::WrongWorld(label.to_owned(), format!("{e:#}")))?;
+            return Ok(Loaded::Policy(PolicyComponent {
+                digest,
+                pre,
+                limits: PolicyLimits::default(),
+                _ticker: self.ticker.clone(),
+            }));
         }
         let shown = if exports.is_empty() {
             "nothing".to_owned()
@@ -343,19 +443,12 @@ impl Runtime {
         Err(LoadError::WrongWorld(
             label.to_owned(),
             format!(
-                "it exports {shown}; a step exports `run` (world `step`, guest_sdk::step!) and an observer exports \
-                 `kiln:step/observer@0.1.0` (world `log-observer`, guest_sdk::observer!)"
+                "it exports {shown}; {}, {} and {}",
+                kind_hint("step"),
+                kind_hint("observer"),
+                kind_hint("policy")
             ),
         ))
-    }
-}
-
-impl Drop for Runtime {
-    fn drop(&mut self) {
-        if let Some((stop, handle)) = self.ticker.take() {
-            stop.store(true, Ordering::Relaxed);
-            let _ = handle.join();
-        }
     }
 }
 

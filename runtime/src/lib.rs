@@ -7,6 +7,9 @@
 //! Logs and reports stream to a [`StepEvents`] sink as they happen; the result is a
 //! [`StepOutcome`].
 //!
+//! A [`Loaded::Policy`] is the master's customization hooks (Buildbot's `collapseRequests`,
+//! `nextWorker` and the like) as a component with no capabilities: see [`policy`].
+//!
 //! The runtime knows nothing of the master, the database or the network protocol.
 
 pub mod artifacts;
@@ -19,6 +22,7 @@ pub mod grant;
 mod host;
 pub mod logs;
 mod outcome;
+pub mod policy;
 pub mod props;
 pub mod redact;
 mod run;
@@ -34,6 +38,7 @@ pub use engine::{
 pub use grant::{Grant, Limits};
 pub use logs::{Channel, LogLimits, NoEvents, ReportEvent, StepEvents};
 pub use outcome::{LogStats, Outcome, StepOutcome, Url};
+pub use policy::PolicyComponent;
 pub use props::{Properties, Property};
 pub use run::{CancelToken, ObserverSpec, StepRun, human_duration};
 pub use trigger::{LocalTriggers, TriggerRequest, TriggerResponse, TriggeredBuild, Triggers};

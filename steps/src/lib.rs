@@ -222,7 +222,8 @@ pub fn guest_path(package: &str) -> Option<&'static str> {
         .map(|(_, path)| *path)
 }
 
-/// Test fixtures (with the `fixtures` feature): components that probe the sandbox.
+/// Test fixtures (with the `fixtures` feature): components that probe the sandbox and the
+/// contract.
 #[cfg(feature = "fixtures")]
 pub mod fixtures {
     /// A step that does what its `action` argument says.
@@ -230,6 +231,9 @@ pub mod fixtures {
     /// An observer that counts lines per channel, line by line.
     pub const COUNT_OBSERVER: &[u8] =
         include_bytes!(concat!(env!("OUT_DIR"), "/count-observer.wasm"));
+    /// A farm policy whose answers follow from its inputs, and which loops, exhausts memory,
+    /// panics or snoops on the host when a builder is named so.
+    pub const POLICY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/policy-fixture.wasm"));
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! Host implementations of the WIT interfaces, one module per interface, over the per-run state
-//! of a store: [`StepState`] for a step, [`ObserverState`] for an observer.
+//! of a store: [`StepState`] for a step, [`ObserverState`] for an observer, [`PolicyState`] for a
+//! policy (which imports no Kiln interface, so it has no module here).
 
 mod command;
 mod context;
@@ -41,6 +42,14 @@ pub(crate) struct ObserverState {
     pub logs: ObserverLogs,
 }
 
+/// The data of a policy's store: an empty WASI (no files, environment, arguments or network;
+/// stderr goes to a small buffer the caller keeps for error messages) and the memory limit.
+pub(crate) struct PolicyState {
+    pub wasi: WasiCtx,
+    pub table: ResourceTable,
+    pub limiter: Limiter,
+}
+
 impl WasiView for StepState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
         WasiCtxView {
@@ -51,6 +60,15 @@ impl WasiView for StepState {
 }
 
 impl WasiView for ObserverState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl WasiView for PolicyState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
         WasiCtxView {
             ctx: &mut self.wasi,
@@ -124,6 +142,15 @@ impl Limiter {
     }
 }
 
+/// "the memory limit of 64 MiB was exceeded (the guest asked for 65 MiB)".
+pub(crate) fn memory_message(limit: usize, asked: usize) -> String {
+    format!(
+        "the memory limit of {} MiB was exceeded (the guest asked for {} MiB)",
+        limit >> 20,
+        asked.div_ceil(1 << 20)
+    )
+}
+
 impl wasmtime::ResourceLimiter for Limiter {
     fn memory_growing(
         &mut self,
@@ -133,10 +160,9 @@ impl wasmtime::ResourceLimiter for Limiter {
     ) -> wasmtime::Result<bool> {
         if desired > self.memory_bytes {
             self.memory_exceeded = Some(desired);
-            return Err(wasmtime::Error::new(HostLimit(format!(
-                "the memory limit of {} MiB was exceeded (the guest asked for {} MiB)",
-                self.memory_bytes >> 20,
-                desired.div_ceil(1 << 20)
+            return Err(wasmtime::Error::new(HostLimit(memory_message(
+                self.memory_bytes,
+                desired,
             ))));
         }
         Ok(true)
@@ -179,38 +205,64 @@ pub(crate) fn limit_store<T: 'static>(
     });
 }
 
+/// Why a guest call ended in an error, for whoever called it to word.
+#[derive(Debug)]
+pub(crate) enum Stopped {
+    /// The run was cancelled.
+    Cancelled,
+    /// The deadline of this length passed.
+    Deadline(Duration),
+    /// The guest asked for more memory than its limit: (limit, asked), in bytes.
+    Memory(usize, usize),
+    /// A host call or another limit refused the guest; the message says which.
+    Limit(String),
+    /// The guest trapped (a panic, with `panic = "abort"`, is an `unreachable` trap).
+    Trap(wasmtime::Trap),
+    /// Anything else, such as a failed instantiation: the error's whole chain.
+    Failed(String),
+}
+
+/// Classifies the error of a guest call, using what the store's limiter saw.
+pub(crate) fn why_stopped(error: &wasmtime::Error, limiter: &Limiter) -> Stopped {
+    if let Some(i) = error.downcast_ref::<Interrupt>() {
+        return match i {
+            Interrupt::Cancelled => Stopped::Cancelled,
+            Interrupt::Deadline(limit) => Stopped::Deadline(*limit),
+        };
+    }
+    // Exceeding the memory limit always ends the call, so the limiter's record is the cause.
+    if let Some(asked) = limiter.memory_exceeded {
+        return Stopped::Memory(limiter.memory_bytes, asked);
+    }
+    if let Some(limit) = error.downcast_ref::<HostLimit>() {
+        return Stopped::Limit(limit.0.clone());
+    }
+    if let Some(trap) = error.downcast_ref::<wasmtime::Trap>() {
+        return Stopped::Trap(*trap);
+    }
+    Stopped::Failed(format!("{error:#}"))
+}
+
 /// Turns the error of a guest call into the step's result and the message naming the cause.
 pub(crate) fn describe_error(
     error: &wasmtime::Error,
     limiter: &Limiter,
 ) -> (crate::Outcome, String) {
-    if let Some(i) = error.downcast_ref::<Interrupt>() {
-        return match i {
-            Interrupt::Cancelled => (crate::Outcome::Cancelled, i.to_string()),
-            Interrupt::Deadline(_) => (crate::Outcome::Exception, i.to_string()),
-        };
-    }
-    if let Some(limit) = error.downcast_ref::<HostLimit>() {
-        return (crate::Outcome::Exception, limit.0.clone());
-    }
-    if let Some(asked) = limiter.memory_exceeded {
-        return (
+    match why_stopped(error, limiter) {
+        Stopped::Cancelled => (crate::Outcome::Cancelled, Interrupt::Cancelled.to_string()),
+        Stopped::Deadline(limit) => (
             crate::Outcome::Exception,
-            format!(
-                "the memory limit of {} MiB was exceeded (the guest asked for {} MiB)",
-                limiter.memory_bytes >> 20,
-                asked.div_ceil(1 << 20)
-            ),
-        );
-    }
-    if let Some(trap) = error.downcast_ref::<wasmtime::Trap>() {
-        return (
+            Interrupt::Deadline(limit).to_string(),
+        ),
+        Stopped::Memory(limit, asked) => (crate::Outcome::Exception, memory_message(limit, asked)),
+        Stopped::Limit(message) => (crate::Outcome::Exception, message),
+        Stopped::Trap(trap) => (
             crate::Outcome::Exception,
             format!("the guest trapped: {trap}"),
-        );
+        ),
+        Stopped::Failed(message) => (
+            crate::Outcome::Exception,
+            format!("the guest failed: {message}"),
+        ),
     }
-    (
-        crate::Outcome::Exception,
-        format!("the guest failed: {error:#}"),
-    )
 }

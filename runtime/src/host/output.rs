@@ -12,18 +12,35 @@ use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 const GUEST_OUTPUT_BUFFER: usize = 1 << 20;
 
 /// A bounded buffer the guest's stdout or stderr writes into.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub(crate) struct GuestOutput {
     inner: Arc<Mutex<Buffer>>,
 }
 
-#[derive(Default)]
 struct Buffer {
     bytes: Vec<u8>,
     dropped: u64,
+    limit: usize,
+}
+
+impl Default for GuestOutput {
+    fn default() -> Self {
+        GuestOutput::with_limit(GUEST_OUTPUT_BUFFER)
+    }
 }
 
 impl GuestOutput {
+    /// A buffer keeping at most `limit` bytes between two [`take`](GuestOutput::take)s.
+    pub fn with_limit(limit: usize) -> Self {
+        GuestOutput {
+            inner: Arc::new(Mutex::new(Buffer {
+                bytes: Vec::new(),
+                dropped: 0,
+                limit,
+            })),
+        }
+    }
+
     /// Takes what was written so far, and the count of bytes dropped.
     pub fn take(&self) -> (Vec<u8>, u64) {
         let mut b = self.inner.lock().expect("guest output lock");
@@ -50,7 +67,7 @@ impl tokio::io::AsyncWrite for GuestOutput {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         let mut b = self.inner.lock().expect("guest output lock");
-        let room = GUEST_OUTPUT_BUFFER.saturating_sub(b.bytes.len());
+        let room = b.limit.saturating_sub(b.bytes.len());
         let keep = room.min(buf.len());
         b.bytes.extend_from_slice(&buf[..keep]);
         b.dropped += (buf.len() - keep) as u64;

@@ -31,14 +31,14 @@ pub fn probe() -> StepComponent {
         .unwrap()
     {
         Loaded::Step(s) => s,
-        Loaded::Observer(_) => panic!("probe-step is a step"),
+        _ => panic!("probe-step is a step"),
     }
 }
 
 pub fn observer(bytes: &[u8], name: &str) -> ObserverComponent {
     match runtime().load(bytes, name).unwrap() {
         Loaded::Observer(o) => o,
-        Loaded::Step(_) => panic!("{name} is an observer"),
+        _ => panic!("{name} is an observer"),
     }
 }
 

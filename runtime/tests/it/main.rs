@@ -5,6 +5,7 @@ mod build;
 mod harness;
 mod limits;
 mod logs;
+mod policy;
 mod sandbox;
 mod steps;
 mod trigger;

@@ -166,8 +166,9 @@ fn loading_tells_what_is_wrong() {
     // An empty component exports nothing.
     assert_eq!(
         err(b"\0asm\x0d\0\x01\0"),
-        "x.wasm is not a Kiln step or observer: it exports nothing; a step exports `run` (world `step`, guest_sdk::step!) \
-         and an observer exports `kiln:step/observer@0.1.0` (world `log-observer`, guest_sdk::observer!)"
+        "x.wasm is not a Kiln step, observer or policy: it exports nothing; a step exports `run` (world `step`, \
+         guest_sdk::step!), an observer exports `kiln:step/observer@0.1.0` (world `log-observer`, guest_sdk::observer!) \
+         and a policy exports `kiln:step/policy@0.1.0` (world `farm-policy`, guest_sdk::policy!)"
     );
 }
 
