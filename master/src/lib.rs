@@ -2,4 +2,5 @@
 //! schedulers, dispatch, API) grows here; today it holds the CLI and `kiln step` commands.
 
 pub mod cli;
+pub mod config;
 mod step_cmd;

@@ -1,5 +1,6 @@
 //! The `kiln` command line, run as a real process.
 
+mod config;
 mod git_step;
 mod standard_steps;
 
