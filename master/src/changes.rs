@@ -46,7 +46,10 @@ pub fn validate(change: &NewChange) -> Result<(), ChangeError> {
     for (name, value) in fields {
         if let Some(v) = value {
             if v.len() > MAX_FIELD {
-                return bad(format!("{name} is {} bytes; the limit is {MAX_FIELD}", v.len()));
+                return bad(format!(
+                    "{name} is {} bytes; the limit is {MAX_FIELD}",
+                    v.len()
+                ));
             }
             if v.contains('\0') {
                 return bad(format!("{name} contains a NUL character"));
@@ -97,7 +100,10 @@ pub fn validate(change: &NewChange) -> Result<(), ChangeError> {
 
 /// Validates and stores a change. `Ok(None)` means it was a redelivery (its `source_key` was
 /// seen before) and nothing was stored.
-pub async fn add_change(db: &Db, change: &NewChange) -> anyhow::Result<Result<Option<ChangeId>, ChangeError>> {
+pub async fn add_change(
+    db: &Db,
+    change: &NewChange,
+) -> anyhow::Result<Result<Option<ChangeId>, ChangeError>> {
     if let Err(e) = validate(change) {
         return Ok(Err(e));
     }
@@ -106,8 +112,12 @@ pub async fn add_change(db: &Db, change: &NewChange) -> anyhow::Result<Result<Op
     let id = db::insert_change(&mut tx, change, now_ms()).await?;
     tx.commit().await?;
     match id {
-        Some(id) => tracing::info!(change = %id, source = %change.source, branch = ?change.branch, "change added"),
-        None => tracing::debug!(source = %change.source, key = ?change.source_key, "change redelivered; dropped"),
+        Some(id) => {
+            tracing::info!(change = %id, source = %change.source, branch = ?change.branch, "change added")
+        }
+        None => {
+            tracing::debug!(source = %change.source, key = ?change.source_key, "change redelivered; dropped")
+        }
     }
     Ok(Ok(id))
 }

@@ -21,6 +21,15 @@ enum Command {
     /// Run, list and inspect steps and observers.
     #[command(subcommand)]
     Step(StepCommand),
+    /// Run the master: schedulers, build requests and (soon) dispatch. SIGHUP reloads the
+    /// configuration; SIGINT or SIGTERM stops it.
+    Master(crate::master_cmd::MasterArgs),
+    /// Check a master configuration without starting anything.
+    Checkconfig(crate::master_cmd::FarmArgs),
+    /// Record a change, as a change source would, for the schedulers to build.
+    Sendchange(Box<crate::master_cmd::SendchangeArgs>),
+    /// Force a build through a force scheduler.
+    Force(Box<crate::master_cmd::ForceArgs>),
 }
 
 #[derive(Debug, Subcommand)]
@@ -118,5 +127,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             crate::step_cmd::list();
             Ok(ExitCode::SUCCESS)
         }
+        Command::Master(args) => crate::master_cmd::master(args),
+        Command::Checkconfig(args) => crate::master_cmd::checkconfig(args),
+        Command::Sendchange(args) => crate::master_cmd::sendchange(*args),
+        Command::Force(args) => crate::master_cmd::force(*args),
     }
 }

@@ -16,8 +16,8 @@ use runtime::policy::{
 pub struct Policy {
     /// "module:lint-policy@1.0" or the file path, for messages.
     pub name: String,
-    /// The component.
-    pub component: PolicyComponent,
+    /// The component (shared: one compiled component serves every call).
+    pub component: Arc<PolicyComponent>,
 }
 
 impl std::fmt::Debug for Policy {

@@ -1,6 +1,17 @@
 //! The Kiln master and the `kiln` command line. The master proper (configuration, database,
 //! schedulers, dispatch, API) grows here; today it holds the CLI and `kiln step` commands.
 
+pub mod changes;
 pub mod cli;
 pub mod config;
+pub mod db;
+pub mod hooks;
+mod master_cmd;
+pub mod model;
+pub mod pgtemp;
+pub mod properties;
+pub mod requests;
+pub mod schedulers;
+pub mod secrets;
+pub mod server;
 mod step_cmd;

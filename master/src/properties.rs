@@ -47,7 +47,11 @@ pub fn for_build(
     for p in buildset {
         props.set(p.name.clone(), p.value.clone(), p.source.clone());
     }
-    layer(&mut props, builder_props, &format!("Builder {}", facts.builder));
+    layer(
+        &mut props,
+        builder_props,
+        &format!("Builder {}", facts.builder),
+    );
     if let Some(worker) = facts.worker {
         layer(&mut props, worker_props, &format!("Worker {worker}"));
     }
@@ -77,7 +81,9 @@ pub fn for_build(
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SourceRefError {
     /// No source stamp for the codebase.
-    #[error("%(src:{codebase}:{attr})s: the build has no source stamp for codebase {codebase:?} (codebases: {known})")]
+    #[error(
+        "%(src:{codebase}:{attr})s: the build has no source stamp for codebase {codebase:?} (codebases: {known})"
+    )]
     NoCodebase {
         /// Codebase asked for.
         codebase: String,
@@ -87,7 +93,9 @@ pub enum SourceRefError {
         known: String,
     },
     /// Unknown attribute.
-    #[error("%(src:{codebase}:{attr})s: unknown attribute {attr:?}; use branch, revision, repository, project or codebase")]
+    #[error(
+        "%(src:{codebase}:{attr})s: unknown attribute {attr:?}; use branch, revision, repository, project or codebase"
+    )]
     UnknownAttribute {
         /// Codebase asked for.
         codebase: String,
@@ -95,7 +103,9 @@ pub enum SourceRefError {
         attr: String,
     },
     /// The attribute is unset and no default was given.
-    #[error("%(src:{codebase}:{attr})s: the source stamp has no {attr}; give a default as %(src:{codebase}:{attr}:-DEFAULT)s")]
+    #[error(
+        "%(src:{codebase}:{attr})s: the source stamp has no {attr}; give a default as %(src:{codebase}:{attr}:-DEFAULT)s"
+    )]
     Unset {
         /// Codebase asked for.
         codebase: String,
@@ -256,7 +266,10 @@ mod tests {
 
     #[test]
     fn layers_later_win_and_sources_are_recorded() {
-        let global = json!({"a": 1, "b": 1, "c": 1, "d": 1}).as_object().unwrap().clone();
+        let global = json!({"a": 1, "b": 1, "c": 1, "d": 1})
+            .as_object()
+            .unwrap()
+            .clone();
         let buildset = vec![SourcedProperty {
             name: "b".into(),
             value: json!(2),
@@ -283,7 +296,10 @@ mod tests {
         let src = |n: &str| p.get_property(n).unwrap().source.clone();
         assert_eq!(p.get("a"), Some(&json!(1)));
         assert_eq!(src("a"), "Global");
-        assert_eq!((p.get("b"), src("b").as_str()), (Some(&json!(2)), "Scheduler nightly"));
+        assert_eq!(
+            (p.get("b"), src("b").as_str()),
+            (Some(&json!(2)), "Scheduler nightly")
+        );
         assert_eq!(src("c"), "Builder linux");
         assert_eq!(src("d"), "Worker w1");
         assert_eq!(p.get("branch"), Some(&json!("main")));

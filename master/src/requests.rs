@@ -44,7 +44,7 @@ impl BuilderQueueing {
     /// build of trust `trusted` in particular.
     pub fn accepts(&self, worker: &WorkerInfo, request_trusted: bool) -> bool {
         if let Some(names) = &self.workers
-            && !names.iter().any(|n| *n == worker.name)
+            && !names.contains(&worker.name)
         {
             return false;
         }

@@ -15,7 +15,9 @@ use chrono::{DateTime, Utc};
 use runtime::policy::{ChangeInfo, ChangeVerdict};
 use serde_json::{Map, Value, json};
 
-use crate::config::{ChangeFilter, Config, ForceParameterKind, PolicyRef, Scheduler, SchedulerKind};
+use crate::config::{
+    ChangeFilter, Config, ForceParameterKind, PolicyRef, Scheduler, SchedulerKind,
+};
 use crate::db::{self, Db};
 use crate::hooks::{Hooks, Policy};
 use crate::model::*;
@@ -104,8 +106,7 @@ async fn submit(
     now: i64,
 ) -> anyhow::Result<Option<Submitted>> {
     let submitted =
-        requests::submit_buildset(env.db, tx, env.master, bs, env.builders, env.hooks, now)
-            .await?;
+        requests::submit_buildset(env.db, tx, env.master, bs, env.builders, env.hooks, now).await?;
     if let Some(s) = &submitted {
         tracing::info!(
             scheduler = %bs.scheduler,
@@ -143,10 +144,18 @@ pub async fn run_pass(env: &Env<'_>, now: i64) -> anyhow::Result<Pass> {
                 only_if_changed,
             } => {
                 let interval = interval.as_millis() as i64;
-                timed_scheduler(env, s, None, *only_if_changed, now, &mut pass, |due, now| {
-                    let next = due + interval;
-                    Some(if next <= now { now + interval } else { next })
-                })
+                timed_scheduler(
+                    env,
+                    s,
+                    None,
+                    *only_if_changed,
+                    now,
+                    &mut pass,
+                    |due, now| {
+                        let next = due + interval;
+                        Some(if next <= now { now + interval } else { next })
+                    },
+                )
                 .await
             }
             SchedulerKind::Nightly {
@@ -171,9 +180,9 @@ pub async fn run_pass(env: &Env<'_>, now: i64) -> anyhow::Result<Pass> {
             SchedulerKind::Dependent { upstream } => {
                 dependent_scheduler(env, s, upstream, now, &mut pass).await
             }
-            SchedulerKind::Force { .. } | SchedulerKind::Triggerable | SchedulerKind::Try { .. } => {
-                Ok(())
-            }
+            SchedulerKind::Force { .. }
+            | SchedulerKind::Triggerable
+            | SchedulerKind::Try { .. } => Ok(()),
         };
         if let Err(error) = result {
             // One scheduler's trouble (a database hiccup) must not stop the others; the
@@ -251,10 +260,7 @@ fn classify(
 
 /// The changes a scheduler has not read yet. A scheduler seen for the first time starts at
 /// the newest change: it builds what happens after it was configured, as Buildbot's do.
-async fn unread_changes(
-    tx: &mut db::Tx,
-    s: &Scheduler,
-) -> anyhow::Result<(ChangeId, Vec<Change>)> {
+async fn unread_changes(tx: &mut db::Tx, s: &Scheduler) -> anyhow::Result<(ChangeId, Vec<Change>)> {
     let mark = match db::get_state(&mut *tx, &s.name, "last_change").await? {
         Some(v) => ChangeId(v.as_i64().unwrap_or(0)),
         None => {
@@ -289,12 +295,15 @@ fn buildset_for_changes(s: &Scheduler, changes: &[Change]) -> NewBuildset {
     for c in changes {
         change_props.extend(c.properties.clone());
     }
-    bs.properties
-        .extend(change_props.into_iter().map(|(name, value)| SourcedProperty {
-            name,
-            value,
-            source: "Change".into(),
-        }));
+    bs.properties.extend(
+        change_props
+            .into_iter()
+            .map(|(name, value)| SourcedProperty {
+                name,
+                value,
+                source: "Change".into(),
+            }),
+    );
     bs
 }
 
@@ -315,14 +324,9 @@ async fn change_scheduler(
     for change in &changes {
         last = change.id;
         pass.changes_seen += 1;
-        let Some(important) = classify(
-            env,
-            s,
-            branch.map(String::as_str),
-            branches,
-            filter,
-            change,
-        ) else {
+        let Some(important) =
+            classify(env, s, branch.map(String::as_str), branches, filter, change)
+        else {
             continue;
         };
         db::classify_change(&mut tx, &s.name, change.id, important).await?;
@@ -357,7 +361,11 @@ async fn change_scheduler(
         }
         let mut tx = env.db.begin().await?;
         // Re-read inside the transaction: a change may have restarted the timer.
-        if db::get_state(&mut tx, &s.name, &key).await?.and_then(|v| v.as_i64()) != Some(at) {
+        if db::get_state(&mut tx, &s.name, &key)
+            .await?
+            .and_then(|v| v.as_i64())
+            != Some(at)
+        {
             continue;
         }
         // Every change held for the branch goes in, important or not, as in Buildbot.
@@ -654,11 +662,11 @@ pub fn check_force_parameters(
             (ForceParameterKind::Int { .. }, Some(Value::Number(n))) if n.is_i64() => {
                 Value::Number(n.clone())
             }
-            (ForceParameterKind::Int { .. }, Some(Value::String(v))) => {
-                Value::from(v.trim().parse::<i64>().map_err(|_| {
-                    bad(format!("parameter {:?}: {v:?} is not an integer", p.name))
-                })?)
-            }
+            (ForceParameterKind::Int { .. }, Some(Value::String(v))) => Value::from(
+                v.trim()
+                    .parse::<i64>()
+                    .map_err(|_| bad(format!("parameter {:?}: {v:?} is not an integer", p.name)))?,
+            ),
             (ForceParameterKind::Bool { .. }, Some(Value::Bool(b))) => Value::Bool(*b),
             (ForceParameterKind::Choice { choices, .. }, Some(Value::String(v))) => {
                 if !choices.contains(v) {
@@ -745,7 +753,10 @@ pub async fn force(
     } else {
         format!("A build was forced by '{owner}': {}", request.reason)
     };
-    bs.builders = builders.into_iter().map(|b| (b, request.priority)).collect();
+    bs.builders = builders
+        .into_iter()
+        .map(|b| (b, request.priority))
+        .collect();
     bs.properties.extend(params);
     bs.properties.push(SourcedProperty {
         name: "owner".into(),

@@ -203,11 +203,18 @@ mod tests {
             json!({"x": "%(secret:token)s"}),
         ];
         let got = for_build(&p, &args, true).unwrap();
-        assert_eq!(got, BTreeMap::from([("token".to_string(), "t".to_string())]));
+        assert_eq!(
+            got,
+            BTreeMap::from([("token".to_string(), "t".to_string())])
+        );
         assert_eq!(
             for_build(&p, &args, false).unwrap_err(),
             SecretError::Untrusted("token".into())
         );
-        assert!(for_build(&p, &[json!({"plain": 1})], false).unwrap().is_empty());
+        assert!(
+            for_build(&p, &[json!({"plain": 1})], false)
+                .unwrap()
+                .is_empty()
+        );
     }
 }

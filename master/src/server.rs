@@ -100,11 +100,7 @@ fn policy_refs(config: &Config) -> Vec<PolicyRef> {
 
 /// Loads one policy: a file next to the config, or an uploaded module (verified against its
 /// recorded SHA-256 before use).
-async fn load_policy(
-    runtime: &runtime::Runtime,
-    db: &Db,
-    r: &PolicyRef,
-) -> anyhow::Result<Policy> {
+async fn load_policy(runtime: &runtime::Runtime, db: &Db, r: &PolicyRef) -> anyhow::Result<Policy> {
     let label = r.to_string();
     let bytes = match r {
         PolicyRef::File(path) => std::fs::read(path)
@@ -131,7 +127,9 @@ async fn load_policy(
                 .with_context(|| format!("policy {label}: the module's file is missing"))?;
             let actual = hex::encode(sha2::Sha256::digest(&content));
             if actual != sha256 || actual != module.sha256 {
-                bail!("policy {label}: the stored file does not match its SHA-256; upload it again");
+                bail!(
+                    "policy {label}: the stored file does not match its SHA-256; upload it again"
+                );
             }
             content
         }
@@ -141,7 +139,7 @@ async fn load_policy(
         .map_err(|e| anyhow::anyhow!("policy {label}: {e}"))?;
     Ok(Policy {
         name: label,
-        component,
+        component: Arc::new(component),
     })
 }
 
@@ -227,7 +225,10 @@ impl Master {
         // the queue.
         let released = db::release_master_claims(&mut conn, id).await?;
         if !released.is_empty() {
-            tracing::info!(count = released.len(), "requeued requests claimed before a restart");
+            tracing::info!(
+                count = released.len(),
+                "requeued requests claimed before a restart"
+            );
         }
         drop(conn);
         let state = build_state(&runtime, &db, config).await?;
@@ -290,8 +291,15 @@ impl Master {
         let old = self.state();
         let new = config::load(&old.config.path)?;
         let diff = old.config.diff(&new);
-        for setting in diff.master.iter().filter(|s| config::RESTART_SETTINGS.contains(s)) {
-            tracing::warn!(setting, "this [master] setting takes effect only after a restart");
+        for setting in diff
+            .master
+            .iter()
+            .filter(|s| config::RESTART_SETTINGS.contains(s))
+        {
+            tracing::warn!(
+                setting,
+                "this [master] setting takes effect only after a restart"
+            );
         }
         let mut state = build_state(&self.runtime, &self.db, new).await?;
         // Settings that need a restart keep their running values.
@@ -321,10 +329,7 @@ impl Master {
     }
 
     /// Runs `f` with a scheduler environment over the state in force.
-    pub async fn with_env<T>(
-        &self,
-        f: impl AsyncFnOnce(&Env<'_>) -> T,
-    ) -> T {
+    pub async fn with_env<T>(&self, f: impl AsyncFnOnce(&Env<'_>) -> T) -> T {
         let state = self.state();
         let env = Env {
             db: &self.db,

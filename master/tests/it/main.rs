@@ -1,8 +1,11 @@
 //! The `kiln` command line, run as a real process.
 
 mod config;
+mod db;
 mod git_step;
+mod schedulers;
 mod standard_steps;
+mod support;
 
 use std::path::Path;
 use std::process::{Command, Output};

@@ -115,11 +115,15 @@ impl Farm {
     }
 
     async fn buildsets(&self, scheduler: &str) -> Vec<Buildset> {
-        db::buildsets_of(&mut *self.conn().await, scheduler).await.unwrap()
+        db::buildsets_of(&mut *self.conn().await, scheduler)
+            .await
+            .unwrap()
     }
 
     async fn changes_of(&self, bs: BuildsetId) -> Vec<ChangeId> {
-        db::buildset_sourcestamps(&mut *self.conn().await, bs).await.unwrap()[0]
+        db::buildset_sourcestamps(&mut *self.conn().await, bs)
+            .await
+            .unwrap()[0]
             .changes
             .clone()
     }
@@ -151,7 +155,9 @@ properties = { tier = "gate" }
     // The first pass only marks where the scheduler starts reading.
     f.pass(T0).await;
     let a = f.change("Ada <ada@x.org>", "main", &["src/a.rs"]).await;
-    let b = f.change("Bob <bob@x.org>", "main", &["docs/readme.md"]).await;
+    let b = f
+        .change("Bob <bob@x.org>", "main", &["docs/readme.md"])
+        .await;
     let _c = f.change("Cy", "dev", &["src/c.rs"]).await;
     let p = f.pass(T0).await;
     assert_eq!(p.changes_seen, 3);
@@ -169,21 +175,37 @@ properties = { tier = "gate" }
     let bs = p.buildsets[0].1;
     let changes = f.changes_of(bs).await;
     assert_eq!(&changes[..3], &[a, b, d]);
-    assert_eq!(changes.len(), 4, "the unimportant change after d rides along");
+    assert_eq!(
+        changes.len(),
+        4,
+        "the unimportant change after d rides along"
+    );
     let mut c = f.conn().await;
     let stamps = db::buildset_sourcestamps(&mut c, bs).await.unwrap();
     assert_eq!(stamps[0].branch.as_deref(), Some("main"));
     assert_eq!(stamps[0].revision.as_deref(), Some("rev-Eve-main"));
     let props = db::buildset_properties(&mut c, bs).await.unwrap();
-    assert!(props.iter().any(|p| p.name == "tier" && p.value == json!("gate") && p.source == "Scheduler main"));
+    assert!(
+        props
+            .iter()
+            .any(|p| p.name == "tier" && p.value == json!("gate") && p.source == "Scheduler main")
+    );
     assert_eq!(
         db::blamelist(&mut c, bs).await.unwrap(),
-        vec!["Ada <ada@x.org>", "Bob <bob@x.org>", "Dee <dee@x.org>", "Eve"]
+        vec![
+            "Ada <ada@x.org>",
+            "Bob <bob@x.org>",
+            "Dee <dee@x.org>",
+            "Eve"
+        ]
     );
     assert_eq!(db::buildset_requests(&mut c, bs).await.unwrap().len(), 2);
     assert!(f.pass(T0 + 90_000).await.buildsets.is_empty(), "fired once");
     let bs = &f.buildsets("main").await[0];
-    assert_eq!(bs.reason, "The SingleBranchScheduler 'main' triggered this build");
+    assert_eq!(
+        bs.reason,
+        "The SingleBranchScheduler 'main' triggered this build"
+    );
 }
 
 async fn without_a_timer_every_change_builds_and_the_queue_collapses(t: TestDb) {
@@ -225,7 +247,13 @@ builders = ["linux", "mac"]
     }
     assert_eq!(linux_requests[2], linux[0].id);
     // The first two buildsets are complete (SKIPPED on linux), but wait for mac.
-    assert!(!db::get_buildset(&mut c, p.buildsets[0].1).await.unwrap().unwrap().complete);
+    assert!(
+        !db::get_buildset(&mut c, p.buildsets[0].1)
+            .await
+            .unwrap()
+            .unwrap()
+            .complete
+    );
 }
 
 async fn any_branch_builds_each_matching_branch(t: TestDb) {
@@ -286,7 +314,10 @@ builders = ["mac"]
     assert_eq!(p.buildsets.len(), 1);
     assert!(f.pass(T0 + 6 * hour + 8).await.buildsets.is_empty());
     assert_eq!(f.buildsets("hourly").await.len(), 3);
-    assert!(f.buildsets("if-changed").await.is_empty(), "nothing changed");
+    assert!(
+        f.buildsets("if-changed").await.is_empty(),
+        "nothing changed"
+    );
     f.change("a", "main", &["x"]).await;
     let p = f.pass(T0 + 7 * hour + 7).await;
     assert_eq!(
@@ -320,14 +351,19 @@ builders = ["mac"]
     let noon = 1_768_478_400_000;
     let next = 1_768_528_800_000;
     let p = f.pass(noon).await;
-    assert!(p.buildsets.is_empty(), "a nightly scheduler waits for its first time");
+    assert!(
+        p.buildsets.is_empty(),
+        "a nightly scheduler waits for its first time"
+    );
     assert_eq!(p.next_timer_ms, Some(next));
     assert!(f.pass(next - 1).await.buildsets.is_empty());
     let p = f.pass(next).await;
     assert_eq!(p.buildsets.len(), 1);
     assert_eq!(p.next_timer_ms, Some(next + 86_400_000));
     let mut c = f.conn().await;
-    let stamps = db::buildset_sourcestamps(&mut c, p.buildsets[0].1).await.unwrap();
+    let stamps = db::buildset_sourcestamps(&mut c, p.buildsets[0].1)
+        .await
+        .unwrap();
     assert_eq!(stamps[0].branch.as_deref(), Some("main"));
 }
 
@@ -351,10 +387,8 @@ parameters = [
     let force = |req: ForceRequest| {
         let m = f.master.clone();
         async move {
-            m.with_env(async |env| {
-                schedulers::force(env, "force", &req, T0).await.unwrap()
-            })
-            .await
+            m.with_env(async |env| schedulers::force(env, "force", &req, T0).await.unwrap())
+                .await
         }
     };
     let ok = force(ForceRequest {
@@ -385,7 +419,10 @@ parameters = [
         props.iter().find(|p| p.name == "version").unwrap().source,
         "Force Build Form"
     );
-    let bs = db::get_buildset(&mut c, ok.buildset).await.unwrap().unwrap();
+    let bs = db::get_buildset(&mut c, ok.buildset)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(bs.reason, "A build was forced by 'ada': release candidate");
     assert_eq!(f.queued("mac").await[0].priority, 3);
 
@@ -398,12 +435,36 @@ parameters = [
     };
     let cases = [
         (json!({}), vec![], "parameter \"version\" is required"),
-        (json!({"version": "x"}), vec![], "parameter \"version\": \"x\" does not match ^(?:[0-9]+\\.[0-9]+)$"),
-        (json!({"version": "1.0", "jobs": "many"}), vec![], "parameter \"jobs\": \"many\" is not an integer"),
-        (json!({"version": "1.0", "clean": "yes"}), vec![], "parameter \"clean\": \"yes\" is not true or false"),
-        (json!({"version": "1.0", "target": "fast"}), vec![], "parameter \"target\": \"fast\" is not one of debug, release"),
-        (json!({"version": "1.0", "colour": 1}), vec![], "parameter \"colour\" is not one of scheduler \"force\"'s (version, jobs, clean, target)"),
-        (json!({"version": "1.0"}), vec!["forks".to_string()], "builder \"forks\" is not one of scheduler \"force\"'s builders (linux, mac)"),
+        (
+            json!({"version": "x"}),
+            vec![],
+            "parameter \"version\": \"x\" does not match ^(?:[0-9]+\\.[0-9]+)$",
+        ),
+        (
+            json!({"version": "1.0", "jobs": "many"}),
+            vec![],
+            "parameter \"jobs\": \"many\" is not an integer",
+        ),
+        (
+            json!({"version": "1.0", "clean": "yes"}),
+            vec![],
+            "parameter \"clean\": \"yes\" is not true or false",
+        ),
+        (
+            json!({"version": "1.0", "target": "fast"}),
+            vec![],
+            "parameter \"target\": \"fast\" is not one of debug, release",
+        ),
+        (
+            json!({"version": "1.0", "colour": 1}),
+            vec![],
+            "parameter \"colour\" is not one of scheduler \"force\"'s (version, jobs, clean, target)",
+        ),
+        (
+            json!({"version": "1.0"}),
+            vec!["forks".to_string()],
+            "builder \"forks\" is not one of scheduler \"force\"'s builders (linux, mac)",
+        ),
     ];
     for (params, builders, expected) in cases {
         assert_eq!(
@@ -432,7 +493,11 @@ async fn finish(f: &Farm, bs: BuildsetId, results: Results) {
     let mut tx = f.master.db.begin().await.unwrap();
     let mut done = Vec::new();
     for (r, ..) in &reqs {
-        assert!(db::claim_request(&mut tx, *r, f.master.id, T0).await.unwrap());
+        assert!(
+            db::claim_request(&mut tx, *r, f.master.id, T0)
+                .await
+                .unwrap()
+        );
         done.push((*r, results, None));
     }
     let completed = requests::finish_requests(&f.master.db, &mut tx, f.master.id, &done, T0)
@@ -467,8 +532,13 @@ builders = ["mac"]
             ..Default::default()
         };
         async move {
-            m.with_env(async |env| schedulers::force(env, "force", &req, T0).await.unwrap().unwrap())
-                .await
+            m.with_env(async |env| {
+                schedulers::force(env, "force", &req, T0)
+                    .await
+                    .unwrap()
+                    .unwrap()
+            })
+            .await
         }
     };
     let good = forced("good").await;
@@ -476,17 +546,26 @@ builders = ["mac"]
     finish(&f, good.buildset, Results::Success).await;
     finish(&f, bad.buildset, Results::Failure).await;
     let mut c = f.conn().await;
-    let bs = db::get_buildset(&mut c, bad.buildset).await.unwrap().unwrap();
+    let bs = db::get_buildset(&mut c, bad.buildset)
+        .await
+        .unwrap()
+        .unwrap();
     assert!(bs.first_failure_ms.is_some());
     let events = db::events_after(&mut c, 0, 100).await.unwrap();
     let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
     assert_eq!(
         kinds,
-        vec!["buildset.complete", "buildset.first_failure", "buildset.complete"]
+        vec![
+            "buildset.complete",
+            "buildset.first_failure",
+            "buildset.complete"
+        ]
     );
     let p = f.pass(T0 + 1).await;
     assert_eq!(p.buildsets.len(), 1);
-    let stamps = db::buildset_sourcestamps(&mut c, p.buildsets[0].1).await.unwrap();
+    let stamps = db::buildset_sourcestamps(&mut c, p.buildsets[0].1)
+        .await
+        .unwrap();
     assert_eq!(stamps[0].branch.as_deref(), Some("good"));
     assert!(f.pass(T0 + 2).await.buildsets.is_empty());
 }
@@ -522,13 +601,22 @@ users = ["ada"]
     };
     let s = f
         .master
-        .with_env(async |env| schedulers::trigger(env, "deploy", &trig, T0).await.unwrap().unwrap())
+        .with_env(async |env| {
+            schedulers::trigger(env, "deploy", &trig, T0)
+                .await
+                .unwrap()
+                .unwrap()
+        })
         .await;
     let mut c = f.conn().await;
     let bs = db::get_buildset(&mut c, s.buildset).await.unwrap().unwrap();
     assert!(!bs.trusted, "an untrusted build triggers untrusted builds");
     let props = db::buildset_properties(&mut c, s.buildset).await.unwrap();
-    assert!(props.iter().any(|p| p.name == "version" && p.source == "Trigger"));
+    assert!(
+        props
+            .iter()
+            .any(|p| p.name == "version" && p.source == "Trigger")
+    );
 
     let mut try_stamp = stamp.clone();
     try_stamp.patch = Some(Patch {
@@ -547,10 +635,18 @@ users = ["ada"]
     };
     let s = f
         .master
-        .with_env(async |env| schedulers::try_build(env, "try", &tr, T0).await.unwrap().unwrap())
+        .with_env(async |env| {
+            schedulers::try_build(env, "try", &tr, T0)
+                .await
+                .unwrap()
+                .unwrap()
+        })
         .await;
     let stamps = db::buildset_sourcestamps(&mut c, s.buildset).await.unwrap();
-    assert_eq!(stamps[0].patch.as_ref().unwrap().body, b"diff --git a/x b/x\n");
+    assert_eq!(
+        stamps[0].patch.as_ref().unwrap().body,
+        b"diff --git a/x b/x\n"
+    );
     let bs = db::get_buildset(&mut c, s.buildset).await.unwrap().unwrap();
     assert_eq!(bs.reason, "'try' job by user ada: does this build?");
     let refused = |tr: TryRequest| {
@@ -610,7 +706,12 @@ builders = ["linux", "mac", "forks"]
             ..Default::default()
         };
         f.master
-            .with_env(async |env| schedulers::force(env, "force", &req, T0).await.unwrap().unwrap())
+            .with_env(async |env| {
+                schedulers::force(env, "force", &req, T0)
+                    .await
+                    .unwrap()
+                    .unwrap()
+            })
             .await;
     }
     let req = ForceRequest {
@@ -618,10 +719,19 @@ builders = ["linux", "mac", "forks"]
         ..Default::default()
     };
     f.master
-        .with_env(async |env| schedulers::force(env, "force", &req, T0).await.unwrap().unwrap())
+        .with_env(async |env| {
+            schedulers::force(env, "force", &req, T0)
+                .await
+                .unwrap()
+                .unwrap()
+        })
         .await;
     let mac_queue = f.queued("mac").await;
-    let mut workers = vec![worker("w1", false, 1), worker("w2", false, 2), worker("sandbox", true, 1)];
+    let mut workers = vec![
+        worker("w1", false, 1),
+        worker("w2", false, 2),
+        worker("sandbox", true, 1),
+    ];
     let state = f.master.state();
     let got = requests::claim_for_workers(
         &f.master.db,
@@ -654,7 +764,10 @@ builders = ["linux", "mac", "forks"]
     assert_eq!(f.queued("linux").await.len(), 1);
     let mut c = f.conn().await;
     for a in &got {
-        assert_eq!(db::claimed_by(&mut c, a.request).await.unwrap(), Some(f.master.id));
+        assert_eq!(
+            db::claimed_by(&mut c, a.request).await.unwrap(),
+            Some(f.master.id)
+        );
     }
 }
 
@@ -684,7 +797,10 @@ builders = ["mac"]
             f.pass(T0),
             second.with_env(async |env| schedulers::run_pass(env, T0).await.unwrap())
         );
-        assert!(p2.buildsets.is_empty() && p2.changes_seen == 0, "m2 does not run it");
+        assert!(
+            p2.buildsets.is_empty() && p2.changes_seen == 0,
+            "m2 does not run it"
+        );
         assert_eq!(p1.buildsets.len(), 1);
     }
     assert_eq!(f.buildsets("main").await.len(), 4);
@@ -754,14 +870,22 @@ builders = ["linux", "mac"]
     .await;
     let req = ForceRequest::default();
     f.master
-        .with_env(async |env| schedulers::force(env, "force", &req, T0).await.unwrap().unwrap())
+        .with_env(async |env| {
+            schedulers::force(env, "force", &req, T0)
+                .await
+                .unwrap()
+                .unwrap()
+        })
         .await;
     let path = f.dir.path().join("kiln.toml");
     std::fs::write(
         &path,
         format!(
             "{}\n[[schedulers]]\nname = \"force\"\ntype = \"force\"\nbuilders = [\"linux\"]\n",
-            BASE.replace("name = \"mac\"\ncollapse = false", "name = \"mac2\"\ncollapse = false")
+            BASE.replace(
+                "name = \"mac\"\ncollapse = false",
+                "name = \"mac2\"\ncollapse = false"
+            )
         ),
     )
     .unwrap();
@@ -789,5 +913,8 @@ builders = ["linux", "mac"]
     std::fs::write(&path, "[[builders]]\nname = 3\n").unwrap();
     let err = f.master.reload().await.unwrap_err().to_string();
     assert!(err.contains("kiln.toml"), "{err}");
-    assert!(f.master.state().config.builder("mac2").is_some(), "the old config stays");
+    assert!(
+        f.master.state().config.builder("mac2").is_some(),
+        "the old config stays"
+    );
 }
