@@ -3,6 +3,7 @@
 mod config;
 mod db;
 mod git_step;
+mod reliability;
 mod schedulers;
 mod standard_steps;
 mod support;
