@@ -113,7 +113,7 @@ pub struct ForceArgs {
     /// Repository.
     #[arg(long)]
     pub repository: Option<String>,
-    /// A parameter of the scheduler, NAME=VALUE (VALUE read as JSON if it parses).
+    /// A parameter of the scheduler, NAME=VALUE (converted to the parameter's type).
     #[arg(long = "param", value_name = "NAME=VALUE")]
     pub params: Vec<String>,
     /// Request priority (higher starts first).
@@ -288,8 +288,11 @@ pub fn sendchange(args: SendchangeArgs) -> anyhow::Result<ExitCode> {
 pub fn force(args: ForceArgs) -> anyhow::Result<ExitCode> {
     let mut parameters = serde_json::Map::new();
     for p in &args.params {
-        let (n, v) = name_value("--param", p)?;
-        parameters.insert(n, v);
+        // Parameters are typed by the scheduler, which converts text as a web form's would.
+        let (n, v) = p
+            .split_once('=')
+            .with_context(|| format!("--param {p}: write NAME=VALUE"))?;
+        parameters.insert(n.to_owned(), Value::String(v.to_owned()));
     }
     let request = ForceRequest {
         builders: args.builders.clone(),

@@ -668,6 +668,18 @@ pub fn check_force_parameters(
                     .map_err(|_| bad(format!("parameter {:?}: {v:?} is not an integer", p.name)))?,
             ),
             (ForceParameterKind::Bool { .. }, Some(Value::Bool(b))) => Value::Bool(*b),
+            (ForceParameterKind::Bool { .. }, Some(Value::String(v))) => {
+                match v.trim().to_ascii_lowercase().as_str() {
+                    "true" | "yes" | "on" | "1" => Value::Bool(true),
+                    "false" | "no" | "off" | "0" | "" => Value::Bool(false),
+                    _ => {
+                        return Err(bad(format!(
+                            "parameter {:?}: {v:?} is not true or false",
+                            p.name
+                        )));
+                    }
+                }
+            }
             (ForceParameterKind::Choice { choices, .. }, Some(Value::String(v))) => {
                 if !choices.contains(v) {
                     return Err(bad(format!(

@@ -3,6 +3,7 @@
 mod config;
 mod db;
 mod git_step;
+mod master_cli;
 mod reliability;
 mod schedulers;
 mod standard_steps;

@@ -1,0 +1,260 @@
+//! `kiln master`, `kiln checkconfig`, `kiln sendchange` and `kiln force` as a user runs them:
+//! real processes, the default SQLite database next to the configuration, signals.
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use master::db::{self, Db};
+
+const CONFIG: &str = r#"
+[master]
+name = "cli"
+heartbeat = "1s"
+
+[[workers]]
+name = "w1"
+token = "t"
+
+[[builders]]
+name = "linux"
+[[builders.steps]]
+module = "shell"
+args = { command = ["true"] }
+
+[[schedulers]]
+name = "main"
+type = "single-branch"
+branch = "main"
+builders = ["linux"]
+
+[[schedulers]]
+name = "force"
+type = "force"
+builders = ["linux"]
+parameters = [{ name = "version", type = "string", required = true }]
+"#;
+
+fn kiln(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .current_dir(dir)
+        .env_remove("KILN_CONFIG")
+        .env_remove("KILN_DATABASE_URL")
+        .output()
+        .unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+async fn buildsets(db: &Db, scheduler: &str) -> usize {
+    let mut c = db.pool().acquire().await.unwrap();
+    db::buildsets_of(&mut c, scheduler).await.unwrap().len()
+}
+
+async fn wait_for(db: &Db, scheduler: &str, n: usize) {
+    let start = Instant::now();
+    while buildsets(db, scheduler).await < n {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no buildset from {scheduler}"
+        );
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+}
+
+#[test]
+fn checkconfig_reports_ok_or_every_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("kiln.toml"), CONFIG).unwrap();
+    let ok = kiln(dir.path(), &["checkconfig"]);
+    assert_eq!(ok.status.code(), Some(0), "{}", text(&ok.stderr));
+    assert!(
+        text(&ok.stdout).starts_with("kiln.toml: OK (1 worker, 1 builder"),
+        "{}",
+        text(&ok.stdout)
+    );
+    std::fs::write(
+        dir.path().join("bad.toml"),
+        CONFIG.replace(
+            "builders = [\"linux\"]\n\n[[schedulers]]",
+            "builders = [\"lnux\"]\n\n[[schedulers]]",
+        ),
+    )
+    .unwrap();
+    let bad = kiln(dir.path(), &["checkconfig", "--config", "bad.toml"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(
+        text(&bad.stderr)
+            .contains("bad.toml: schedulers.\"main\".builders: names builder \"lnux\""),
+        "{}",
+        text(&bad.stderr)
+    );
+    let missing = kiln(dir.path(), &["checkconfig", "--config", "nope.toml"]);
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(
+        text(&missing.stderr).contains("nope.toml"),
+        "{}",
+        text(&missing.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_builds_changes_and_forces_and_reloads_on_sighup() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("kiln.toml");
+    std::fs::write(&config, CONFIG).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["master", "--poll", "0.05"])
+        .current_dir(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The default database: kiln.sqlite next to the configuration.
+    let db_path = dir.path().join("kiln.sqlite");
+    let start = Instant::now();
+    while !db_path.exists() {
+        assert!(start.elapsed() < Duration::from_secs(20));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let db = Db::open(&format!("sqlite://{}?mode=rwc", db_path.display()))
+        .await
+        .unwrap();
+    // Wait for the scheduler to start reading changes.
+    let start = Instant::now();
+    loop {
+        let mut c = db.pool().acquire().await.unwrap();
+        if db::get_state(&mut c, "main", "last_change")
+            .await
+            .unwrap()
+            .is_some()
+        {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let sent = kiln(
+        dir.path(),
+        &[
+            "sendchange",
+            "--who",
+            "Ada <ada@x.org>",
+            "--branch",
+            "main",
+            "--revision",
+            "abc123",
+            "--property",
+            "ticket=42",
+            "-m",
+            "fix it",
+            "src/lib.rs",
+        ],
+    );
+    assert_eq!(sent.status.code(), Some(0), "{}", text(&sent.stderr));
+    assert_eq!(text(&sent.stdout), "change 1 recorded\n");
+    wait_for(&db, "main", 1).await;
+
+    let forced = kiln(
+        dir.path(),
+        &[
+            "force",
+            "force",
+            "--param",
+            "version=1.2",
+            "--reason",
+            "try it",
+        ],
+    );
+    assert_eq!(forced.status.code(), Some(0), "{}", text(&forced.stderr));
+    assert!(
+        text(&forced.stdout).ends_with("submitted: 1 request(s) on linux\n"),
+        "{}",
+        text(&forced.stdout)
+    );
+    let refused = kiln(dir.path(), &["force", "force"]);
+    assert_eq!(refused.status.code(), Some(2));
+    assert_eq!(
+        text(&refused.stderr),
+        "kiln: error: parameter \"version\" is required\n"
+    );
+    let bad_change = kiln(
+        dir.path(),
+        &["sendchange", "--who", " ", "--branch", "main"],
+    );
+    assert_eq!(bad_change.status.code(), Some(2));
+    assert_eq!(
+        text(&bad_change.stderr),
+        "kiln: error: change refused: it has no author; give who made it (\"Name <email>\")\n"
+    );
+
+    // Reload with a new scheduler; it builds the next change on its branch.
+    std::fs::write(
+        &config,
+        format!("{CONFIG}\n[[schedulers]]\nname = \"dev\"\ntype = \"single-branch\"\nbranch = \"dev\"\nbuilders = [\"linux\"]\n"),
+    )
+    .unwrap();
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGHUP) };
+    let start = Instant::now();
+    loop {
+        let mut c = db.pool().acquire().await.unwrap();
+        if db::get_state(&mut c, "dev", "last_change")
+            .await
+            .unwrap()
+            .is_some()
+        {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the reload did not start \"dev\""
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let sent = kiln(
+        dir.path(),
+        &["sendchange", "--who", "bob", "--branch", "dev"],
+    );
+    assert_eq!(sent.status.code(), Some(0), "{}", text(&sent.stderr));
+    wait_for(&db, "dev", 1).await;
+
+    // A broken configuration is refused and the master goes on.
+    std::fs::write(&config, "[[builders]]\nname = 1\n").unwrap();
+    unsafe { libc::kill(child.id() as i32, libc::SIGHUP) };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the master died on a bad reload"
+    );
+    std::fs::write(&config, CONFIG).unwrap();
+    let sent = kiln(
+        dir.path(),
+        &["sendchange", "--who", "cy", "--branch", "main"],
+    );
+    assert_eq!(sent.status.code(), Some(0), "{}", text(&sent.stderr));
+    wait_for(&db, "main", 2).await;
+
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("kiln: configuration reloaded: schedulers +dev"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("kiln: configuration NOT reloaded; the old one stays:"),
+        "{stderr}"
+    );
+    let mut c = db.pool().acquire().await.unwrap();
+    let active: i64 = sqlx::query_scalar("SELECT active FROM masters WHERE name = 'cli'")
+        .fetch_one(&mut *c)
+        .await
+        .unwrap();
+    assert_eq!(active, 0, "a clean stop marks the master inactive");
+}
