@@ -26,6 +26,8 @@ on_both_databases!(
     a_scheduler_runs_on_one_master_at_a_time,
     a_policy_filters_changes_and_steers_dispatch,
     reload_keeps_queued_work_and_refuses_bad_config,
+    policy_hooks_decide_and_a_failing_hook_falls_back,
+    timers_survive_a_restart,
 );
 
 const BASE: &str = r#"
@@ -446,9 +448,9 @@ parameters = [
             "parameter \"jobs\": \"many\" is not an integer",
         ),
         (
-            json!({"version": "1.0", "clean": "yes"}),
+            json!({"version": "1.0", "clean": "maybe"}),
             vec![],
-            "parameter \"clean\": \"yes\" is not true or false",
+            "parameter \"clean\": \"maybe\" is not true or false",
         ),
         (
             json!({"version": "1.0", "target": "fast"}),
@@ -917,4 +919,130 @@ builders = ["linux", "mac"]
         f.master.state().config.builder("mac2").is_some(),
         "the old config stays"
     );
+}
+
+async fn force_with(f: &Farm, builders: &[&str], params: serde_json::Value) -> BuildRequestId {
+    let req = ForceRequest {
+        builders: builders.iter().map(|b| b.to_string()).collect(),
+        parameters: params.as_object().unwrap().clone(),
+        ..Default::default()
+    };
+    let s = f
+        .master
+        .with_env(async |env| {
+            schedulers::force(env, "force", &req, T0)
+                .await
+                .unwrap()
+                .unwrap()
+        })
+        .await;
+    s.requests[0].0
+}
+
+async fn policy_hooks_decide_and_a_failing_hook_falls_back(t: TestDb) {
+    let f = farm(
+        t,
+        r#"
+[hooks]
+collapse_requests = "policy:policy.wasm"
+prioritize_builders = "policy:policy.wasm"
+next_build = "policy:policy.wasm"
+can_start_build = "policy:policy.wasm"
+
+[[builders]]
+name = "panic"
+[[builders.steps]]
+module = "shell"
+args = { command = ["true"] }
+
+[[schedulers]]
+name = "force"
+type = "force"
+builders = ["linux", "panic"]
+parameters = [{ name = "collapse_key", type = "string" }, { name = "block", type = "bool" }]
+"#,
+    )
+    .await;
+    // The fixture collapses requests with equal "collapse_key" properties only.
+    let a = force_with(&f, &["linux"], json!({"collapse_key": "x"})).await;
+    let b = force_with(&f, &["linux"], json!({"collapse_key": "y"})).await;
+    let c = force_with(&f, &["linux"], json!({"collapse_key": "x"})).await;
+    let d = force_with(&f, &["linux"], json!({"block": true})).await;
+    let e = force_with(&f, &["panic"], json!({})).await;
+    let g = force_with(&f, &["panic"], json!({})).await;
+    let mut conn = f.conn().await;
+    let (_, done, _, into) = db::get_request(&mut conn, a).await.unwrap().unwrap();
+    assert!(done);
+    assert_eq!(into, Some(c));
+    // On "panic" the collapse hook traps, so Kiln's own rule merges the identical requests.
+    let (_, done, _, into) = db::get_request(&mut conn, e).await.unwrap().unwrap();
+    assert!(done);
+    assert_eq!(into, Some(g));
+    drop(conn);
+    let queued: Vec<BuildRequestId> = f.queued("linux").await.iter().map(|r| r.id).collect();
+    assert_eq!(queued, vec![b, c, d]);
+
+    let mut workers = vec![worker("w1", false, 1), worker("w2", false, 2)];
+    let state = f.master.state();
+    let got = requests::claim_for_workers(
+        &f.master.db,
+        f.master.id,
+        &state.builders,
+        &mut workers,
+        &state.hooks,
+        T0,
+    )
+    .await
+    .unwrap();
+    // next-build takes the newest first; can-start-build holds the blocked one back; on
+    // "panic" the hooks trap, and the defaults (oldest first) decide.
+    let order: Vec<(BuildRequestId, &str)> =
+        got.iter().map(|a| (a.request, a.worker.as_str())).collect();
+    assert_eq!(order, vec![(c, "w1"), (b, "w2"), (g, "w2")]);
+    assert!(state.hooks.failures() >= 3, "{}", state.hooks.failures());
+    assert_eq!(
+        f.queued("linux").await.len(),
+        1,
+        "the blocked request waits"
+    );
+}
+
+async fn timers_survive_a_restart(t: TestDb) {
+    let url = t.url.clone();
+    let f = farm(
+        t,
+        r#"
+[[schedulers]]
+name = "main"
+type = "single-branch"
+branch = "main"
+tree_stable_timer = "30s"
+builders = ["linux"]
+"#,
+    )
+    .await;
+    f.pass(T0).await;
+    let a = f.change("ada", "main", &["x"]).await;
+    assert_eq!(f.pass(T0).await.next_timer_ms, Some(T0 + 30_000));
+    // The master goes away; a new process with the same name takes over the same database.
+    let cfg = config::load(&f.dir.path().join("kiln.toml")).unwrap();
+    let again = Master::start(cfg, Some(&url)).await.unwrap();
+    assert_eq!(again.id, f.master.id);
+    let pass = |now| {
+        let m = again.clone();
+        async move {
+            m.with_env(async |env| schedulers::run_pass(env, now).await.unwrap())
+                .await
+        }
+    };
+    let p = pass(T0 + 29_000).await;
+    assert!(p.buildsets.is_empty());
+    assert_eq!(
+        p.next_timer_ms,
+        Some(T0 + 30_000),
+        "the timer was remembered"
+    );
+    let p = pass(T0 + 30_000).await;
+    assert_eq!(p.buildsets.len(), 1);
+    assert_eq!(f.changes_of(p.buildsets[0].1).await, vec![a]);
 }
