@@ -1,6 +1,7 @@
 //! The Kiln master and the `kiln` command line. The master proper (configuration, database,
 //! schedulers, dispatch, API) grows here; today it holds the CLI and `kiln step` commands.
 
+pub mod api;
 pub mod changes;
 pub mod cli;
 pub mod config;

@@ -162,7 +162,18 @@ pub fn master(args: MasterArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("--poll {}: give a positive number of seconds", args.poll))?;
     runtime()?.block_on(async move {
         use tokio::signal::unix::{SignalKind, signal};
+        let listen = cfg.master.listen;
         let master = Master::start(cfg, args.farm.db.as_deref()).await?;
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("cannot listen on {listen} ([master] listen)"))?;
+        let addr = listener.local_addr()?;
+        let app = crate::api::router(master.clone());
+        tokio::spawn(async move {
+            if let Err(error) = axum::serve(listener, app).await {
+                tracing::error!(%error, "the HTTP server stopped");
+            }
+        });
         let mut hup = signal(SignalKind::hangup())?;
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
@@ -178,7 +189,7 @@ pub fn master(args: MasterArgs) -> anyhow::Result<ExitCode> {
             }
         });
         eprintln!(
-            "kiln: master {} running on {} (pid {}); SIGHUP reloads {}",
+            "kiln: master {} running on {} (pid {}), API on http://{addr}/api/v2; SIGHUP reloads {}",
             master.state().config.master.name,
             crate::db::redact_url(
                 args.farm

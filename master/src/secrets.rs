@@ -4,19 +4,12 @@
 //! The worker's runtime substitutes them and redacts their values from every log.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
-
 use serde_json::Value;
 
-/// Where secrets come from, tried in order.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct SecretProviders {
-    /// A directory of files named after their secret (the file's content, without a trailing
-    /// newline, is the value).
-    pub directory: Option<PathBuf>,
-    /// Secret `deploy_key` is read from `{prefix}DEPLOY_KEY`.
-    pub env_prefix: Option<String>,
-}
+/// Where secrets come from, tried in order: the configuration's `[secrets]` (a directory of
+/// files named after their secret, whose content without a trailing newline is the value; then
+/// environment variables with a prefix).
+pub type SecretProviders = crate::config::SecretsConfig;
 
 /// Why a build cannot have its secrets.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -61,7 +54,7 @@ fn valid_name(name: &str) -> bool {
 }
 
 impl SecretProviders {
-    /// The value of a secret.
+    /// The value of a secret, or an error saying where Kiln looked.
     pub fn get(&self, name: &str) -> Result<String, SecretError> {
         if !valid_name(name) {
             return Err(SecretError::BadName(name.into()));
@@ -70,7 +63,10 @@ impl SecretProviders {
         if let Some(dir) = &self.directory {
             let path = dir.join(name);
             match std::fs::read_to_string(&path) {
-                Ok(text) => return Ok(text.strip_suffix('\n').unwrap_or(&text).to_owned()),
+                Ok(text) => {
+                    let value = text.strip_suffix('\n').unwrap_or(&text);
+                    return Ok(value.strip_suffix('\r').unwrap_or(value).to_owned());
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     looked.push(format!("no file {}", path.display()));
                 }
@@ -82,11 +78,7 @@ impl SecretProviders {
                 }
             }
         }
-        if let Some(prefix) = &self.env_prefix {
-            let var = format!(
-                "{prefix}{}",
-                name.to_ascii_uppercase().replace(['-', '.'], "_")
-            );
+        if let Some(var) = self.env_var(name) {
             match std::env::var(&var) {
                 Ok(v) => return Ok(v),
                 Err(_) => looked.push(format!("no environment variable {var}")),

@@ -162,21 +162,6 @@ impl SecretsConfig {
             .collect();
         Some(format!("{prefix}{suffix}"))
     }
-
-    /// Looks a secret up: its file in the directory (without a trailing newline), then its
-    /// environment variable. `None` if neither has it or the name is not a secret's name.
-    pub fn lookup(&self, name: &str) -> Option<Secret> {
-        refs::check_secret_name(name).ok()?;
-        if let Some(dir) = &self.directory
-            && let Ok(text) = std::fs::read_to_string(dir.join(name))
-        {
-            let value = text.strip_suffix('\n').unwrap_or(&text);
-            let value = value.strip_suffix('\r').unwrap_or(value);
-            return Some(Secret(value.to_owned()));
-        }
-        let var = self.env_var(name)?;
-        std::env::var(var).ok().map(Secret)
-    }
 }
 
 /// The customization hooks.
@@ -853,12 +838,12 @@ mod tests {
             directory: Some(dir.path().to_path_buf()),
             env_prefix: Some("KILN_TEST_SECRET_".into()),
         };
-        assert_eq!(s.lookup("deploy_key"), Some(Secret("abc".into())));
+        assert_eq!(s.get("deploy_key").unwrap(), "abc");
         assert_eq!(
             s.env_var("gh-token.v2").as_deref(),
             Some("KILN_TEST_SECRET_GH_TOKEN_V2")
         );
-        assert_eq!(s.lookup("../deploy_key"), None);
-        assert_eq!(s.lookup("missing"), None);
+        assert!(s.get("../deploy_key").is_err());
+        assert!(s.get("missing").is_err());
     }
 }

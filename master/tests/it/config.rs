@@ -1182,7 +1182,7 @@ fn scheduler_mistakes() {
             s(
                 "type = \"force\"\nbuilders = [\"linux\"]\nparameters = [{ name = \"v\", type = \"string\", regex = \"(a\" }]",
             ),
-            "kiln.toml: schedulers.\"s\".parameters[0].regex: \"(a\" is not a valid regular expression: a '(' is not closed",
+            "kiln.toml: schedulers.\"s\".parameters[0].regex: \"(a\" is not a valid regular expression: unclosed group",
         ),
         (
             s(

@@ -258,3 +258,127 @@ async fn a_master_builds_changes_and_forces_and_reloads_on_sighup() {
         .unwrap();
     assert_eq!(active, 0, "a clean stop marks the master inactive");
 }
+
+/// One HTTP/1.1 request over a real socket; returns (status, JSON body).
+fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, serde_json::Value) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).unwrap();
+    let status = response[9..12].parse().unwrap();
+    let (_, body) = response.split_once("\r\n\r\n").unwrap();
+    (
+        status,
+        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+#[test]
+fn the_api_forces_builds_records_changes_and_reloads() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("kiln.toml");
+    let with_listen = CONFIG.replace(
+        "heartbeat = \"1s\"",
+        "heartbeat = \"1s\"\nlisten = \"127.0.0.1:0\"",
+    );
+    std::fs::write(&config, &with_listen).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["master"])
+        .current_dir(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    let addr = first
+        .split("API on http://")
+        .nth(1)
+        .and_then(|r| r.split('/').next())
+        .unwrap_or_else(|| panic!("{first}"))
+        .to_string();
+
+    let (status, body) = http(
+        &addr,
+        "POST",
+        "/api/v2/forceschedulers/force",
+        r#"{"owner": "ada", "parameters": {"version": "2.0"}}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["buildrequests"][0]["builder"], "linux");
+    let (status, body) = http(
+        &addr,
+        "POST",
+        "/api/v2/forceschedulers/force",
+        r#"{"parameters": {}}"#,
+    );
+    assert_eq!(
+        (status, body["error"].as_str().unwrap()),
+        (400, "parameter \"version\" is required")
+    );
+    let (status, body) = http(&addr, "POST", "/api/v2/forceschedulers/nope", "{}");
+    assert_eq!(
+        (status, body["error"].as_str().unwrap()),
+        (404, "there is no force scheduler \"nope\" (defined: force)")
+    );
+    let (status, body) = http(&addr, "POST", "/api/v2/forceschedulers/force", "{not json");
+    assert_eq!(status, 400);
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("the body is not a valid request: "),
+        "{body}"
+    );
+
+    let (status, body) = http(
+        &addr,
+        "POST",
+        "/api/v2/changes",
+        r#"{"author": "ada", "branch": "main", "files": ["a.rs"]}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    assert!(body["changeid"].as_i64().unwrap() >= 1);
+    let (status, body) = http(&addr, "POST", "/api/v2/changes", r#"{"author": ""}"#);
+    assert_eq!(status, 400);
+    assert_eq!(
+        body["error"],
+        "change refused: it has no author; give who made it (\"Name <email>\")"
+    );
+    let (status, body) = http(&addr, "GET", "/api/v2/buildrequests", "");
+    assert_eq!(status, 200);
+    assert!(body["meta"]["total"].as_u64().unwrap() >= 1, "{body}");
+
+    // Reload through the API.
+    std::fs::write(&config, format!("{with_listen}\n[[builders]]\nname = \"extra\"\n[[builders.steps]]\nmodule = \"shell\"\nargs = {{ command = [\"true\"] }}\n")).unwrap();
+    let (status, body) = http(&addr, "POST", "/api/v2/control/reconfig", "");
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body["changes"].as_str().unwrap().contains("extra"),
+        "{body}"
+    );
+    std::fs::write(&config, "[[builders]]\nnome = 1\n").unwrap();
+    let (status, body) = http(&addr, "POST", "/api/v2/control/reconfig", "");
+    assert_eq!(status, 400);
+    let error = body["error"].as_str().unwrap();
+    assert!(
+        error.starts_with("the configuration was not reloaded; the old one stays: "),
+        "{error}"
+    );
+    assert!(error.contains("nome"), "{error}");
+    let (status, body) = http(&addr, "GET", "/api/v2/masters", "");
+    assert_eq!(status, 200);
+    assert_eq!(body["masters"][0]["name"], "cli");
+    assert_eq!(body["masters"][0]["active"], true);
+
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+}
