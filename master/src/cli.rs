@@ -30,6 +30,9 @@ enum Command {
     Sendchange(Box<crate::master_cmd::SendchangeArgs>),
     /// Force a build through a force scheduler.
     Force(Box<crate::master_cmd::ForceArgs>),
+    /// Run a builder's steps from the configuration locally, exactly as a worker would.
+    #[command(subcommand)]
+    Build(crate::build_cmd::BuildCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -113,9 +116,12 @@ pub fn init_tracing() {
     let filter = std::env::var("KILN_LOG")
         .or_else(|_| std::env::var("RUST_LOG"))
         .unwrap_or_else(|_| "warn".into());
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::stderr)
+        // Colours only for a person at a terminal, never escape codes in a log file.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
 }
 
@@ -131,5 +137,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Checkconfig(args) => crate::master_cmd::checkconfig(args),
         Command::Sendchange(args) => crate::master_cmd::sendchange(*args),
         Command::Force(args) => crate::master_cmd::force(*args),
+        Command::Build(command) => crate::build_cmd::run(command),
     }
 }

@@ -2,6 +2,7 @@
 //! schedulers, dispatch, API) grows here; today it holds the CLI and `kiln step` commands.
 
 pub mod api;
+mod build_cmd;
 pub mod changes;
 pub mod cli;
 pub mod config;

@@ -22,10 +22,7 @@ pub(crate) fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let step_args: Value = serde_json::from_str(&args.args).context("--args is not valid JSON")?;
     let mut properties = Properties::new();
     for p in &args.props {
-        let (name, value) = split_pair(p, "--prop")?;
-        runtime::props::check_property_name(name)
-            .map_err(|e| anyhow::anyhow!("--prop {p}: {e}"))?;
-        let value = serde_json::from_str(value).unwrap_or_else(|_| Value::String(value.to_owned()));
+        let (name, value) = parse_prop(p)?;
         properties.set(name, value, "Command line");
     }
     let mut env = BTreeMap::new();
@@ -84,13 +81,7 @@ pub(crate) fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             );
         }
     }
-    let confinement = if args.sandbox {
-        let helper =
-            Helper::current_exe().context("finding the kiln binary for the sandbox helper")?;
-        Some(Arc::new(Confinement::probe(helper)?))
-    } else {
-        None
-    };
+    let confinement = confinement(args.sandbox)?;
 
     let cache_dir = args.cache_dir.clone().or_else(default_cache_dir);
     let rt = Runtime::new(RuntimeConfig { cache_dir })?;
@@ -169,14 +160,8 @@ pub(crate) fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     grant.command_network = args.network;
     grant.confinement = confinement;
 
-    let cancel = CancelToken::new();
-    {
-        let cancel = cancel.clone();
-        ctrlc::set_handler(move || cancel.cancel()).context("installing the Ctrl-C handler")?;
-    }
-    let printer = Arc::new(Printer {
-        color: std::io::stdout().is_terminal(),
-    });
+    let cancel = cancel_on_ctrlc()?;
+    let printer = Arc::new(Printer::new());
     let outcome = rt.run_step(StepRun {
         step: &step,
         args: &step_args,
@@ -191,11 +176,43 @@ pub(crate) fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     } else {
         print_outcome(&outcome, printer.color);
     }
-    Ok(ExitCode::from(match outcome.result {
+    Ok(exit_code(outcome.result))
+}
+
+/// The exit status for a result: 0 for SUCCESS and WARNINGS, 1 for FAILURE, 3 for the rest
+/// (2 is bad input).
+pub(crate) fn exit_code(result: Outcome) -> ExitCode {
+    ExitCode::from(match result {
         Outcome::Success | Outcome::Warnings => 0,
         Outcome::Failure => 1,
         _ => 3,
-    }))
+    })
+}
+
+/// A `--prop NAME=VALUE`: VALUE is read as JSON if it parses, else as a string.
+pub(crate) fn parse_prop(p: &str) -> anyhow::Result<(&str, Value)> {
+    let (name, value) = split_pair(p, "--prop")?;
+    runtime::props::check_property_name(name).map_err(|e| anyhow::anyhow!("--prop {p}: {e}"))?;
+    let value = serde_json::from_str(value).unwrap_or_else(|_| Value::String(value.to_owned()));
+    Ok((name, value))
+}
+
+/// Sandbox mode's confinement, probed (refused with the reason on a kernel that cannot
+/// enforce it), or `None` without `--sandbox`.
+pub(crate) fn confinement(sandbox: bool) -> anyhow::Result<Option<Arc<Confinement>>> {
+    if !sandbox {
+        return Ok(None);
+    }
+    let helper = Helper::current_exe().context("finding the kiln binary for the sandbox helper")?;
+    Ok(Some(Arc::new(Confinement::probe(helper)?)))
+}
+
+/// A token that Ctrl-C cancels.
+pub(crate) fn cancel_on_ctrlc() -> anyhow::Result<CancelToken> {
+    let cancel = CancelToken::new();
+    let handler = cancel.clone();
+    ctrlc::set_handler(move || handler.cancel()).context("installing the Ctrl-C handler")?;
+    Ok(cancel)
 }
 
 pub(crate) fn list() {
@@ -249,8 +266,18 @@ pub(crate) fn default_cache_dir() -> Option<PathBuf> {
 
 /// Prints log lines as they arrive: `[out]`, `[err]` and `[hdr]` tell the channels apart (and
 /// colours, on a terminal); logs other than stdio carry their name.
-struct Printer {
-    color: bool,
+pub(crate) struct Printer {
+    /// Whether stdout is a terminal, so colours are used.
+    pub(crate) color: bool,
+}
+
+impl Printer {
+    /// A printer to stdout, in colour on a terminal.
+    pub(crate) fn new() -> Self {
+        Printer {
+            color: std::io::stdout().is_terminal(),
+        }
+    }
 }
 
 impl StepEvents for Printer {
@@ -283,14 +310,19 @@ impl StepEvents for Printer {
     }
 }
 
-fn print_outcome(o: &StepOutcome, color: bool) {
-    let paint = match (color, o.result) {
+/// The colour codes (start, reset) a result is printed in; empty when `color` is off.
+pub(crate) fn paint(result: Outcome, color: bool) -> (&'static str, &'static str) {
+    let start = match (color, result) {
         (false, _) => "",
         (true, Outcome::Success) => "\x1b[32m",
         (true, Outcome::Warnings) => "\x1b[33m",
         (true, _) => "\x1b[31m",
     };
-    let reset = if color { "\x1b[0m" } else { "" };
+    (start, if color { "\x1b[0m" } else { "" })
+}
+
+fn print_outcome(o: &StepOutcome, color: bool) {
+    let (paint, reset) = paint(o.result, color);
     let mut out = format!("result:     {paint}{}{reset}\n", o.result);
     if let Some(s) = &o.summary {
         out.push_str(&format!("summary:    {s}\n"));
