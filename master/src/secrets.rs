@@ -3,8 +3,8 @@
 //! name with `%(secret:NAME)s`, only to trusted builds, resolved at dispatch and never stored.
 //! The worker's runtime substitutes them and redacts their values from every log.
 
-use std::collections::BTreeMap;
 use serde_json::Value;
+use std::collections::BTreeMap;
 
 /// Where secrets come from, tried in order: the configuration's `[secrets]` (a directory of
 /// files named after their secret, whose content without a trailing newline is the value; then

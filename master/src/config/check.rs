@@ -240,14 +240,24 @@ mod tests {
 
     #[test]
     fn regexes() {
-        for ok in [r"^v\d+\.\d+$", "[[:alpha:]]+", "(?i)abc", "(?P<x>a|b)*?", "a{2,}", ""] {
+        for ok in [
+            r"^v\d+\.\d+$",
+            "[[:alpha:]]+",
+            "(?i)abc",
+            "(?P<x>a|b)*?",
+            "a{2,}",
+            "",
+        ] {
             assert_eq!(check_regex(ok), Ok(()), "{ok}");
         }
         for (bad, why) in [
             ("(a", "unclosed group"),
             ("[a", "unclosed character class"),
             ("*a", "repetition operator missing expression"),
-            ("a{3,2}", "invalid repetition count range, the start must be <= the end"),
+            (
+                "a{3,2}",
+                "invalid repetition count range, the start must be <= the end",
+            ),
         ] {
             assert_eq!(
                 check_regex(bad),
