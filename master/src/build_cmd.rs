@@ -146,11 +146,8 @@ pub struct BuildPlan {
     pub steps: Vec<BuildStep>,
     /// Each step's module as configured (`shell`, `lint@1.2`), for display.
     pub modules: Vec<String>,
-    /// The deadline of every step. The runtime grants one deadline for a whole build, so when
-    /// steps' own timeouts differ, the longest applies to all (see `mixed_timeouts`).
+    /// The builder's default step deadline (each step carries its own `timeout`).
     pub deadline: Duration,
-    /// Whether the steps' timeouts differ (so shorter ones are not enforced).
-    pub mixed_timeouts: bool,
     grant: BuilderGrant,
 }
 
@@ -232,19 +229,13 @@ pub fn plan_build(
             args,
             observers,
             options: s.options.clone(),
+            deadline: Some(s.timeout),
         });
     }
-    let timeouts: Vec<Duration> = builder.steps.iter().map(|s| s.timeout).collect();
-    let deadline = timeouts
-        .iter()
-        .copied()
-        .max()
-        .unwrap_or(builder.grant.step_timeout);
     Ok(BuildPlan {
         steps,
         modules: builder.steps.iter().map(|s| s.module.to_string()).collect(),
-        deadline,
-        mixed_timeouts: timeouts.iter().any(|t| *t != deadline),
+        deadline: builder.grant.step_timeout,
         grant: builder.grant.clone(),
     })
 }
@@ -382,13 +373,6 @@ fn run_build(args: BuildRunArgs) -> anyhow::Result<ExitCode> {
         eprintln!(
             "kiln: builder {:?} is untrusted, so its commands run confined (sandbox mode), as on a sandbox worker",
             builder.name
-        );
-    }
-    if plan.mixed_timeouts {
-        eprintln!(
-            "kiln: warning: the steps of builder {:?} have different timeouts; each step gets the longest, {}",
-            builder.name,
-            runtime::human_duration(plan.deadline)
         );
     }
 

@@ -177,6 +177,8 @@ pub struct BuildStep {
     pub observers: Vec<ObserverSpec>,
     /// How its result affects the build.
     pub options: StepOptions,
+    /// Its own wall-clock limit; `None` keeps the grant's.
+    pub deadline: Option<std::time::Duration>,
 }
 
 /// What happened to one step of a build.
@@ -260,12 +262,22 @@ impl Runtime {
                 }
                 _ => {}
             }
+            let own_grant;
+            let step_grant = match s.deadline {
+                Some(deadline) => {
+                    let mut g = grant.clone();
+                    g.limits.deadline = deadline;
+                    own_grant = g;
+                    &own_grant
+                }
+                None => grant,
+            };
             let outcome = self.run_step(StepRun {
                 step: &s.step,
                 args: &s.args,
                 properties: &properties,
                 observers: &s.observers,
-                grant,
+                grant: step_grant,
                 events: events(i, &s.name),
                 cancel: cancel.clone(),
             });

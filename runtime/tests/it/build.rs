@@ -14,6 +14,7 @@ fn step(name: &str, args: Value, options: Value) -> BuildStep {
         args,
         observers: Vec::new(),
         options: serde_json::from_value(options).unwrap(),
+        deadline: None,
     }
 }
 
@@ -205,4 +206,22 @@ fn do_step_if_and_hide_step_if() {
         )
     );
     assert_eq!(b.result, Outcome::Exception);
+}
+
+#[test]
+fn each_step_can_have_its_own_deadline() {
+    let farm = Farm::new();
+    let mut looping = step("spin", json!({"action": "loop"}), json!({}));
+    looping.deadline = Some(std::time::Duration::from_millis(300));
+    let after = step("after", json!({"action": "ok"}), json!({}));
+    let started = std::time::Instant::now();
+    let b = build(&farm, &[looping, after], Properties::new());
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    assert_eq!(b.steps[0].outcome.result, Outcome::Exception);
+    assert_eq!(
+        b.steps[0].outcome.summary.as_deref(),
+        Some("the step's deadline of 300 ms passed")
+    );
+    // An EXCEPTION halts the build; the next step is not run.
+    assert!(!b.steps[1].ran);
 }
