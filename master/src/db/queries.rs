@@ -19,6 +19,18 @@ fn parse_json(text: &str) -> Value {
     serde_json::from_str(text).unwrap_or(Value::Null)
 }
 
+fn sourced_properties(rows: &[AnyRow]) -> Result<Vec<SourcedProperty>> {
+    rows.iter()
+        .map(|r| {
+            Ok(SourcedProperty {
+                name: r.try_get("name")?,
+                value: parse_json(&r.try_get::<String, _>("value")?),
+                source: r.try_get("source")?,
+            })
+        })
+        .collect()
+}
+
 fn flag(b: bool) -> i64 {
     i64::from(b)
 }
@@ -523,15 +535,7 @@ pub async fn buildset_properties(
     .bind(id.0)
     .fetch_all(conn)
     .await?;
-    rows.iter()
-        .map(|r| {
-            Ok(SourcedProperty {
-                name: r.try_get("name")?,
-                value: parse_json(&r.try_get::<String, _>("value")?),
-                source: r.try_get("source")?,
-            })
-        })
-        .collect()
+    sourced_properties(&rows)
 }
 
 /// A buildset's source stamps with their patches and changes.
@@ -1250,15 +1254,7 @@ pub async fn build_properties(
     .bind(build.0)
     .fetch_all(conn)
     .await?;
-    rows.iter()
-        .map(|r| {
-            Ok(SourcedProperty {
-                name: r.try_get("name")?,
-                value: parse_json(&r.try_get::<String, _>("value")?),
-                source: r.try_get("source")?,
-            })
-        })
-        .collect()
+    sourced_properties(&rows)
 }
 
 /// Adds a step to a build. Returns its id.

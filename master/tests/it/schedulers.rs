@@ -130,6 +130,21 @@ impl Farm {
             .clone()
     }
 
+    /// One claim pass over `workers`.
+    async fn claim(&self, workers: &mut [FreeWorker]) -> Vec<requests::Assignment> {
+        let state = self.master.state();
+        requests::claim_for_workers(
+            &self.master.db,
+            self.master.id,
+            &state.builders,
+            workers,
+            &state.hooks,
+            T0,
+        )
+        .await
+        .unwrap()
+    }
+
     async fn queued(&self, builder: &str) -> Vec<QueuedRequest> {
         db::queued_requests(&mut *self.conn().await, Some(builder), 1000)
             .await
@@ -734,17 +749,7 @@ builders = ["linux", "mac", "forks"]
         worker("w2", false, 2),
         worker("sandbox", true, 1),
     ];
-    let state = f.master.state();
-    let got = requests::claim_for_workers(
-        &f.master.db,
-        f.master.id,
-        &state.builders,
-        &mut workers,
-        &state.hooks,
-        T0,
-    )
-    .await
-    .unwrap();
+    let got = f.claim(&mut workers).await;
     // mac has the higher builder priority, so it goes first: its urgent request first, on the
     // least busy workers; the untrusted "forks" request only on the sandbox worker.
     let summary: Vec<(String, String)> = got
@@ -845,16 +850,7 @@ policy = "policy:policy.wasm"
     // Its next-worker hook picks the worker whose name sorts last.
     let mut workers = vec![worker("w1", false, 1), worker("w2", false, 1)];
     let state = f.master.state();
-    let got = requests::claim_for_workers(
-        &f.master.db,
-        f.master.id,
-        &state.builders,
-        &mut workers,
-        &state.hooks,
-        T0,
-    )
-    .await
-    .unwrap();
+    let got = f.claim(&mut workers).await;
     assert_eq!(got[0].worker, "w2");
     assert_eq!(state.hooks.failures(), 0);
 }
@@ -898,17 +894,7 @@ builders = ["linux", "mac"]
     // mac's request stays queued (mac may come back); it is not offered to workers now.
     assert_eq!(f.queued("mac").await.len(), 1);
     let mut workers = vec![worker("w1", false, 4)];
-    let state = f.master.state();
-    let got = requests::claim_for_workers(
-        &f.master.db,
-        f.master.id,
-        &state.builders,
-        &mut workers,
-        &state.hooks,
-        T0,
-    )
-    .await
-    .unwrap();
+    let got = f.claim(&mut workers).await;
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].builder, "linux");
 
@@ -984,16 +970,7 @@ parameters = [{ name = "collapse_key", type = "string" }, { name = "block", type
 
     let mut workers = vec![worker("w1", false, 1), worker("w2", false, 2)];
     let state = f.master.state();
-    let got = requests::claim_for_workers(
-        &f.master.db,
-        f.master.id,
-        &state.builders,
-        &mut workers,
-        &state.hooks,
-        T0,
-    )
-    .await
-    .unwrap();
+    let got = f.claim(&mut workers).await;
     // next-build takes the newest first; can-start-build holds the blocked one back; on
     // "panic" the hooks trap, and the defaults (oldest first) decide.
     let order: Vec<(BuildRequestId, &str)> =
