@@ -129,11 +129,26 @@ impl Db {
         Ok(Db { pool, backend })
     }
 
-    /// Applies pending migrations.
+    /// Applies pending migrations. PostgreSQL serializes concurrent migrators with an advisory
+    /// lock; SQLite has no such lock, so when two processes open a new database at once (a
+    /// master starting while `kiln sendchange` runs) the loser's migration fails and rolls
+    /// back: it then tries again and finds the work done.
     pub async fn migrate(&self) -> Result<(), sqlx::migrate::MigrateError> {
         match self.backend {
-            Backend::Sqlite => SQLITE_MIGRATIONS.run(&self.pool).await,
             Backend::Postgres => POSTGRES_MIGRATIONS.run(&self.pool).await,
+            Backend::Sqlite => {
+                let mut attempt = 0;
+                loop {
+                    match SQLITE_MIGRATIONS.run(&self.pool).await {
+                        Err(sqlx::migrate::MigrateError::ExecuteMigration(..)) if attempt < 5 => {
+                            attempt += 1;
+                            tokio::time::sleep(std::time::Duration::from_millis(100 * attempt))
+                                .await;
+                        }
+                        other => return other,
+                    }
+                }
+            }
         }
     }
 

@@ -11,6 +11,8 @@ const CONFIG: &str = r#"
 [master]
 name = "cli"
 heartbeat = "1s"
+# Tests run side by side: let the system pick a free port.
+listen = "127.0.0.1:0"
 
 [[workers]]
 name = "w1"
@@ -284,10 +286,7 @@ fn the_api_forces_builds_records_changes_and_reloads() {
     use std::io::BufRead;
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("kiln.toml");
-    let with_listen = CONFIG.replace(
-        "heartbeat = \"1s\"",
-        "heartbeat = \"1s\"\nlisten = \"127.0.0.1:0\"",
-    );
+    let with_listen = CONFIG.to_string();
     std::fs::write(&config, &with_listen).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
         .args(["master"])

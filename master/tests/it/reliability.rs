@@ -18,6 +18,8 @@ const CONFIG: &str = r#"
 [master]
 name = "crashy"
 heartbeat = "1s"
+# Tests run side by side: let the system pick a free port.
+listen = "127.0.0.1:0"
 
 [[workers]]
 name = "w1"
