@@ -131,6 +131,11 @@ impl Hooks {
         matches!(self.collapse, CollapseHook::Policy(_))
     }
 
+    /// Whether collapsing follows Kiln's default rule (a key comparison the database does).
+    pub fn collapse_is_default(&self) -> bool {
+        matches!(self.collapse, CollapseHook::Default)
+    }
+
     /// Whether dispatch asks a policy about requests (built-in choices need only priority and
     /// age).
     pub fn dispatch_needs_details(&self) -> bool {

@@ -126,50 +126,47 @@ async fn request_info(conn: &mut AnyConnection, r: &QueuedRequest) -> anyhow::Re
 /// builds: where the request came from, not what it builds.
 const COLLAPSE_IGNORED_PROPERTIES: &[&str] = &["scheduler", "reason", "owner"];
 
-/// Buildbot's default collapse rule: the same source stamps per codebase (repository, branch,
-/// project), no patch on either side, both with changes or both at the same revision, and the
-/// same properties apart from those recording where each came from (change properties and
-/// [`COLLAPSE_IGNORED_PROPERTIES`]).
+/// Buildbot's default collapse rule as a key: two buildsets' requests may merge when their keys
+/// are equal. The key covers, per codebase, the repository, branch and project, and either
+/// "has changes" or the exact revision (requests built from changes merge; a forced build of a
+/// revision merges only with the same revision), plus the properties apart from those
+/// recording where each request came from (change properties and
+/// [`COLLAPSE_IGNORED_PROPERTIES`]). A patch means no key: try builds never merge.
+pub fn collapse_key(stamps: &[SourceStamp], properties: &[SourcedProperty]) -> Option<String> {
+    use sha2::Digest;
+    if stamps.iter().any(|s| s.patch.is_some()) {
+        return None;
+    }
+    let mut stamps: Vec<Value> = stamps
+        .iter()
+        .map(|s| {
+            let what = if s.changes.is_empty() {
+                json!({"revision": s.revision})
+            } else {
+                json!("changes")
+            };
+            json!([s.codebase, s.repository, s.branch, s.project, what])
+        })
+        .collect();
+    stamps.sort_by_key(|v| v.to_string());
+    let props: BTreeMap<&str, &Value> = properties
+        .iter()
+        .filter(|p| p.source != "Change" && !COLLAPSE_IGNORED_PROPERTIES.contains(&p.name.as_str()))
+        .map(|p| (p.name.as_str(), &p.value))
+        .collect();
+    let text = json!([stamps, props]).to_string();
+    Some(hex::encode(sha2::Sha256::digest(text.as_bytes())))
+}
+
+/// Whether two buildsets' requests may merge by Kiln's default rule ([`collapse_key`]).
 pub async fn can_collapse(
     conn: &mut AnyConnection,
     new: BuildsetId,
     older: BuildsetId,
 ) -> anyhow::Result<bool> {
-    let a = db::buildset_sourcestamps(&mut *conn, new).await?;
-    let b = db::buildset_sourcestamps(&mut *conn, older).await?;
-    let by_codebase = |s: &[SourceStamp]| -> BTreeMap<String, SourceStamp> {
-        s.iter().map(|s| (s.codebase.clone(), s.clone())).collect()
-    };
-    let (a, b) = (by_codebase(&a), by_codebase(&b));
-    if a.keys().ne(b.keys()) {
-        return Ok(false);
-    }
-    for (codebase, x) in &a {
-        let y = &b[codebase];
-        if x.repository != y.repository || x.branch != y.branch || x.project != y.project {
-            return Ok(false);
-        }
-        if x.patch.is_some() || y.patch.is_some() {
-            return Ok(false);
-        }
-        match (x.changes.is_empty(), y.changes.is_empty()) {
-            (false, false) => {}
-            (true, true) if x.revision == y.revision => {}
-            _ => return Ok(false),
-        }
-    }
-    let relevant = |props: Vec<SourcedProperty>| -> BTreeMap<String, Value> {
-        props
-            .into_iter()
-            .filter(|p| {
-                p.source != "Change" && !COLLAPSE_IGNORED_PROPERTIES.contains(&p.name.as_str())
-            })
-            .map(|p| (p.name, p.value))
-            .collect()
-    };
-    let pa = relevant(db::buildset_properties(&mut *conn, new).await?);
-    let pb = relevant(db::buildset_properties(&mut *conn, older).await?);
-    Ok(pa == pb)
+    let a = db::buildset_collapse_key(&mut *conn, new).await?;
+    let b = db::buildset_collapse_key(&mut *conn, older).await?;
+    Ok(a.is_some() && a == b)
 }
 
 /// A buildset as submitted.
@@ -205,30 +202,20 @@ pub async fn submit_buildset(
         if !builders.get(builder).is_some_and(|b| b.collapse) {
             continue;
         }
-        let queue = db::queued_requests(&mut *tx, Some(builder), i64::MAX).await?;
-        let Some(new) = queue.iter().find(|r| r.id == *new_id).cloned() else {
-            continue;
-        };
-        let full = hooks.collapse_needs_details();
-        let new_info = if full {
-            request_info(&mut *tx, &new).await?
-        } else {
-            basic_info(&new)
-        };
-        for older in queue.iter().filter(|r| r.id < new.id) {
-            let older_info = if full {
-                request_info(&mut *tx, older).await?
-            } else {
-                basic_info(older)
-            };
-            let default = can_collapse(&mut *tx, new.buildset, older.buildset).await?;
-            if !hooks.collapse(builder, &new_info, &older_info, || default) {
-                continue;
+        let absorbed = if hooks.collapse_is_default() {
+            // The default rule needs no look at each request: the key finds them all.
+            match db::buildset_collapse_key(&mut *tx, buildset).await? {
+                Some(key) => db::collapsible_requests(&mut *tx, builder, *new_id, &key).await?,
+                None => Vec::new(),
             }
+        } else {
+            collapse_by_hook(tx, builder, *new_id, hooks).await?
+        };
+        for older in absorbed {
             // Claiming first makes the collapse safe against another master claiming the
             // same request for a build at this moment.
-            if db::claim_request(&mut *tx, older.id, master, now).await? {
-                collapsed.push((older.id, Results::Skipped, Some(new.id)));
+            if db::claim_request(&mut *tx, older, master, now).await? {
+                collapsed.push((older, Results::Skipped, Some(*new_id)));
             }
         }
     }
@@ -239,6 +226,34 @@ pub async fn submit_buildset(
         requests,
         collapsed: done,
     }))
+}
+
+/// The older queued requests on `builder` that the collapse hook (never, or a policy) lets
+/// request `new_id` absorb, asking about each in turn.
+async fn collapse_by_hook(
+    tx: &mut db::Tx,
+    builder: &str,
+    new_id: BuildRequestId,
+    hooks: &Hooks,
+) -> anyhow::Result<Vec<BuildRequestId>> {
+    let mut absorbed = Vec::new();
+    if !hooks.collapse_needs_details() {
+        return Ok(absorbed); // never
+    }
+    let queue = db::queued_requests(&mut *tx, Some(builder), i64::MAX).await?;
+    let Some(new) = queue.iter().find(|r| r.id == new_id).cloned() else {
+        return Ok(absorbed);
+    };
+    let new_info = request_info(&mut *tx, &new).await?;
+    for older in queue.iter().filter(|r| r.id < new.id) {
+        let older_info = request_info(&mut *tx, older).await?;
+        // What Kiln would decide, for when the policy has no opinion or fails.
+        let default = can_collapse(&mut *tx, new.buildset, older.buildset).await?;
+        if hooks.collapse(builder, &new_info, &older_info, || default) {
+            absorbed.push(older.id);
+        }
+    }
+    Ok(absorbed)
 }
 
 /// Completes claimed requests in the caller's transaction. A failing request records its
@@ -402,4 +417,80 @@ pub async fn claim_for_workers(
         }
     }
     Ok(assignments)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stamp(branch: &str, revision: Option<&str>, changes: &[i64]) -> SourceStamp {
+        SourceStamp {
+            repository: "r".into(),
+            branch: Some(branch.into()),
+            revision: revision.map(str::to_owned),
+            changes: changes.iter().map(|c| ChangeId(*c)).collect(),
+            ..Default::default()
+        }
+    }
+
+    fn prop(name: &str, value: Value, source: &str) -> SourcedProperty {
+        SourcedProperty {
+            name: name.into(),
+            value,
+            source: source.into(),
+        }
+    }
+
+    #[test]
+    fn the_collapse_key_is_buildbots_rule() {
+        let key = |s: SourceStamp, p: &[SourcedProperty]| collapse_key(&[s], p);
+        // Built from changes: any revision merges with any other on the same branch.
+        assert_eq!(
+            key(stamp("main", Some("a"), &[1]), &[]),
+            key(stamp("main", Some("b"), &[2, 3]), &[])
+        );
+        assert_ne!(
+            key(stamp("main", None, &[1]), &[]),
+            key(stamp("dev", None, &[1]), &[])
+        );
+        // Without changes only the same revision merges, and never with one built from changes.
+        assert_eq!(
+            key(stamp("main", Some("a"), &[]), &[]),
+            key(stamp("main", Some("a"), &[]), &[])
+        );
+        assert_ne!(
+            key(stamp("main", Some("a"), &[]), &[]),
+            key(stamp("main", Some("b"), &[]), &[])
+        );
+        assert_ne!(
+            key(stamp("main", Some("a"), &[]), &[]),
+            key(stamp("main", Some("a"), &[1]), &[])
+        );
+        // Where a request came from does not matter; what it builds with does.
+        let s = || stamp("main", None, &[1]);
+        assert_eq!(
+            key(
+                s(),
+                &[
+                    prop("owner", json!("ada"), "Force Build Form"),
+                    prop("ticket", json!(1), "Change")
+                ]
+            ),
+            key(s(), &[prop("owner", json!("bob"), "Force Build Form")])
+        );
+        assert_ne!(
+            key(s(), &[prop("jobs", json!(4), "Force Build Form")]),
+            key(s(), &[prop("jobs", json!(8), "Force Build Form")])
+        );
+        // A patch never merges.
+        let mut patched = s();
+        patched.patch = Some(Patch {
+            level: 1,
+            body: vec![],
+            author: None,
+            comment: None,
+            subdir: None,
+        });
+        assert_eq!(key(patched, &[]), None);
+    }
 }

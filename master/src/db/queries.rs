@@ -95,8 +95,11 @@ pub async fn release_master_claims(
     let released: Vec<i64> = sqlx::query_scalar(
         "DELETE FROM buildrequest_claims
          WHERE master_id = $1
-           AND request_id IN (SELECT id FROM buildrequests WHERE complete = 0)
-           AND request_id NOT IN (SELECT request_id FROM builds WHERE complete_at IS NULL)
+           AND EXISTS (SELECT 1 FROM buildrequests r
+                       WHERE r.id = buildrequest_claims.request_id AND r.complete = 0)
+           AND NOT EXISTS (SELECT 1 FROM builds b
+                           WHERE b.request_id = buildrequest_claims.request_id
+                             AND b.complete_at IS NULL)
          RETURNING request_id",
     )
     .bind(master.0)
@@ -387,8 +390,8 @@ pub async fn insert_buildset(
 ) -> Result<Option<(BuildsetId, Vec<(BuildRequestId, String)>)>> {
     let id: Option<i64> = sqlx::query_scalar(
         "INSERT INTO buildsets (scheduler, reason, external_id, submitted_at, trusted,
-                                parent_build_id)
-         VALUES ($1, $2, $3, $4, $5, $6)
+                                parent_build_id, collapse_key)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)
          ON CONFLICT (scheduler, external_id) DO NOTHING
          RETURNING id",
     )
@@ -398,6 +401,10 @@ pub async fn insert_buildset(
     .bind(now)
     .bind(flag(bs.trusted))
     .bind(bs.parent_build.map(|b| b.0))
+    .bind(crate::requests::collapse_key(
+        &bs.sourcestamps,
+        &bs.properties,
+    ))
     .fetch_optional(&mut *conn)
     .await?;
     let Some(id) = id else { return Ok(None) };
@@ -501,6 +508,43 @@ fn buildset_from_row(r: &AnyRow) -> Result<Buildset> {
 
 const BUILDSET_COLUMNS: &str = "id, scheduler, reason, external_id, submitted_at, trusted, \
     complete, results, first_failure_at";
+
+/// A buildset's collapse key (`None`: its requests never merge).
+pub async fn buildset_collapse_key(
+    conn: &mut AnyConnection,
+    id: BuildsetId,
+) -> Result<Option<String>> {
+    let key: Option<Option<String>> =
+        sqlx::query_scalar("SELECT collapse_key FROM buildsets WHERE id = $1")
+            .bind(id.0)
+            .fetch_optional(conn)
+            .await?;
+    Ok(key.flatten())
+}
+
+/// Queued requests on `builder`, older than `newer`, whose buildsets have collapse key `key`.
+pub async fn collapsible_requests(
+    conn: &mut AnyConnection,
+    builder: &str,
+    newer: BuildRequestId,
+    key: &str,
+) -> Result<Vec<BuildRequestId>> {
+    let ids: Vec<i64> = sqlx::query_scalar(
+        "SELECT r.id FROM buildrequests r
+         JOIN builders b ON b.id = r.builder_id
+         JOIN buildsets s ON s.id = r.buildset_id
+         LEFT JOIN buildrequest_claims c ON c.request_id = r.id
+         WHERE b.name = $1 AND r.complete = 0 AND c.request_id IS NULL AND r.id < $2
+           AND s.collapse_key = $3
+         ORDER BY r.id",
+    )
+    .bind(builder)
+    .bind(newer.0)
+    .bind(key)
+    .fetch_all(conn)
+    .await?;
+    Ok(ids.into_iter().map(BuildRequestId).collect())
+}
 
 /// One buildset.
 pub async fn get_buildset(conn: &mut AnyConnection, id: BuildsetId) -> Result<Option<Buildset>> {
