@@ -750,13 +750,31 @@ pub async fn force(
     } else {
         &request.owner
     };
+    // Parameters named after source stamp fields fill them, as Buildbot's codebase fields do
+    // on its force form (a `branch` parameter picks the branch to build).
+    let param = |name: &str| {
+        params
+            .iter()
+            .find(|p| p.name == name)
+            .and_then(|p| p.value.as_str())
+            .filter(|v| !v.is_empty())
+            .map(str::to_owned)
+    };
     let mut bs = new_buildset(
         s,
         vec![SourceStamp {
-            repository: request.repository.clone().unwrap_or_default(),
-            branch: request.branch.clone(),
-            revision: request.revision.clone(),
-            project: request.project.clone().unwrap_or_default(),
+            repository: request
+                .repository
+                .clone()
+                .or_else(|| param("repository"))
+                .unwrap_or_default(),
+            branch: request.branch.clone().or_else(|| param("branch")),
+            revision: request.revision.clone().or_else(|| param("revision")),
+            project: request
+                .project
+                .clone()
+                .or_else(|| param("project"))
+                .unwrap_or_default(),
             ..Default::default()
         }],
     );

@@ -397,6 +397,7 @@ parameters = [
   { name = "jobs", type = "int", default = 4 },
   { name = "clean", type = "bool" },
   { name = "target", type = "choice", choices = ["debug", "release"], default = "debug" },
+  { name = "revision", type = "string" },
 ]
 "#,
     )
@@ -413,7 +414,7 @@ parameters = [
         reason: "release candidate".into(),
         owner: "ada".into(),
         branch: Some("main".into()),
-        parameters: json!({"version": "1.2", "jobs": "8", "clean": true})
+        parameters: json!({"version": "1.2", "jobs": "8", "clean": true, "revision": "abc"})
             .as_object()
             .unwrap()
             .clone(),
@@ -442,6 +443,12 @@ parameters = [
         .unwrap();
     assert_eq!(bs.reason, "A build was forced by 'ada': release candidate");
     assert_eq!(f.queued("mac").await[0].priority, 3);
+    // A parameter named after a source stamp field fills it.
+    let stamps = db::buildset_sourcestamps(&mut c, ok.buildset)
+        .await
+        .unwrap();
+    assert_eq!(stamps[0].revision.as_deref(), Some("abc"));
+    assert_eq!(stamps[0].branch.as_deref(), Some("main"));
 
     let err = |params: serde_json::Value, builders: Vec<String>| {
         force(ForceRequest {
@@ -475,7 +482,7 @@ parameters = [
         (
             json!({"version": "1.0", "colour": 1}),
             vec![],
-            "parameter \"colour\" is not one of scheduler \"force\"'s (version, jobs, clean, target)",
+            "parameter \"colour\" is not one of scheduler \"force\"'s (version, jobs, clean, target, revision)",
         ),
         (
             json!({"version": "1.0"}),
