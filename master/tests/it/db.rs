@@ -20,6 +20,7 @@ on_both_databases!(
     builds_are_numbered_per_builder,
     logs_are_stored_compressed_and_read_by_line_range,
     modules_are_registered_once_per_version,
+    workers_are_synced_from_the_configuration,
 );
 
 fn change(author: &str, branch: &str, key: Option<&str>) -> NewChange {
@@ -272,7 +273,7 @@ async fn a_claim_has_exactly_one_winner_across_masters(t: TestDb) {
             .is_empty()
     );
     // Only the holder can complete or unclaim.
-    let r = w1.first().copied().unwrap_or(w2[0]);
+    let r = w1.first().copied().unwrap_or_else(|| w2[0]);
     let (holder, stranger) = if w1.contains(&r) { (m1, m2) } else { (m2, m1) };
     assert_eq!(db::claimed_by(&mut c, r).await.unwrap(), Some(holder));
     assert!(
@@ -594,4 +595,48 @@ async fn modules_are_registered_once_per_version(t: TestDb) {
             .is_empty()
     );
     let _ = BTreeMap::<(), ()>::new();
+}
+
+async fn workers_are_synced_from_the_configuration(t: TestDb) {
+    let db = &t.db;
+    let mut c = conn(db).await;
+    let first = db::sync_workers(
+        &mut c,
+        &[
+            ("w1".into(), json!({"arch": "x86_64", "sandbox": false})),
+            ("w2".into(), json!({"sandbox": true})),
+        ],
+    )
+    .await
+    .unwrap();
+    let again = db::sync_workers(&mut c, &[("w1".into(), json!({"arch": "aarch64"}))])
+        .await
+        .unwrap();
+    assert_eq!(
+        again["w1"], first["w1"],
+        "a worker keeps its id across reloads"
+    );
+    let rows: Vec<(String, String, String, String)> =
+        sqlx::query_as("SELECT name, info, state, health FROM workers ORDER BY name")
+            .fetch_all(&mut *c)
+            .await
+            .unwrap();
+    assert_eq!(
+        rows,
+        vec![
+            (
+                "w1".to_string(),
+                r#"{"arch":"aarch64"}"#.to_string(),
+                "offline".to_string(),
+                "ok".to_string()
+            ),
+            (
+                "w2".to_string(),
+                r#"{"sandbox":true}"#.to_string(),
+                "offline".to_string(),
+                "ok".to_string()
+            ),
+        ],
+        "a worker removed from the configuration keeps its row and history"
+    );
 }
