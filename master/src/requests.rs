@@ -399,13 +399,9 @@ pub async fn claim_for_workers(
                 offered.remove(k);
             }
             let Some(worker) = chosen else { continue };
-            if !db::claim_request(&mut conn, request.id, master, now).await? {
-                continue; // another master won it
-            }
             if let Some(w) = workers.iter_mut().find(|w| w.name == worker) {
                 w.running_builds += 1;
             }
-            tracing::debug!(request = %request.id, builder = %builder.name, %worker, "claimed");
             assignments.push(Assignment {
                 request: request.id,
                 builder: builder.name.clone(),
@@ -416,7 +412,22 @@ pub async fn claim_for_workers(
             }
         }
     }
-    Ok(assignments)
+    drop(conn);
+    // The decisions are made (hooks included) before any lock is taken; the claims then
+    // commit together in one short transaction. A request another master won in between is
+    // dropped (its worker slot stays free until the next pass).
+    let mut tx = db.begin().await?;
+    let mut won = Vec::with_capacity(assignments.len());
+    for a in assignments {
+        if db::claim_request(&mut tx, a.request, master, now).await? {
+            tracing::debug!(request = %a.request, builder = %a.builder, worker = %a.worker, "claimed");
+            won.push(a);
+        } else if let Some(w) = workers.iter_mut().find(|w| w.name == a.worker) {
+            w.running_builds -= 1;
+        }
+    }
+    tx.commit().await?;
+    Ok(won)
 }
 
 #[cfg(test)]
