@@ -385,6 +385,12 @@ impl Master {
                     if let Err(error) = self.heartbeat().await {
                         tracing::error!(error = format!("{error:#}"), "heartbeat failed");
                     }
+                    // A reload may have changed the interval.
+                    let period = self.state().config.master.heartbeat;
+                    if beat.period() != period {
+                        beat = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+                        beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    }
                 }
                 _ = self.wake.notified() => next_pass = tokio::time::Instant::now(),
                 _ = tokio::time::sleep_until(next_pass) => {
