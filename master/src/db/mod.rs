@@ -14,7 +14,7 @@
 mod queries;
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
-use sqlx::{Any, AnyPool, Executor, Transaction};
+use sqlx::{Any, AnyPool, Connection, Executor, Transaction};
 use std::str::FromStr;
 
 pub use queries::*;
@@ -41,20 +41,20 @@ pub enum DbError {
     )]
     UnsupportedUrl(String),
     /// Connecting failed.
-    #[error("cannot connect to the database at {url}: {source}")]
+    #[error("cannot connect to the database at {url}: {reason}")]
     Connect {
         /// The URL, with any password removed.
         url: String,
-        /// Why.
-        source: sqlx::Error,
+        /// Why (named `reason`, not `source`, so the message says it once).
+        reason: sqlx::Error,
     },
     /// A migration failed.
-    #[error("cannot migrate the database at {url}: {source}")]
+    #[error("cannot migrate the database at {url}: {reason}")]
     Migrate {
         /// The URL, with any password removed.
         url: String,
         /// Why.
-        source: sqlx::migrate::MigrateError,
+        reason: sqlx::migrate::MigrateError,
     },
 }
 
@@ -75,9 +75,9 @@ impl Db {
     /// Connects to `url` (`sqlite://...` or `postgres://...`) and brings the schema up to date.
     pub async fn open(url: &str) -> Result<Db, DbError> {
         let db = Db::connect(url).await?;
-        db.migrate().await.map_err(|source| DbError::Migrate {
+        db.migrate().await.map_err(|reason| DbError::Migrate {
             url: redact_url(url),
-            source,
+            reason,
         })?;
         Ok(db)
     }
@@ -92,11 +92,19 @@ impl Db {
         } else {
             return Err(DbError::UnsupportedUrl(redact_url(url)));
         };
-        let connect_err = |source| DbError::Connect {
+        let connect_err = |reason| DbError::Connect {
             url: redact_url(url),
-            source,
+            reason,
         };
         let options = AnyConnectOptions::from_str(url).map_err(connect_err)?;
+        // One direct connection first: a pool retries until its timeout and then reports only
+        // that it timed out; this says why (refused, authentication, no such database) at once.
+        sqlx::AnyConnection::connect_with(&options)
+            .await
+            .map_err(connect_err)?
+            .close()
+            .await
+            .map_err(connect_err)?;
         let pool = match backend {
             Backend::Sqlite => {
                 AnyPoolOptions::new()

@@ -381,3 +381,34 @@ fn the_api_forces_builds_records_changes_and_reloads() {
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     assert!(child.wait().unwrap().success());
 }
+
+#[test]
+fn a_database_that_cannot_be_used_is_named_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("kiln.toml"), CONFIG).unwrap();
+    // A port nothing listens on: the error comes at once, with the reason.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("postgres://kiln:hunter2@127.0.0.1:{port}/kiln");
+    let out = kiln(dir.path(), &["master", "--db", &url]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(
+        text(&out.stderr),
+        format!(
+            "kiln: error: cannot connect to the database at postgres://kiln:***@127.0.0.1:{port}/kiln: error communicating with database: Connection refused (os error 111)\n"
+        ),
+        "the password never shows"
+    );
+    let out = kiln(
+        dir.path(),
+        &["sendchange", "--who", "a", "--db", "mysql://db/kiln"],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(
+        text(&out.stderr),
+        "kiln: error: database URL \"mysql://db/kiln\" is not supported: use a SQLite file (sqlite:///path/kiln.sqlite) or a PostgreSQL URL (postgres://user@host/dbname)\n"
+    );
+}
