@@ -75,15 +75,12 @@ pub fn router(master: Arc<Master>) -> Router {
 }
 
 async fn masters(State(m): State<Arc<Master>>) -> ApiResult {
-    let rows = sqlx::query_as::<_, (i64, String, i64, i64)>(
-        "SELECT id, name, active, last_active FROM masters ORDER BY id",
-    )
-    .fetch_all(m.db.pool())
-    .await?;
-    let masters: Vec<Value> = rows
+    let mut conn = m.db.pool().acquire().await?;
+    let masters: Vec<Value> = db::masters(&mut conn)
+        .await?
         .into_iter()
         .map(|(id, name, active, last_active)| {
-            json!({"masterid": id, "name": name, "active": active != 0, "last_active": last_active})
+            json!({"masterid": id, "name": name, "active": active, "last_active": last_active})
         })
         .collect();
     Ok(Json(

@@ -18,6 +18,7 @@ use anyhow::{Context, bail};
 
 /// A running temporary PostgreSQL server.
 pub struct TempPostgres {
+    bin: PathBuf,
     port: u16,
     dir: PathBuf,
     // Closing this pipe tells the watchdog shell to stop the server and delete its directory.
@@ -147,6 +148,7 @@ impl TempPostgres {
         let mut watchdog = cmd.spawn().context("starting postgres")?;
         let stdin = watchdog.stdin.take();
         let server = TempPostgres {
+            bin,
             port,
             dir,
             watchdog_stdin: stdin,
@@ -161,7 +163,7 @@ impl TempPostgres {
         loop {
             if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
                 // Accepting TCP is not yet accepting queries; pg_isready says when it is.
-                let ready = Command::new(bindir()?.join("pg_isready"))
+                let ready = Command::new(self.bin.join("pg_isready"))
                     .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-q"])
                     .status()
                     .map(|s| s.success())
@@ -201,7 +203,7 @@ impl TempPostgres {
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         );
-        let out = Command::new(bindir()?.join("createdb"))
+        let out = Command::new(self.bin.join("createdb"))
             .args([
                 "-h",
                 "127.0.0.1",

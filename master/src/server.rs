@@ -3,7 +3,6 @@
 //! (heartbeat, taking over from dead masters) and run the schedulers.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -415,9 +414,4 @@ impl Master {
         tracing::info!("master stopped");
         Ok(())
     }
-}
-
-/// The configuration file to use: the given one, or `kiln.toml` in the current directory.
-pub fn config_path(given: Option<PathBuf>) -> PathBuf {
-    given.unwrap_or_else(|| PathBuf::from("kiln.toml"))
 }

@@ -71,6 +71,23 @@ pub async fn deactivate_master(conn: &mut AnyConnection, master: MasterId) -> Re
     Ok(())
 }
 
+/// Every master that has used the database: (id, name, active, last heartbeat in ms).
+pub async fn masters(conn: &mut AnyConnection) -> Result<Vec<(MasterId, String, bool, i64)>> {
+    let rows = sqlx::query("SELECT id, name, active, last_active FROM masters ORDER BY id")
+        .fetch_all(conn)
+        .await?;
+    rows.iter()
+        .map(|r| {
+            Ok((
+                MasterId(r.try_get("id")?),
+                r.try_get("name")?,
+                r.try_get::<i64, _>("active")? != 0,
+                r.try_get("last_active")?,
+            ))
+        })
+        .collect()
+}
+
 /// Active masters whose heartbeat is older than `stale_before`.
 pub async fn stale_masters(
     conn: &mut AnyConnection,
@@ -962,6 +979,15 @@ pub async fn claim_scheduler(
     master: MasterId,
     now: i64,
 ) -> Result<bool> {
+    const OWNER: &str = "SELECT master_id FROM scheduler_masters WHERE scheduler = $1";
+    // Every pass asks; only an unowned scheduler costs a write (on SQLite, the write lock).
+    let owner: Option<i64> = sqlx::query_scalar(OWNER)
+        .bind(scheduler)
+        .fetch_optional(&mut *conn)
+        .await?;
+    if let Some(id) = owner {
+        return Ok(id == master.0);
+    }
     sqlx::query(
         "INSERT INTO scheduler_masters (scheduler, master_id, claimed_at) VALUES ($1, $2, $3)
          ON CONFLICT (scheduler) DO NOTHING",
@@ -971,11 +997,10 @@ pub async fn claim_scheduler(
     .bind(now)
     .execute(&mut *conn)
     .await?;
-    let owner: i64 =
-        sqlx::query_scalar("SELECT master_id FROM scheduler_masters WHERE scheduler = $1")
-            .bind(scheduler)
-            .fetch_one(conn)
-            .await?;
+    let owner: i64 = sqlx::query_scalar(OWNER)
+        .bind(scheduler)
+        .fetch_one(conn)
+        .await?;
     Ok(owner == master.0)
 }
 

@@ -1,7 +1,5 @@
 //! Every query of `master::db`, against SQLite and against a real PostgreSQL server.
 
-use std::collections::BTreeMap;
-
 use master::db::{self, Db};
 use master::model::*;
 use serde_json::json;
@@ -594,7 +592,6 @@ async fn modules_are_registered_once_per_version(t: TestDb) {
             .unwrap()
             .is_empty()
     );
-    let _ = BTreeMap::<(), ()>::new();
 }
 
 async fn workers_are_synced_from_the_configuration(t: TestDb) {

@@ -149,7 +149,7 @@ async fn a_master_killed_at_any_moment_loses_nothing_and_fires_nothing_twice(t: 
             && held.is_empty()
     })
     .await;
-    rustix_term(&child);
+    terminate(&child);
     let status = child.wait().unwrap();
     assert!(status.success(), "{status}");
 
@@ -219,7 +219,7 @@ async fn a_master_killed_at_any_moment_loses_nothing_and_fires_nothing_twice(t: 
     );
 }
 
-fn rustix_term(child: &Child) {
+fn terminate(child: &Child) {
     // SAFETY: plain kill(2) on our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
 }
