@@ -331,6 +331,7 @@ async fn throughput(label: &str, url: &str, scale: &Scale, report: &mut Report) 
             master.id,
             &state.builders,
             &mut workers,
+            &mut Default::default(),
             &state.hooks,
             now_ms(),
         )
@@ -741,6 +742,7 @@ fn claim_pass_child(url: &str, config: &Path) {
             master.id,
             &state.builders,
             &mut workers,
+            &mut Default::default(),
             &state.hooks,
             now_ms(),
         )

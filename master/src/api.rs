@@ -70,6 +70,16 @@ pub fn router(master: Arc<Master>) -> Router {
         .route("/api/v2/changes", post(add_change))
         .route("/api/v2/forceschedulers/{name}", post(force))
         .route("/api/v2/control/reconfig", post(reconfig))
+        .route("/api/v2/workers", get(workers))
+        .route("/api/v2/builds", get(builds))
+        .route("/api/v2/builds/{id}", get(build))
+        .route("/api/v2/builds/{id}/stop", post(stop_build))
+        .route("/api/v2/logs/{id}/raw", get(log_raw))
+        .route(
+            runtime::protocol::CONNECT_PATH,
+            get(crate::workers::connect),
+        )
+        .route(crate::filecache::ROUTE, get(crate::filecache::serve))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(master)
 }
@@ -124,10 +134,13 @@ async fn force(
         .with_env(async |env| schedulers::force(env, &name, &request, now_ms()).await)
         .await?;
     match result {
-        Ok(s) => Ok(Json(json!({
-            "buildsetid": s.buildset,
-            "buildrequests": s.requests.iter().map(|(id, b)| json!({"buildrequestid": id, "builder": b})).collect::<Vec<_>>(),
-        }))),
+        Ok(s) => {
+            m.wake_dispatch();
+            Ok(Json(json!({
+                "buildsetid": s.buildset,
+                "buildrequests": s.requests.iter().map(|(id, b)| json!({"buildrequestid": id, "builder": b})).collect::<Vec<_>>(),
+            })))
+        }
         Err(RequestError::NoScheduler(msg)) => Err(ApiError::NotFound(msg)),
         Err(RequestError::Invalid(msg)) => Err(ApiError::BadRequest(msg)),
     }
@@ -140,4 +153,143 @@ async fn reconfig(State(m): State<Arc<Master>>) -> ApiResult {
             "the configuration was not reloaded; the old one stays: {e:#}"
         ))),
     }
+}
+
+/// Configured workers with their connection and health.
+async fn workers(State(m): State<Arc<Master>>) -> ApiResult {
+    let connected = crate::workers::describe(&m);
+    let mut conn = m.db.pool().acquire().await?;
+    let health = db::worker_health(&mut conn).await?;
+    let workers: Vec<Value> = m
+        .state()
+        .config
+        .workers
+        .iter()
+        .map(|w| {
+            let live = connected.iter().find(|c| c["name"] == w.name.as_str());
+            let h = health.get(&w.name);
+            json!({
+                "name": w.name,
+                "connected": live.is_some(),
+                "sandbox": w.sandbox,
+                "builds": live.map(|c| c["builds"].clone()).unwrap_or(json!([])),
+                "draining": live.map(|c| c["draining"].clone()).unwrap_or(json!(false)),
+                "health": h.map(|h| h.health.clone()),
+                "failure_count": h.map(|h| h.failure_count),
+                "quarantine_until": h.and_then(|h| h.quarantine_until),
+                "notes": h.map(|h| h.notes.clone()),
+                "paused": h.map(|h| h.paused),
+            })
+        })
+        .collect();
+    Ok(Json(
+        json!({"workers": workers, "meta": {"total": workers.len()}}),
+    ))
+}
+
+fn build_json(b: &db::BuildRow) -> Value {
+    json!({
+        "buildid": b.id, "builder": b.builder, "number": b.number,
+        "buildrequestid": b.request, "worker": b.worker, "started_at": b.started_at,
+        "complete_at": b.complete_at, "complete": b.complete_at.is_some(),
+        "state_string": b.state, "results": b.results,
+    })
+}
+
+/// Query of `GET /api/v2/builds`.
+#[derive(Debug, serde::Deserialize)]
+struct BuildsQuery {
+    buildrequestid: Option<i64>,
+    limit: Option<i64>,
+}
+
+async fn builds(
+    State(m): State<Arc<Master>>,
+    axum::extract::Query(q): axum::extract::Query<BuildsQuery>,
+) -> ApiResult {
+    let mut conn = m.db.pool().acquire().await?;
+    let rows = db::builds(
+        &mut conn,
+        q.buildrequestid.map(crate::model::BuildRequestId),
+        q.limit.unwrap_or(100).clamp(1, 10_000),
+    )
+    .await?;
+    let builds: Vec<Value> = rows.iter().map(build_json).collect();
+    Ok(Json(
+        json!({"builds": builds, "meta": {"total": builds.len()}}),
+    ))
+}
+
+/// A build with its steps, their logs, and its properties: one request for a build page.
+async fn build(State(m): State<Arc<Master>>, Path(id): Path<i64>) -> ApiResult {
+    let mut conn = m.db.pool().acquire().await?;
+    let row = db::builds(&mut conn, None, i64::MAX)
+        .await?
+        .into_iter()
+        .find(|b| b.id.0 == id)
+        .ok_or_else(|| ApiError::NotFound(format!("no build {id}")))?;
+    let mut steps = Vec::new();
+    for (step_id, number, name, results, state) in db::build_steps(&mut conn, row.id).await? {
+        let logs: Vec<Value> = db::step_logs(&mut conn, step_id)
+            .await?
+            .into_iter()
+            .map(|(log_id, name, lines)| json!({"logid": log_id, "name": name, "num_lines": lines}))
+            .collect();
+        steps.push(json!({
+            "stepid": step_id, "number": number, "name": name, "results": results,
+            "state_string": state, "logs": logs,
+        }));
+    }
+    let properties: serde_json::Map<String, Value> = db::build_properties(&mut conn, row.id)
+        .await?
+        .into_iter()
+        .map(|p| (p.name, json!([p.value, p.source])))
+        .collect();
+    let mut b = build_json(&row);
+    b["steps"] = Value::Array(steps);
+    b["properties"] = Value::Object(properties);
+    Ok(Json(b))
+}
+
+/// Body of `POST /api/v2/builds/{id}/stop`.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StopRequest {
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+async fn stop_build(
+    State(m): State<Arc<Master>>,
+    Path(id): Path<i64>,
+    body: axum::body::Bytes,
+) -> ApiResult {
+    let request: StopRequest = if body.is_empty() {
+        StopRequest::default()
+    } else {
+        parse_body(&body)?
+    };
+    let reason = request
+        .reason
+        .unwrap_or_else(|| "stopped through the API".into());
+    if m.stop_build(id, &reason) {
+        Ok(Json(json!({"stopping": true})))
+    } else {
+        Err(ApiError::NotFound(format!(
+            "build {id} is not running on a worker of this master"
+        )))
+    }
+}
+
+/// A log's text: one line per line, without the channel tags.
+async fn log_raw(State(m): State<Arc<Master>>, Path(id): Path<i64>) -> Result<String, ApiError> {
+    let mut conn = m.db.pool().acquire().await?;
+    let lines = db::log_lines(&mut conn, id, 0, i64::MAX).await?;
+    let mut out = String::new();
+    for line in lines {
+        // Stream logs tag each line with its channel (o, e, h).
+        out.push_str(line.get(1..).unwrap_or_default());
+        out.push('\n');
+    }
+    Ok(out)
 }

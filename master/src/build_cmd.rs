@@ -16,9 +16,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
 use clap::{Args, Subcommand};
+use runtime::protocol::{GrantSpec, ModuleSpec, ObserverSpecWire, StepSpec};
 use runtime::{
-    ArtifactStore, BuildOutcome, BuildStep, DirStore, Grant, LoadError, Loaded, ObserverComponent,
-    ObserverSpec, Outcome, Properties, Runtime, RuntimeConfig, StepComponent, StepEvents,
+    ArtifactStore, BuildOutcome, BuildStep, DirStore, Grant, LoadError, Loaded, ObserverSpec,
+    Outcome, Properties, Runtime, RuntimeConfig, StepEvents,
 };
 use serde_json::{Map, Value};
 
@@ -167,23 +168,22 @@ impl BuildPlan {
     }
 }
 
-/// Turns a configured builder into the runtime's steps: each built-in loaded with its preset
-/// arguments and default observers (on `stdio`), then the step's configured observers; each
-/// uploaded module from `modules`; `%(src:...)s` rendered from `stamps` in step and observer
-/// arguments (`%(prop:...)s` and `%(secret:...)s` are left for the runtime, which renders them
-/// as each step starts).
-pub fn plan_build(
+/// A configured builder's steps as a worker receives them: each built-in with its preset
+/// arguments merged and its default observers (on `stdio`) before the step's configured
+/// observers; each uploaded module as `uploaded` names it (by content); `%(src:...)s` rendered
+/// from `stamps` in step and observer arguments (`%(prop:...)s` and `%(secret:...)s` are left
+/// for the runtime, which renders them as each step starts).
+pub fn job_steps(
     builder: &Builder,
-    runtime: &Runtime,
-    modules: &ModuleFiles,
     stamps: &[SourceStamp],
-) -> Result<BuildPlan, PlanError> {
+    uploaded: &dyn Fn(&ModuleRef, &str) -> Result<ModuleSpec, PlanError>,
+) -> Result<Vec<StepSpec>, PlanError> {
     let mut steps = Vec::with_capacity(builder.steps.len());
     for s in &builder.steps {
         let at = format!("step {:?}", s.name);
         let args = render(&s.args, stamps, &at)?;
         let mut observers = Vec::new();
-        let (loaded, args) = match &s.module {
+        let (module, args) = match &s.module {
             ModuleSource::Builtin(name) => {
                 let b = builtin(name, &at)?;
                 let merged = b.args(&args).map_err(|message| PlanError::Args {
@@ -191,45 +191,142 @@ pub fn plan_build(
                     message,
                 })?;
                 for (o, o_args) in b.default_observers(&merged) {
-                    let o_at = format!("{at}: observer {:?}", o.name);
-                    let loaded = load_builtin(runtime, o, &o_at)?;
-                    observers.push(ObserverSpec {
-                        component: as_observer(loaded, &ModuleSource::Builtin(o.name), &o_at)?,
+                    observers.push(ObserverSpecWire {
                         name: o.name.to_owned(),
+                        module: ModuleSpec::Builtin {
+                            name: o.name.to_owned(),
+                        },
                         args: o_args,
                         log: DEFAULT_LOG.to_owned(),
                     });
                 }
-                (load_builtin(runtime, b, &at)?, merged)
+                (
+                    ModuleSpec::Builtin {
+                        name: b.name.to_owned(),
+                    },
+                    merged,
+                )
             }
-            ModuleSource::Uploaded(m) => (load_uploaded(runtime, modules, m, &at)?, args),
+            ModuleSource::Uploaded(m) => (uploaded(m, &at)?, args),
         };
-        let step = as_step(loaded, &s.module, &at)?;
         for o in &s.observers {
             let o_at = format!("{at}: observer {:?}", o.module.to_string());
-            let (loaded, name) = match &o.module {
+            let (module, name) = match &o.module {
                 ModuleSource::Builtin(name) => {
                     let b = builtin(name, &o_at)?;
-                    (load_builtin(runtime, b, &o_at)?, b.name.to_owned())
+                    (
+                        ModuleSpec::Builtin {
+                            name: b.name.to_owned(),
+                        },
+                        b.name.to_owned(),
+                    )
                 }
-                ModuleSource::Uploaded(m) => {
-                    (load_uploaded(runtime, modules, m, &o_at)?, m.name.clone())
-                }
+                ModuleSource::Uploaded(m) => (uploaded(m, &o_at)?, m.name.clone()),
             };
-            observers.push(ObserverSpec {
-                component: as_observer(loaded, &o.module, &o_at)?,
+            observers.push(ObserverSpecWire {
                 name,
+                module,
                 args: render(&o.args, stamps, &o_at)?,
                 log: o.log.clone(),
             });
         }
-        steps.push(BuildStep {
+        steps.push(StepSpec {
             name: s.name.clone(),
-            step,
+            module,
             args,
             observers,
             options: s.options.clone(),
-            deadline: Some(s.timeout),
+            timeout_ms: s.timeout.as_millis().min(u64::MAX as u128) as u64,
+        });
+    }
+    Ok(steps)
+}
+
+/// The grant a job carries: the builder's programs, directories, environment, network and
+/// memory cap.
+pub fn job_grant(builder: &Builder) -> GrantSpec {
+    let g = &builder.grant;
+    GrantSpec {
+        programs: g.programs.clone(),
+        ro_dirs: g.ro_dirs.clone(),
+        env: g.env.clone(),
+        network: g.network,
+        memory_bytes: u64::from(g.memory_mib) << 20,
+    }
+}
+
+/// Turns a configured builder into the runtime's steps ([`job_steps`], loaded): built-ins from
+/// this binary, uploaded modules from the files `modules` maps them to.
+pub fn plan_build(
+    builder: &Builder,
+    runtime: &Runtime,
+    modules: &ModuleFiles,
+    stamps: &[SourceStamp],
+) -> Result<BuildPlan, PlanError> {
+    // The files of uploaded modules, by SHA-1, as the worker's file cache would hold them.
+    let files: std::cell::RefCell<HashMap<String, PathBuf>> = Default::default();
+    let uploaded = |m: &ModuleRef, at: &str| -> Result<ModuleSpec, PlanError> {
+        let file = modules.get(m).ok_or_else(|| PlanError::NotAvailable {
+            at: at.to_owned(),
+            module: m.to_string(),
+        })?;
+        let bytes = std::fs::read(file).map_err(|e| PlanError::Args {
+            at: at.to_owned(),
+            message: format!("{}: {e}", file.display()),
+        })?;
+        use sha2::Digest;
+        let sha1 = hex::encode(sha1_checked::Sha1::digest(&bytes));
+        files.borrow_mut().insert(sha1.clone(), file.to_owned());
+        Ok(ModuleSpec::File {
+            label: m.to_string(),
+            sha1,
+            sha256: hex::encode(sha2::Sha256::digest(&bytes)),
+            size: bytes.len() as u64,
+        })
+    };
+    let specs = job_steps(builder, stamps, &uploaded)?;
+    let files = files.into_inner();
+    let load = |module: &ModuleSpec, at: &str| -> Result<Loaded, PlanError> {
+        let loaded = match module {
+            ModuleSpec::Builtin { name } => {
+                let b = builtin(name, at)?;
+                runtime.load(b.wasm, b.name)
+            }
+            ModuleSpec::File { sha1, .. } => runtime.load_file(&files[sha1]),
+        };
+        loaded.map_err(|error| PlanError::Load {
+            at: at.to_owned(),
+            error,
+        })
+    };
+    let mut steps = Vec::with_capacity(specs.len());
+    for spec in specs {
+        let at = format!("step {:?}", spec.name);
+        let step = match load(&spec.module, &at)? {
+            Loaded::Step(s) => s,
+            other => return Err(wrong_kind(&other, spec.module.label(), "step", &at)),
+        };
+        let mut observers = Vec::with_capacity(spec.observers.len());
+        for o in spec.observers {
+            let o_at = format!("{at}: observer {:?}", o.module.label());
+            let component = match load(&o.module, &o_at)? {
+                Loaded::Observer(c) => c,
+                other => return Err(wrong_kind(&other, o.module.label(), "observer", &o_at)),
+            };
+            observers.push(ObserverSpec {
+                component,
+                name: o.name,
+                args: o.args,
+                log: o.log,
+            });
+        }
+        steps.push(BuildStep {
+            name: spec.name,
+            step,
+            args: spec.args,
+            observers,
+            options: spec.options,
+            deadline: Some(Duration::from_millis(spec.timeout_ms)),
         });
     }
     Ok(BuildPlan {
@@ -257,58 +354,14 @@ fn render(args: &Value, stamps: &[SourceStamp], at: &str) -> Result<Value, PlanE
     })
 }
 
-fn load_builtin(runtime: &Runtime, b: &steps::Builtin, at: &str) -> Result<Loaded, PlanError> {
-    runtime
-        .load(b.wasm, b.name)
-        .map_err(|error| PlanError::Load {
-            at: at.to_owned(),
-            error,
-        })
-}
-
-/// Loads an uploaded module from the file `modules` maps it to.
-fn load_uploaded(
-    runtime: &Runtime,
-    modules: &ModuleFiles,
-    module: &ModuleRef,
-    at: &str,
-) -> Result<Loaded, PlanError> {
-    let file = modules.get(module).ok_or_else(|| PlanError::NotAvailable {
-        at: at.to_owned(),
-        module: module.to_string(),
-    })?;
-    runtime.load_file(file).map_err(|error| PlanError::Load {
-        at: at.to_owned(),
-        error,
-    })
-}
-
-fn wrong_kind(loaded: &Loaded, module: &ModuleSource, wanted: &'static str, at: &str) -> PlanError {
+fn wrong_kind(loaded: &Loaded, label: &str, wanted: &'static str, at: &str) -> PlanError {
     PlanError::Load {
         at: at.to_owned(),
         error: LoadError::WrongKind {
-            label: module.to_string(),
+            label: label.to_owned(),
             found: loaded.kind(),
             wanted,
         },
-    }
-}
-
-fn as_step(loaded: Loaded, module: &ModuleSource, at: &str) -> Result<StepComponent, PlanError> {
-    match loaded {
-        Loaded::Step(s) => Ok(s),
-        other => Err(wrong_kind(&other, module, "step", at)),
-    }
-}
-
-fn as_observer(
-    loaded: Loaded,
-    module: &ModuleSource,
-    at: &str,
-) -> Result<ObserverComponent, PlanError> {
-    match loaded {
-        Loaded::Observer(o) => Ok(o),
-        other => Err(wrong_kind(&other, module, "observer", at)),
     }
 }
 

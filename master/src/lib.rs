@@ -1,5 +1,5 @@
 //! The Kiln master and the `kiln` command line. The master proper (configuration, database,
-//! schedulers, dispatch, API) grows here; today it holds the CLI and `kiln step` commands.
+//! schedulers, workers and dispatch, API) and the `kiln` command line.
 
 pub mod api;
 mod build_cmd;
@@ -7,7 +7,9 @@ pub mod changes;
 pub mod cli;
 pub mod config;
 pub mod db;
+pub mod filecache;
 pub mod hooks;
+pub mod jobs;
 mod master_cmd;
 pub mod model;
 pub mod pgtemp;
@@ -17,3 +19,4 @@ pub mod schedulers;
 pub mod secrets;
 pub mod server;
 mod step_cmd;
+pub mod workers;

@@ -321,7 +321,8 @@ pub async fn finish_requests(
 pub type FreeWorker = WorkerInfo;
 
 /// One claim pass: offers free workers to builders in priority order and claims the requests
-/// they will run. Hooks decide the builder order, the request, the worker and whether it may
+/// they will run. A worker runs one build of a builder at a time (the builder's workdir is
+/// its own): `busy` holds the (builder, worker) pairs running now, and gains this pass's. Hooks decide the builder order, the request, the worker and whether it may
 /// start; the database decides who wins a claim when several masters try at once. Builders
 /// missing from `builders` (removed by a reload) get no new builds.
 pub async fn claim_for_workers(
@@ -329,6 +330,7 @@ pub async fn claim_for_workers(
     master: MasterId,
     builders: &BTreeMap<String, BuilderQueueing>,
     workers: &mut [FreeWorker],
+    busy: &mut std::collections::BTreeSet<(String, String)>,
     hooks: &Hooks,
     now: i64,
 ) -> anyhow::Result<Vec<Assignment>> {
@@ -380,7 +382,9 @@ pub async fn claim_for_workers(
             let candidates: Vec<usize> = (0..workers.len())
                 .filter(|&i| {
                     let w = &workers[i];
-                    w.running_builds < w.max_builds && builder.accepts(w, request.trusted)
+                    w.running_builds < w.max_builds
+                        && builder.accepts(w, request.trusted)
+                        && !busy.contains(&(builder.name.clone(), w.name.clone()))
                 })
                 .collect();
             if candidates.is_empty() {
@@ -402,6 +406,7 @@ pub async fn claim_for_workers(
             if let Some(w) = workers.iter_mut().find(|w| w.name == worker) {
                 w.running_builds += 1;
             }
+            busy.insert((builder.name.clone(), worker.clone()));
             assignments.push(Assignment {
                 request: request.id,
                 builder: builder.name.clone(),

@@ -196,6 +196,9 @@ pub struct Master {
     runtime: Arc<runtime::Runtime>,
     state: RwLock<Arc<State>>,
     wake: Notify,
+    /// Connected workers and the builds leased to them.
+    pub workers: crate::workers::Workers,
+    dispatch: Notify,
 }
 
 impl std::fmt::Debug for Master {
@@ -237,6 +240,8 @@ impl Master {
             runtime,
             state: RwLock::new(Arc::new(state)),
             wake: Notify::new(),
+            workers: Default::default(),
+            dispatch: Notify::new(),
         });
         master.sync_tables().await?;
         tracing::info!(master = %master.state().config.master.name, id = %id, "master started");
@@ -317,6 +322,12 @@ impl Master {
         Ok(diff)
     }
 
+    /// Asks for a dispatch pass soon (a worker connected, a build finished, a request was
+    /// queued).
+    pub fn wake_dispatch(&self) {
+        self.dispatch.notify_one();
+    }
+
     /// Adds a change through the one internal interface and wakes the schedulers.
     pub async fn add_change(
         &self,
@@ -365,6 +376,13 @@ impl Master {
         Ok(())
     }
 
+    /// A dispatch pass whose failure is logged (the next pass tries again).
+    async fn dispatch_logged(&self) {
+        if let Err(error) = self.dispatch().await {
+            tracing::error!(error = format!("{error:#}"), "dispatch failed");
+        }
+    }
+
     /// Runs until `shutdown` resolves: heartbeats, and scheduler passes when woken (a new
     /// change, a reload), when a timer is due, and at least every `poll` (changes written by
     /// other processes: `kiln sendchange`, other masters).
@@ -384,6 +402,11 @@ impl Master {
                     if let Err(error) = self.heartbeat().await {
                         tracing::error!(error = format!("{error:#}"), "heartbeat failed");
                     }
+                    let lost_after = self.state().config.master.heartbeat * DEAD_AFTER_BEATS;
+                    if let Err(error) = self.scan(lost_after).await {
+                        tracing::error!(error = format!("{error:#}"), "scanning workers failed");
+                    }
+                    self.dispatch_logged().await;
                     // A reload may have changed the interval.
                     let period = self.state().config.master.heartbeat;
                     if beat.period() != period {
@@ -392,6 +415,7 @@ impl Master {
                     }
                 }
                 _ = self.wake.notified() => next_pass = tokio::time::Instant::now(),
+                _ = self.dispatch.notified() => self.dispatch_logged().await,
                 _ = tokio::time::sleep_until(next_pass) => {
                     let wait = match self.scheduler_pass().await {
                         Ok(pass) => {
@@ -406,6 +430,7 @@ impl Master {
                         }
                     };
                     next_pass = tokio::time::Instant::now() + wait;
+                    self.dispatch_logged().await;
                 }
             }
         }

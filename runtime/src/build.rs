@@ -205,8 +205,31 @@ pub struct BuildOutcome {
     pub properties: Properties,
 }
 
-/// Gives each step of a build its event sink: (step index, step name).
-pub type EventsFor<'a> = &'a dyn Fn(usize, &str) -> Arc<dyn StepEvents>;
+/// Follows a build as it runs: gives each step its event sink and cancel token, and hears
+/// each step's end. A closure `Fn(step index, step name) -> Arc<dyn StepEvents>` is the
+/// simplest progress (it only gives sinks).
+pub trait BuildProgress {
+    /// Step `index` named `name` starts: its event sink.
+    fn step_started(&self, index: usize, name: &str) -> Arc<dyn StepEvents>;
+
+    /// The token that stops step `index`. The default is the build's; a worker gives each
+    /// step its own so the master can stop one step (it must also stop when `build` does).
+    fn step_cancel(&self, index: usize, build: &CancelToken) -> CancelToken {
+        let _ = index;
+        build.clone()
+    }
+
+    /// Step `index` ended (ran, or was skipped).
+    fn step_finished(&self, index: usize, record: &StepRecord) {
+        let _ = (index, record);
+    }
+}
+
+impl<F: Fn(usize, &str) -> Arc<dyn StepEvents>> BuildProgress for F {
+    fn step_started(&self, index: usize, name: &str) -> Arc<dyn StepEvents> {
+        self(index, name)
+    }
+}
 
 impl Runtime {
     /// Runs a build's steps in order on one grant, applying the step options as Buildbot does.
@@ -215,7 +238,7 @@ impl Runtime {
         steps: &[BuildStep],
         mut properties: Properties,
         grant: &Grant,
-        events: EventsFor<'_>,
+        progress: &dyn BuildProgress,
         cancel: &CancelToken,
     ) -> BuildOutcome {
         let mut result = Outcome::Success;
@@ -231,18 +254,26 @@ impl Runtime {
                 outcome: skipped(why),
             };
             if cancel.is_cancelled() {
-                records.push(not_run("not run: the build was cancelled".into()));
+                finish(
+                    &mut records,
+                    progress,
+                    not_run("not run: the build was cancelled".into()),
+                );
                 continue;
             }
             if halted && !s.options.always_run {
-                records.push(not_run("not run: an earlier step halted the build".into()));
+                finish(
+                    &mut records,
+                    progress,
+                    not_run("not run: an earlier step halted the build".into()),
+                );
                 continue;
             }
             match s.options.do_step_if.as_ref().map(|c| c.holds(&properties)) {
                 Some(Ok(false)) => {
                     let mut record = not_run("skipped: its condition is false".into());
                     record.hidden = hidden(&s.options, &record.outcome, &properties);
-                    records.push(record);
+                    finish(&mut records, progress, record);
                     continue;
                 }
                 Some(Err(e)) => {
@@ -252,12 +283,16 @@ impl Runtime {
                     outcome.message = outcome.summary.clone();
                     result = result.worst(Outcome::Exception);
                     halted = true;
-                    records.push(StepRecord {
-                        name: s.name.clone(),
-                        ran: false,
-                        hidden: false,
-                        outcome,
-                    });
+                    finish(
+                        &mut records,
+                        progress,
+                        StepRecord {
+                            name: s.name.clone(),
+                            ran: false,
+                            hidden: false,
+                            outcome,
+                        },
+                    );
                     continue;
                 }
                 _ => {}
@@ -278,8 +313,8 @@ impl Runtime {
                 properties: &properties,
                 observers: &s.observers,
                 grant: step_grant,
-                events: events(i, &s.name),
-                cancel: cancel.clone(),
+                events: progress.step_started(i, &s.name),
+                cancel: progress.step_cancel(i, cancel),
             });
             for (name, value) in &outcome.properties {
                 properties.set(name.clone(), value.clone(), format!("Step {}", s.name));
@@ -310,12 +345,16 @@ impl Runtime {
                 Outcome::Success | Outcome::Skipped => {}
             }
             let hidden = hidden(o, &outcome, &properties);
-            records.push(StepRecord {
-                name: s.name.clone(),
-                ran: true,
-                hidden,
-                outcome,
-            });
+            finish(
+                &mut records,
+                progress,
+                StepRecord {
+                    name: s.name.clone(),
+                    ran: true,
+                    hidden,
+                    outcome,
+                },
+            );
         }
         BuildOutcome {
             result,
@@ -323,6 +362,12 @@ impl Runtime {
             properties,
         }
     }
+}
+
+/// Records a step's end and tells `progress`.
+fn finish(records: &mut Vec<StepRecord>, progress: &dyn BuildProgress, record: StepRecord) {
+    progress.step_finished(records.len(), &record);
+    records.push(record);
 }
 
 fn skipped(why: String) -> StepOutcome {

@@ -10,7 +10,9 @@
 //! A [`Loaded::Policy`] is the master's customization hooks (Buildbot's `collapseRequests`,
 //! `nextWorker` and the like) as a component with no capabilities: see [`policy`].
 //!
-//! The runtime knows nothing of the master, the database or the network protocol.
+//! [`worker`] is the worker process: it connects to the master, speaks the [`protocol`] (the
+//! one place the master-worker messages are defined) and runs builds with the runtime. The
+//! runtime knows nothing of the master's database.
 
 pub mod artifacts;
 mod bindings;
@@ -24,12 +26,14 @@ pub mod logs;
 mod outcome;
 pub mod policy;
 pub mod props;
+pub mod protocol;
 pub mod redact;
 mod run;
 pub mod trigger;
+pub mod worker;
 
 pub use artifacts::{Artifact, ArtifactStore, DirStore};
-pub use build::{BuildOutcome, BuildStep, Condition, StepOptions, StepRecord};
+pub use build::{BuildOutcome, BuildProgress, BuildStep, Condition, StepOptions, StepRecord};
 pub use confine::{Confinement, Helper};
 pub use engine::{
     CONTRACT, EPOCH_TICK, LoadError, Loaded, ModuleDigest, ObserverComponent, Runtime,

@@ -1462,3 +1462,398 @@ pub async fn log_lines(
     }
     Ok(out)
 }
+
+// ---------------------------------------------------------------------------------------------
+// Workers and running builds
+
+/// A worker's id by name (configured workers have rows).
+pub async fn worker_id(conn: &mut AnyConnection, name: &str) -> Result<Option<WorkerId>> {
+    let id: Option<i64> = sqlx::query_scalar("SELECT id FROM workers WHERE name = $1")
+        .bind(name)
+        .fetch_optional(conn)
+        .await?;
+    Ok(id.map(WorkerId))
+}
+
+/// Records a worker's connection state (`connected`, `offline`), what it advertised, and
+/// which master it is connected to.
+pub async fn set_worker_state(
+    conn: &mut AnyConnection,
+    name: &str,
+    state: &str,
+    master: Option<MasterId>,
+    now: i64,
+) -> Result<()> {
+    sqlx::query("UPDATE workers SET state = $1, master_id = $2, last_seen = $3 WHERE name = $4")
+        .bind(state)
+        .bind(master.map(|m| m.0))
+        .bind(now)
+        .bind(name)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// A worker's health as dispatch sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerHealth {
+    /// `ok` or `failed`.
+    pub health: String,
+    /// Failures in a row.
+    pub failure_count: i64,
+    /// No builds before this time (ms), if quarantined.
+    pub quarantine_until: Option<i64>,
+    /// Why, for people.
+    pub notes: String,
+    /// Paused by an administrator.
+    pub paused: bool,
+}
+
+/// Every worker's health, by name.
+pub async fn worker_health(conn: &mut AnyConnection) -> Result<BTreeMap<String, WorkerHealth>> {
+    let rows = sqlx::query(
+        "SELECT name, health, failure_count, quarantine_until, notes, paused FROM workers",
+    )
+    .fetch_all(conn)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok((
+                r.try_get("name")?,
+                WorkerHealth {
+                    health: r.try_get("health")?,
+                    failure_count: r.try_get("failure_count")?,
+                    quarantine_until: r.try_get("quarantine_until")?,
+                    notes: r.try_get("notes")?,
+                    paused: r.try_get::<i64, _>("paused")? != 0,
+                },
+            ))
+        })
+        .collect()
+}
+
+/// Records how a worker did. `failure: Some(note)` counts a failure in a row and, from
+/// `threshold` failures on, quarantines the worker until `quarantine(failures)` ms from now;
+/// `None` (a build it ran properly) makes it healthy again. Returns its new health.
+pub async fn record_worker_outcome(
+    conn: &mut AnyConnection,
+    name: &str,
+    failure: Option<&str>,
+    threshold: i64,
+    quarantine: impl Fn(i64) -> i64,
+    now: i64,
+) -> Result<Option<WorkerHealth>> {
+    let Some(mut h) = worker_health_of(&mut *conn, name).await? else {
+        return Ok(None);
+    };
+    match failure {
+        None => {
+            if h.failure_count == 0 && h.health == "ok" {
+                return Ok(Some(h));
+            }
+            h.failure_count = 0;
+            h.health = "ok".into();
+            h.quarantine_until = None;
+            h.notes = String::new();
+        }
+        Some(note) => {
+            h.failure_count += 1;
+            h.notes = note.to_owned();
+            if h.failure_count >= threshold {
+                h.health = "failed".into();
+                h.quarantine_until = Some(now + quarantine(h.failure_count));
+            }
+        }
+    }
+    sqlx::query(
+        "UPDATE workers SET health = $1, failure_count = $2, quarantine_until = $3, notes = $4
+         WHERE name = $5",
+    )
+    .bind(&h.health)
+    .bind(h.failure_count)
+    .bind(h.quarantine_until)
+    .bind(&h.notes)
+    .bind(name)
+    .execute(conn)
+    .await?;
+    Ok(Some(h))
+}
+
+async fn worker_health_of(conn: &mut AnyConnection, name: &str) -> Result<Option<WorkerHealth>> {
+    Ok(worker_health(conn).await?.remove(name))
+}
+
+/// Applies a build's message number `seq`: true if the build is still running on `worker`
+/// under `cookie` and `seq` is the next number (the caller then applies the message in the
+/// same transaction); false refuses it.
+pub async fn advance_build(
+    conn: &mut AnyConnection,
+    build: BuildId,
+    cookie: &str,
+    worker: WorkerId,
+    seq: i64,
+) -> Result<bool> {
+    let done = sqlx::query(
+        "UPDATE builds SET last_seq = $1
+         WHERE id = $2 AND cookie = $3 AND worker_id = $4 AND complete_at IS NULL
+           AND last_seq = $1 - 1",
+    )
+    .bind(seq)
+    .bind(build.0)
+    .bind(cookie)
+    .bind(worker.0)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// A running build as the master recorded it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunningBuild {
+    /// The build.
+    pub id: BuildId,
+    /// Its cookie.
+    pub cookie: String,
+    /// Its request.
+    pub request: BuildRequestId,
+    /// Its builder.
+    pub builder: String,
+    /// Its worker's name.
+    pub worker: Option<String>,
+    /// The master that dispatched it.
+    pub master: MasterId,
+    /// The last message applied.
+    pub last_seq: i64,
+    /// When it started (ms).
+    pub started_at: i64,
+}
+
+/// Running builds dispatched by `master` or by masters that are no longer active (`None`:
+/// all running builds).
+pub async fn running_builds(
+    conn: &mut AnyConnection,
+    master: Option<MasterId>,
+) -> Result<Vec<RunningBuild>> {
+    let rows = sqlx::query(
+        "SELECT b.id, b.cookie, b.request_id, bl.name AS builder, w.name AS worker, b.master_id,
+                b.last_seq, b.started_at
+         FROM builds b
+         JOIN builders bl ON bl.id = b.builder_id
+         LEFT JOIN workers w ON w.id = b.worker_id
+         JOIN masters m ON m.id = b.master_id
+         WHERE b.complete_at IS NULL AND ($1 < 0 OR b.master_id = $1 OR m.active = 0)
+         ORDER BY b.id",
+    )
+    .bind(master.map_or(-1, |m| m.0))
+    .fetch_all(conn)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(RunningBuild {
+                id: BuildId(r.try_get("id")?),
+                cookie: r.try_get("cookie")?,
+                request: BuildRequestId(r.try_get("request_id")?),
+                builder: r.try_get("builder")?,
+                worker: r.try_get("worker")?,
+                master: MasterId(r.try_get("master_id")?),
+                last_seq: r.try_get("last_seq")?,
+                started_at: r.try_get("started_at")?,
+            })
+        })
+        .collect()
+}
+
+/// Moves a running build (and its request's claim) to `master`: a worker reconnected to it.
+pub async fn adopt_build(
+    conn: &mut AnyConnection,
+    build: BuildId,
+    request: BuildRequestId,
+    master: MasterId,
+) -> Result<()> {
+    sqlx::query("UPDATE builds SET master_id = $1 WHERE id = $2")
+        .bind(master.0)
+        .bind(build.0)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("UPDATE buildrequest_claims SET master_id = $1 WHERE request_id = $2")
+        .bind(master.0)
+        .bind(request.0)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// A step's id by its build and number.
+pub async fn step_id(conn: &mut AnyConnection, build: BuildId, number: i64) -> Result<Option<i64>> {
+    sqlx::query_scalar("SELECT id FROM steps WHERE build_id = $1 AND number = $2")
+        .bind(build.0)
+        .bind(number)
+        .fetch_optional(conn)
+        .await
+}
+
+/// A log's id by its step and name.
+pub async fn log_id(conn: &mut AnyConnection, step: i64, name: &str) -> Result<Option<i64>> {
+    sqlx::query_scalar("SELECT id FROM logs WHERE step_id = $1 AND name = $2")
+        .bind(step)
+        .bind(name)
+        .fetch_optional(conn)
+        .await
+}
+
+/// Sets a running step's one-line state (its summary so far).
+pub async fn set_step_state(conn: &mut AnyConnection, step: i64, state: &str) -> Result<()> {
+    sqlx::query("UPDATE steps SET state_string = $1 WHERE id = $2")
+        .bind(state)
+        .bind(step)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// How a step ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepEnd<'a> {
+    /// Its result.
+    pub results: Results,
+    /// Its summary (or why it did not run).
+    pub state: &'a str,
+    /// Hidden in the UI.
+    pub hidden: bool,
+    /// Links, as JSON.
+    pub urls: &'a Value,
+    /// Statistics, as JSON.
+    pub statistics: &'a Value,
+}
+
+/// Finishes a step and completes its logs.
+pub async fn finish_step(
+    conn: &mut AnyConnection,
+    step: i64,
+    end: &StepEnd<'_>,
+    now: i64,
+) -> Result<()> {
+    sqlx::query(
+        "UPDATE steps SET complete_at = $1, results = $2, state_string = $3, hidden = $4,
+                urls = $5, statistics = $6
+         WHERE id = $7",
+    )
+    .bind(now)
+    .bind(i64::from(end.results.code()))
+    .bind(end.state)
+    .bind(i64::from(end.hidden))
+    .bind(json_text(end.urls))
+    .bind(json_text(end.statistics))
+    .bind(step)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query("UPDATE logs SET complete = 1 WHERE step_id = $1")
+        .bind(step)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// A build as the API shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BuildRow {
+    /// Id.
+    pub id: BuildId,
+    /// Builder name.
+    pub builder: String,
+    /// Number within the builder.
+    pub number: i64,
+    /// Its request.
+    pub request: BuildRequestId,
+    /// Worker name.
+    pub worker: Option<String>,
+    /// Started (ms).
+    pub started_at: i64,
+    /// Finished (ms).
+    pub complete_at: Option<i64>,
+    /// One line of state.
+    pub state: String,
+    /// Result, when finished.
+    pub results: Option<Results>,
+}
+
+/// Builds, newest first, optionally of one request.
+pub async fn builds(
+    conn: &mut AnyConnection,
+    request: Option<BuildRequestId>,
+    limit: i64,
+) -> Result<Vec<BuildRow>> {
+    let rows = sqlx::query(
+        "SELECT b.id, bl.name AS builder, b.number, b.request_id, w.name AS worker,
+                b.started_at, b.complete_at, b.state_string, b.results
+         FROM builds b
+         JOIN builders bl ON bl.id = b.builder_id
+         LEFT JOIN workers w ON w.id = b.worker_id
+         WHERE ($1 < 0 OR b.request_id = $1)
+         ORDER BY b.id DESC LIMIT $2",
+    )
+    .bind(request.map_or(-1, |r| r.0))
+    .bind(limit)
+    .fetch_all(conn)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(BuildRow {
+                id: BuildId(r.try_get("id")?),
+                builder: r.try_get("builder")?,
+                number: r.try_get("number")?,
+                request: BuildRequestId(r.try_get("request_id")?),
+                worker: r.try_get("worker")?,
+                started_at: r.try_get("started_at")?,
+                complete_at: r.try_get("complete_at")?,
+                state: r.try_get("state_string")?,
+                results: r
+                    .try_get::<Option<i64>, _>("results")?
+                    .and_then(results_from_code),
+            })
+        })
+        .collect()
+}
+
+/// A build's steps: (id, number, name, results, state).
+pub async fn build_steps(
+    conn: &mut AnyConnection,
+    build: BuildId,
+) -> Result<Vec<(i64, i64, String, Option<Results>, String)>> {
+    let rows = sqlx::query(
+        "SELECT id, number, name, results, state_string FROM steps WHERE build_id = $1
+         ORDER BY number",
+    )
+    .bind(build.0)
+    .fetch_all(conn)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok((
+                r.try_get("id")?,
+                r.try_get("number")?,
+                r.try_get("name")?,
+                r.try_get::<Option<i64>, _>("results")?
+                    .and_then(results_from_code),
+                r.try_get("state_string")?,
+            ))
+        })
+        .collect()
+}
+
+/// A step's logs: (id, name, number of lines).
+pub async fn step_logs(conn: &mut AnyConnection, step: i64) -> Result<Vec<(i64, String, i64)>> {
+    let rows = sqlx::query("SELECT id, name, num_lines FROM logs WHERE step_id = $1 ORDER BY id")
+        .bind(step)
+        .fetch_all(conn)
+        .await?;
+    rows.iter()
+        .map(|r| {
+            Ok((
+                r.try_get("id")?,
+                r.try_get("name")?,
+                r.try_get("num_lines")?,
+            ))
+        })
+        .collect()
+}

@@ -8,7 +8,7 @@ use serde_json::json;
 use crate::dir;
 use crate::standard_steps::step;
 
-fn git(dir: &Path, args: &[&str]) -> String {
+pub(crate) fn git(dir: &Path, args: &[&str]) -> String {
     let out = Command::new("git")
         .args([
             "-c",

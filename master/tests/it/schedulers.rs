@@ -138,6 +138,7 @@ impl Farm {
             self.master.id,
             &state.builders,
             workers,
+            &mut Default::default(),
             &state.hooks,
             T0,
         )

@@ -1,0 +1,1306 @@
+//! Workers as the master sees them: their connections (`/workers/connect`, a WebSocket
+//! speaking [`runtime::protocol`]), the builds leased to them, dispatch, and recovery.
+//!
+//! - **Connections.** A worker says hello with its name, token and capabilities; the master
+//!   checks them against `[[workers]]` and answers welcome (adopting the builds the worker
+//!   says it runs, when the database agrees) or refused. A newer connection under the same
+//!   name replaces an older one.
+//! - **Leases.** Each dispatched build is leased to one worker under a fresh cookie. A message
+//!   about a build is applied only if the lease (in memory) and the build row (in the
+//!   database, in the same transaction as the message's effects) agree on worker, cookie and
+//!   sequence number; anything else is refused and logged. Messages are applied in batches,
+//!   one transaction per batch, and acknowledged after the commit.
+//! - **Dispatch.** Free workers (connected, not draining, paused or quarantined, with room)
+//!   go to [`crate::requests::claim_for_workers`]; each claim becomes a build row, a lease and
+//!   a job composed by the builder's [`JobBehaviour`].
+//! - **Recovery.** A worker silent or disconnected for three heartbeats is lost: its builds end
+//!   RETRY and their requests are queued again. Every heartbeat the master scans: each worker
+//!   says what it runs, and a leased build the worker forgot is retried (Launchpad's
+//!   `scanActiveBuilders`). Running builds nobody holds (after a master restart) are adopted
+//!   when their worker reconnects, or retried when it does not.
+//! - **Health.** Rejected jobs, lost builds and builds the worker could not start count as
+//!   failures; three in a row quarantine the worker with exponential backoff; a build it runs
+//!   properly makes it healthy again.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use axum::extract::State;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::response::Response;
+use futures_util::{FutureExt, SinkExt, StreamExt};
+use runtime::Outcome;
+use runtime::policy::WorkerInfo;
+use runtime::protocol::{
+    BuildEvent, BuildRef, Capabilities, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, Running, ToMaster,
+    ToWorker,
+};
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use crate::config;
+use crate::db;
+use crate::jobs::{self, IdleBehaviour, JobBehaviour, JobContext, RequestFate};
+use crate::model::*;
+use crate::requests::Assignment;
+use crate::server::{Master, State as MasterState};
+
+/// Failures in a row that quarantine a worker.
+pub const QUARANTINE_AFTER: i64 = 3;
+
+/// How long a worker with `failures` failures in a row is quarantined, in ms: 30 s, doubling
+/// with each further failure, at most an hour.
+pub fn quarantine_ms(failures: i64) -> i64 {
+    let doublings = (failures - QUARANTINE_AFTER).clamp(0, 7) as u32;
+    (30_000i64 << doublings).min(3_600_000)
+}
+
+/// How long a running build nobody holds (a master restarted, a master died) waits for its
+/// worker to reconnect before it is retried.
+const UNHELD_GRACE: Duration = Duration::from_secs(30);
+
+/// Largest batch of messages applied in one transaction.
+const BATCH: usize = 256;
+
+/// A worker's connection.
+struct Conn {
+    id: u64,
+    tx: mpsc::UnboundedSender<ToWorker>,
+    info: WorkerInfo,
+    worker_id: WorkerId,
+    draining: bool,
+    /// The scan sent and not yet answered: its number and when it was sent.
+    scan: Option<(u64, Instant)>,
+}
+
+/// A build leased to a worker.
+#[derive(Debug, Clone)]
+struct Lease {
+    worker: String,
+    worker_id: WorkerId,
+    cookie: String,
+    kind: &'static str,
+    builder: String,
+    request: BuildRequestId,
+    last_seq: u64,
+    /// Step number to (step id, name).
+    steps: HashMap<u32, (i64, String)>,
+    /// (step number, log name) to log id.
+    logs: HashMap<(u32, String), i64>,
+    dispatched: Instant,
+    /// When its worker's connection went away.
+    orphaned: Option<Instant>,
+}
+
+#[derive(Default)]
+struct Inner {
+    conns: HashMap<String, Conn>,
+    leases: HashMap<i64, Lease>,
+    /// Running builds in the database that nobody holds, and since when.
+    unheld: HashMap<i64, Instant>,
+}
+
+/// The master's workers.
+#[derive(Default)]
+pub struct Workers {
+    inner: Mutex<Inner>,
+    next_conn: AtomicU64,
+    next_scan: AtomicU64,
+}
+
+impl std::fmt::Debug for Workers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Workers").finish_non_exhaustive()
+    }
+}
+
+impl Workers {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Names of connected workers.
+    pub fn connected(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.lock().conns.keys().cloned().collect();
+        names.sort();
+        names
+    }
+
+    /// Builds leased now, by worker: (build id, worker).
+    pub fn leases(&self) -> Vec<(i64, String)> {
+        let mut l: Vec<(i64, String)> = self
+            .lock()
+            .leases
+            .iter()
+            .map(|(id, l)| (*id, l.worker.clone()))
+            .collect();
+        l.sort();
+        l
+    }
+}
+
+/// `GET /workers/connect`: the worker endpoint.
+pub async fn connect(State(master): State<Arc<Master>>, ws: WebSocketUpgrade) -> Response {
+    ws.max_message_size(MAX_MESSAGE_BYTES)
+        .max_frame_size(MAX_MESSAGE_BYTES)
+        .on_upgrade(move |socket| serve(master, socket))
+}
+
+fn text(message: &ToWorker) -> Message {
+    Message::Text(
+        serde_json::to_string(message)
+            .unwrap_or_else(|_| "{}".into())
+            .into(),
+    )
+}
+
+/// A refusal to say hello.
+struct Refusal {
+    reason: String,
+    retry: bool,
+}
+
+async fn serve(master: Arc<Master>, socket: WebSocket) {
+    let (mut sink, mut stream) = socket.split();
+    let hello = match tokio::time::timeout(Duration::from_secs(10), stream.next()).await {
+        Ok(Some(Ok(Message::Text(t)))) => serde_json::from_str::<ToMaster>(&t).ok(),
+        _ => None,
+    };
+    let Some(ToMaster::Hello {
+        protocol,
+        name,
+        token,
+        capabilities,
+        running,
+    }) = hello
+    else {
+        let refused = ToWorker::Refused {
+            reason: "the first message must be a hello".into(),
+            retry: false,
+        };
+        let _ = sink.send(text(&refused)).await;
+        return;
+    };
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let accepted = master
+        .accept_worker(protocol, &name, &token, capabilities, &running, tx)
+        .await;
+    let (conn_id, welcome) = match accepted {
+        Ok(a) => a,
+        Err(Refusal { reason, retry }) => {
+            tracing::warn!(worker = %name, %reason, "refused a worker");
+            let _ = sink.send(text(&ToWorker::Refused { reason, retry })).await;
+            let _ = sink.close().await;
+            return;
+        }
+    };
+    if sink.send(text(&welcome)).await.is_err() {
+        master.worker_gone(&name, conn_id).await;
+        return;
+    }
+    master.wake_dispatch();
+    let heartbeat = master.state().config.master.heartbeat;
+    let mut tick = tokio::time::interval(heartbeat);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_heard = Instant::now();
+    let why = loop {
+        tokio::select! {
+            frame = stream.next() => {
+                let Some(Ok(frame)) = frame else { break "the connection closed".to_owned() };
+                last_heard = Instant::now();
+                let mut batch = Vec::new();
+                let mut closed = false;
+                let mut push = |frame: Message, batch: &mut Vec<ToMaster>| match frame {
+                    Message::Text(t) => match serde_json::from_str::<ToMaster>(&t) {
+                        Ok(m) => batch.push(m),
+                        Err(e) => {
+                            tracing::warn!(worker = %name, error = %e, "a message from a worker could not be read");
+                            master.send_to(&name, ToWorker::Error {
+                                message: format!("message not understood: {e}"),
+                            });
+                        }
+                    },
+                    Message::Close(_) => closed = true,
+                    _ => {}
+                };
+                push(frame, &mut batch);
+                // Whatever else has already arrived joins this batch: one transaction.
+                while batch.len() < BATCH {
+                    match stream.next().now_or_never() {
+                        Some(Some(Ok(frame))) => push(frame, &mut batch),
+                        Some(_) => { closed = true; break }
+                        None => break,
+                    }
+                }
+                if let Err(error) = master.handle_messages(&name, conn_id, batch).await {
+                    tracing::error!(worker = %name, error = format!("{error:#}"), "applying a worker's messages failed; dropping its connection");
+                    break "the master could not apply its messages".to_owned();
+                }
+                if closed {
+                    break "the worker closed the connection".to_owned();
+                }
+            }
+            out = rx.recv() => {
+                let Some(out) = out else { break "replaced by a newer connection".to_owned() };
+                if sink.send(text(&out)).await.is_err() {
+                    break "sending failed".to_owned();
+                }
+            }
+            _ = tick.tick() => {
+                if last_heard.elapsed() > heartbeat * 3 {
+                    break format!("silent for {:.1}s", last_heard.elapsed().as_secs_f64());
+                }
+            }
+        }
+    };
+    tracing::info!(worker = %name, reason = %why, "worker disconnected");
+    master.worker_gone(&name, conn_id).await;
+}
+
+impl Master {
+    /// Checks a hello and registers the connection; the welcome to send.
+    async fn accept_worker(
+        &self,
+        protocol: u32,
+        name: &str,
+        token: &str,
+        caps: Capabilities,
+        running: &[Running],
+        tx: mpsc::UnboundedSender<ToWorker>,
+    ) -> Result<(u64, ToWorker), Refusal> {
+        let refuse = |reason: String| Refusal {
+            reason,
+            retry: false,
+        };
+        if protocol != PROTOCOL_VERSION {
+            return Err(refuse(format!(
+                "this worker speaks protocol {protocol} and the master {PROTOCOL_VERSION}; upgrade the older one"
+            )));
+        }
+        let state = self.state();
+        let Some(cfg) = state.config.workers.iter().find(|w| w.name == name) else {
+            // The same answer as a bad token: names are not to be probed.
+            return Err(refuse(format!("unknown worker {name:?} or wrong token")));
+        };
+        if !cfg.auth.verify(token) {
+            return Err(refuse(format!("unknown worker {name:?} or wrong token")));
+        }
+        if cfg.sandbox != caps.sandbox {
+            return Err(refuse(if cfg.sandbox {
+                format!("worker {name} is configured as a sandbox worker; start it with --sandbox")
+            } else {
+                format!(
+                    "worker {name} runs in sandbox mode but is not configured as a sandbox worker; add `sandbox = true` to its [[workers]] entry or start it without --sandbox"
+                )
+            }));
+        }
+        for (what, configured, advertised) in
+            [("arch", &cfg.arch, &caps.arch), ("os", &cfg.os, &caps.os)]
+        {
+            if let Some(c) = configured
+                && c != advertised
+            {
+                return Err(refuse(format!(
+                    "worker {name} is configured with {what} {c:?} but runs on {advertised:?}"
+                )));
+            }
+        }
+        let mut tags: Vec<String> = cfg.tags.iter().cloned().collect();
+        for t in &caps.tags {
+            if !tags.contains(t) {
+                tags.push(t.clone());
+            }
+        }
+        let info = WorkerInfo {
+            name: name.to_owned(),
+            arch: Some(caps.arch.clone()),
+            os: Some(caps.os.clone()),
+            tags,
+            sandbox: caps.sandbox,
+            running_builds: 0,
+            max_builds: cfg.max_builds.min(caps.max_builds.max(1)),
+        };
+        let now = now_ms();
+        let (worker_id, adopted, abandoned) = match self.adopt(name, running, now).await {
+            Ok(r) => r,
+            Err(error) => {
+                tracing::error!(worker = %name, error = format!("{error:#}"), "cannot reconcile a worker's builds");
+                return Err(Refusal {
+                    reason: "the master cannot reach its database; try again".into(),
+                    retry: true,
+                });
+            }
+        };
+        let id = self.workers.next_conn.fetch_add(1, Ordering::Relaxed) + 1;
+        {
+            let mut inner = self.workers.lock();
+            // A newer connection replaces an older one (dropping its sender ends it).
+            inner.conns.insert(
+                name.to_owned(),
+                Conn {
+                    id,
+                    tx,
+                    info,
+                    worker_id,
+                    draining: false,
+                    scan: None,
+                },
+            );
+            for l in inner.leases.values_mut() {
+                if l.worker == name {
+                    l.orphaned = None;
+                }
+            }
+        }
+        if let Ok(mut conn) = self.db.pool().acquire().await
+            && let Err(error) =
+                db::set_worker_state(&mut conn, name, "connected", Some(self.id), now).await
+        {
+            tracing::warn!(worker = %name, %error, "cannot record a worker's state");
+        }
+        tracing::info!(
+            worker = %name, arch = %caps.arch, sandbox = caps.sandbox,
+            landlock_abi = caps.landlock_abi, adopted = adopted.len(), "worker connected"
+        );
+        Ok((
+            id,
+            ToWorker::Welcome {
+                protocol: PROTOCOL_VERSION,
+                heartbeat_ms: state.config.master.heartbeat.as_millis() as u64,
+                adopted,
+                abandoned,
+            },
+        ))
+    }
+
+    /// Decides which of the builds a reconnecting worker runs the master takes back: those
+    /// still running in the database on this worker under the same cookie.
+    async fn adopt(
+        &self,
+        name: &str,
+        running: &[Running],
+        now: i64,
+    ) -> anyhow::Result<(WorkerId, Vec<Running>, Vec<BuildRef>)> {
+        let mut conn = self.db.pool().acquire().await?;
+        let worker_id = db::worker_id(&mut conn, name)
+            .await?
+            .context("a configured worker has no row")?;
+        let _ = now;
+        let mut adopted = Vec::new();
+        let mut abandoned = Vec::new();
+        let in_db = if running.is_empty() {
+            Vec::new()
+        } else {
+            db::running_builds(&mut conn, None).await?
+        };
+        for r in running {
+            // Held in memory already (a reconnect while this master ran)?
+            let held = {
+                let inner = self.workers.lock();
+                inner
+                    .leases
+                    .get(&r.build.id)
+                    .filter(|l| l.worker == name && l.cookie == r.build.cookie)
+                    .map(|l| l.last_seq)
+            };
+            if let Some(last_seq) = held {
+                adopted.push(Running {
+                    build: r.build.clone(),
+                    acked: last_seq,
+                });
+                continue;
+            }
+            let row = in_db.iter().find(|b| {
+                b.id.0 == r.build.id
+                    && b.cookie == r.build.cookie
+                    && b.worker.as_deref() == Some(name)
+            });
+            let Some(b) = row else {
+                abandoned.push(r.build.clone());
+                continue;
+            };
+            db::adopt_build(&mut conn, b.id, b.request, self.id).await?;
+            let kind = "steps";
+            self.workers.lock().unheld.remove(&b.id.0);
+            self.workers.lock().leases.insert(
+                b.id.0,
+                Lease {
+                    worker: name.to_owned(),
+                    worker_id,
+                    cookie: b.cookie.clone(),
+                    kind,
+                    builder: b.builder.clone(),
+                    request: b.request,
+                    last_seq: b.last_seq as u64,
+                    steps: HashMap::new(),
+                    logs: HashMap::new(),
+                    dispatched: Instant::now(),
+                    orphaned: None,
+                },
+            );
+            tracing::info!(worker = %name, build = b.id.0, "adopted a running build");
+            adopted.push(Running {
+                build: r.build.clone(),
+                acked: b.last_seq as u64,
+            });
+        }
+        Ok((worker_id, adopted, abandoned))
+    }
+
+    /// A connection ended: its worker's builds are orphaned (retried if it does not come back
+    /// within three heartbeats).
+    async fn worker_gone(&self, name: &str, conn_id: u64) {
+        let gone = {
+            let mut inner = self.workers.lock();
+            if inner.conns.get(name).is_some_and(|c| c.id == conn_id) {
+                inner.conns.remove(name);
+                let now = Instant::now();
+                for l in inner.leases.values_mut() {
+                    if l.worker == name {
+                        l.orphaned.get_or_insert(now);
+                    }
+                }
+                true
+            } else {
+                false
+            }
+        };
+        if gone
+            && let Ok(mut conn) = self.db.pool().acquire().await
+            && let Err(error) =
+                db::set_worker_state(&mut conn, name, "offline", None, now_ms()).await
+        {
+            tracing::warn!(worker = %name, %error, "cannot record a worker's state");
+        }
+    }
+
+    /// Sends a message to a connected worker (dropped if it is not connected).
+    pub(crate) fn send_to(&self, name: &str, message: ToWorker) -> bool {
+        let inner = self.workers.lock();
+        inner
+            .conns
+            .get(name)
+            .is_some_and(|c| c.tx.send(message).is_ok())
+    }
+
+    /// Handles a batch of messages from a worker's connection.
+    async fn handle_messages(
+        &self,
+        name: &str,
+        conn_id: u64,
+        batch: Vec<ToMaster>,
+    ) -> anyhow::Result<()> {
+        let mut events = Vec::new();
+        for m in batch {
+            match m {
+                ToMaster::Build { build, seq, event } => events.push((build, seq, event)),
+                ToMaster::Status { scan, running } => {
+                    self.status(name, conn_id, scan, running).await?
+                }
+                ToMaster::Reject { build, reason } => {
+                    tracing::warn!(worker = %name, build = build.id, %reason, "the worker rejected a build");
+                    if self.holds(name, &build) {
+                        self.retry_build(build.id, &format!("worker {name} rejected it: {reason}"))
+                            .await?;
+                        self.worker_failed(name, &format!("rejected build {}: {reason}", build.id))
+                            .await?;
+                    }
+                }
+                ToMaster::Draining => {
+                    tracing::info!(worker = %name, "the worker is shutting down; no new builds go to it");
+                    if let Some(c) = self.workers.lock().conns.get_mut(name) {
+                        c.draining = true;
+                    }
+                }
+                ToMaster::Hello { .. } => {
+                    self.send_to(
+                        name,
+                        ToWorker::Error {
+                            message: "hello again on a connection that said hello".into(),
+                        },
+                    );
+                }
+            }
+        }
+        if !events.is_empty() {
+            self.apply(name, events).await?;
+        }
+        Ok(())
+    }
+
+    /// Whether `build` is leased to `worker` under its cookie.
+    fn holds(&self, worker: &str, build: &BuildRef) -> bool {
+        self.workers
+            .lock()
+            .leases
+            .get(&build.id)
+            .is_some_and(|l| l.worker == worker && l.cookie == build.cookie)
+    }
+
+    /// A worker's status: a heartbeat, or the answer to a scan (builds it forgot are retried;
+    /// builds it runs that nobody holds are stopped).
+    async fn status(
+        &self,
+        name: &str,
+        conn_id: u64,
+        scan: Option<u64>,
+        running: Vec<BuildRef>,
+    ) -> anyhow::Result<()> {
+        let Some(scan) = scan else { return Ok(()) };
+        let (forgotten, unknown) = {
+            let mut inner = self.workers.lock();
+            let Some(conn) = inner.conns.get_mut(name).filter(|c| c.id == conn_id) else {
+                return Ok(());
+            };
+            let Some((expected, sent)) = conn.scan.filter(|(n, _)| *n == scan) else {
+                return Ok(());
+            };
+            let _ = expected;
+            conn.scan = None;
+            let forgotten: Vec<i64> = inner
+                .leases
+                .iter()
+                .filter(|(id, l)| {
+                    l.worker == name
+                        && l.dispatched < sent
+                        && !running.iter().any(|b| b.id == **id && b.cookie == l.cookie)
+                })
+                .map(|(id, _)| *id)
+                .collect();
+            let unknown: Vec<BuildRef> = running
+                .into_iter()
+                .filter(|b| {
+                    !inner
+                        .leases
+                        .get(&b.id)
+                        .is_some_and(|l| l.worker == name && l.cookie == b.cookie)
+                })
+                .collect();
+            (forgotten, unknown)
+        };
+        for id in forgotten {
+            tracing::warn!(worker = %name, build = id, "the worker does not know a build leased to it; retrying it");
+            self.retry_build(id, &format!("worker {name} forgot it"))
+                .await?;
+        }
+        for build in unknown {
+            tracing::warn!(worker = %name, build = build.id, "the worker runs a build the master does not hold; stopping it");
+            self.send_to(
+                name,
+                ToWorker::Stop {
+                    build,
+                    reason: "the master does not hold this build (it was retried or finished)"
+                        .into(),
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// Applies build messages from `worker` in one transaction, then acknowledges them.
+    async fn apply(
+        &self,
+        worker: &str,
+        events: Vec<(BuildRef, u64, BuildEvent)>,
+    ) -> anyhow::Result<()> {
+        // Working copies of the leases involved; written back after the commit.
+        let mut work: HashMap<i64, Lease> = HashMap::new();
+        let mut refusals = Vec::new();
+        let mut acks: HashMap<i64, (BuildRef, u64)> = HashMap::new();
+        let mut finished: Vec<(i64, Outcome, Option<String>)> = Vec::new();
+        let now = now_ms();
+        let mut tx = self.db.begin().await?;
+        for (build, seq, event) in events {
+            let lease = match work.get(&build.id) {
+                Some(l) => Some(l.clone()),
+                None => self.workers.lock().leases.get(&build.id).cloned(),
+            };
+            let Some(mut lease) = lease.filter(|l| l.worker == worker) else {
+                let busy = work.values().any(|l| l.worker == worker)
+                    || self
+                        .workers
+                        .lock()
+                        .leases
+                        .values()
+                        .any(|l| l.worker == worker);
+                let why = if busy {
+                    String::new()
+                } else {
+                    // A worker with no job: every build operation is a mismatch.
+                    let idle = IdleBehaviour {
+                        worker: worker.to_owned(),
+                    };
+                    idle.handle_finished(Outcome::Success)
+                        .err()
+                        .map(|e| format!(" ({e})"))
+                        .unwrap_or_default()
+                };
+                refusals.push(format!(
+                    "build {} is not leased to worker {worker}{why}; message refused",
+                    build.id
+                ));
+                continue;
+            };
+            if lease.cookie != build.cookie {
+                refusals.push(format!(
+                    "build {}: wrong or stale cookie; message refused",
+                    build.id
+                ));
+                continue;
+            }
+            if seq <= lease.last_seq {
+                // Sent again after a reconnect: applied already.
+                acks.insert(build.id, (build, lease.last_seq));
+                continue;
+            }
+            if seq != lease.last_seq + 1
+                || !db::advance_build(
+                    &mut tx,
+                    BuildId(build.id),
+                    &build.cookie,
+                    lease.worker_id,
+                    seq as i64,
+                )
+                .await?
+            {
+                refusals.push(format!(
+                    "build {}: message {seq} does not follow {} or the build is no longer running; refused",
+                    build.id, lease.last_seq
+                ));
+                continue;
+            }
+            lease.last_seq = seq;
+            if let Some(end) = self
+                .apply_event(&mut tx, &mut lease, BuildId(build.id), event, now)
+                .await?
+            {
+                finished.push((build.id, end.0, end.1));
+            }
+            acks.insert(build.id, (build.clone(), seq));
+            work.insert(build.id, lease);
+        }
+        tx.commit().await?;
+        {
+            let mut inner = self.workers.lock();
+            for (id, lease) in work {
+                if finished.iter().any(|(f, ..)| *f == id) {
+                    inner.leases.remove(&id);
+                } else if let Some(l) = inner.leases.get_mut(&id) {
+                    *l = lease;
+                }
+            }
+        }
+        for (build, seq) in acks.into_values() {
+            self.send_to(worker, ToWorker::Ack { build, seq });
+        }
+        for message in refusals {
+            tracing::warn!(worker = %worker, %message, "refused a worker's message");
+            self.send_to(worker, ToWorker::Error { message });
+        }
+        for (id, result, message) in &finished {
+            tracing::info!(worker = %worker, build = id, result = %result, "build finished");
+            match message {
+                // The worker could not even start the build.
+                Some(m) => self.worker_failed(worker, m).await?,
+                None => self.worker_ok(worker).await?,
+            }
+        }
+        if !finished.is_empty() {
+            self.wake_dispatch();
+        }
+        Ok(())
+    }
+
+    /// Applies one build event in `tx`. Returns the build's end when it finished.
+    async fn apply_event(
+        &self,
+        tx: &mut db::Tx,
+        lease: &mut Lease,
+        build: BuildId,
+        event: BuildEvent,
+        now: i64,
+    ) -> anyhow::Result<Option<(Outcome, Option<String>)>> {
+        match event {
+            BuildEvent::StepStarted { step, name } => {
+                let id = db::insert_step(&mut *tx, build, i64::from(step), &name, now).await?;
+                lease.steps.insert(step, (id, name));
+            }
+            BuildEvent::Log {
+                step,
+                log,
+                channel,
+                text,
+            } => {
+                let step_id = self.step_of(tx, lease, build, step).await?;
+                let log_id = match lease.logs.get(&(step, log.clone())) {
+                    Some(id) => *id,
+                    None => {
+                        let id = match db::log_id(&mut *tx, step_id, &log).await? {
+                            Some(id) => id,
+                            None => db::insert_log(&mut *tx, step_id, &log, "s").await?,
+                        };
+                        lease.logs.insert((step, log), id);
+                        id
+                    }
+                };
+                // Buildbot's stream logs: each line starts with its channel (o, e, h).
+                let tag = match channel {
+                    runtime::Channel::Stdout => 'o',
+                    runtime::Channel::Stderr => 'e',
+                    runtime::Channel::Header => 'h',
+                };
+                let mut tagged = String::with_capacity(text.len() + text.len() / 16 + 1);
+                for line in text.lines() {
+                    tagged.push(tag);
+                    tagged.push_str(line);
+                    tagged.push('\n');
+                }
+                db::append_log(&mut *tx, log_id, &tagged).await?;
+            }
+            BuildEvent::Report { step, report } => {
+                if let runtime::ReportEvent::Summary { text } = report {
+                    let step_id = self.step_of(tx, lease, build, step).await?;
+                    db::set_step_state(&mut *tx, step_id, &text).await?;
+                }
+            }
+            BuildEvent::StepFinished { step, record } => {
+                let step_id = match self.step_of(tx, lease, build, step).await {
+                    Ok(id) => id,
+                    // A step that never started (skipped) gets its row now.
+                    Err(_) => {
+                        let id =
+                            db::insert_step(&mut *tx, build, i64::from(step), &record.name, now)
+                                .await?;
+                        lease.steps.insert(step, (id, record.name.clone()));
+                        id
+                    }
+                };
+                let o = &record.outcome;
+                let state = o
+                    .summary
+                    .clone()
+                    .or_else(|| o.message.clone())
+                    .unwrap_or_default();
+                db::finish_step(
+                    &mut *tx,
+                    step_id,
+                    &db::StepEnd {
+                        results: o.result,
+                        state: &state,
+                        hidden: record.hidden,
+                        urls: &serde_json::to_value(&o.urls)?,
+                        statistics: &serde_json::to_value(&o.statistics)?,
+                    },
+                    now,
+                )
+                .await?;
+                let props: Vec<SourcedProperty> = o
+                    .properties
+                    .iter()
+                    .map(|(name, value)| SourcedProperty {
+                        name: name.clone(),
+                        value: value.clone(),
+                        source: format!("Step {}", record.name),
+                    })
+                    .collect();
+                db::set_build_properties(&mut *tx, build, &props).await?;
+            }
+            BuildEvent::Finished {
+                result,
+                message,
+                properties,
+            } => {
+                let behaviour = jobs::behaviour(lease.kind).context("a lease of no kind")?;
+                let state = message.clone().unwrap_or_else(|| result.to_string());
+                db::finish_build(&mut *tx, build, result, &state, now).await?;
+                let props: Vec<SourcedProperty> = properties
+                    .iter()
+                    .map(|(name, p)| SourcedProperty {
+                        name: name.to_owned(),
+                        value: p.value.clone(),
+                        source: p.source.clone(),
+                    })
+                    .collect();
+                db::set_build_properties(&mut *tx, build, &props).await?;
+                match behaviour.handle_finished(result)? {
+                    RequestFate::Requeue => {
+                        db::unclaim_requests(&mut *tx, &[lease.request], self.id).await?;
+                    }
+                    RequestFate::Complete(r) => {
+                        crate::requests::finish_requests(
+                            &self.db,
+                            tx,
+                            self.id,
+                            &[(lease.request, r, None)],
+                            now,
+                        )
+                        .await?;
+                    }
+                }
+                return Ok(Some((result, message)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The id of a step of a leased build.
+    async fn step_of(
+        &self,
+        tx: &mut db::Tx,
+        lease: &mut Lease,
+        build: BuildId,
+        step: u32,
+    ) -> anyhow::Result<i64> {
+        if let Some((id, _)) = lease.steps.get(&step) {
+            return Ok(*id);
+        }
+        let id = db::step_id(&mut *tx, build, i64::from(step))
+            .await?
+            .with_context(|| format!("step {step} of build {build} has not started"))?;
+        lease.steps.insert(step, (id, String::new()));
+        Ok(id)
+    }
+
+    /// Ends a running build RETRY (its request goes back to the queue) and tells its worker
+    /// to stop it; late reports of that attempt are refused. False if it was not running.
+    pub async fn retry_build(&self, build: i64, why: &str) -> anyhow::Result<bool> {
+        let lease = self.workers.lock().leases.remove(&build);
+        let mut tx = self.db.begin().await?;
+        let row = db::running_builds(&mut tx, None)
+            .await?
+            .into_iter()
+            .find(|b| b.id.0 == build);
+        let Some(row) = row else {
+            tx.commit().await?;
+            return Ok(false);
+        };
+        if row.master != self.id {
+            db::adopt_build(&mut tx, row.id, row.request, self.id).await?;
+        }
+        let ended = db::finish_build(&mut tx, row.id, Outcome::Retry, why, now_ms()).await?;
+        if ended {
+            db::unclaim_requests(&mut tx, &[row.request], self.id).await?;
+        }
+        tx.commit().await?;
+        if ended {
+            tracing::warn!(build, reason = %why, "build ended RETRY; its request is queued again");
+            if let (Some(worker), Some(lease)) = (row.worker.as_deref(), lease) {
+                self.send_to(
+                    worker,
+                    ToWorker::Stop {
+                        build: BuildRef {
+                            id: build,
+                            cookie: lease.cookie,
+                        },
+                        reason: format!("retried: {why}"),
+                    },
+                );
+            }
+            self.wake_dispatch();
+        }
+        Ok(ended)
+    }
+
+    async fn worker_failed(&self, name: &str, note: &str) -> anyhow::Result<()> {
+        let mut conn = self.db.pool().acquire().await?;
+        let h = db::record_worker_outcome(
+            &mut conn,
+            name,
+            Some(note),
+            QUARANTINE_AFTER,
+            quarantine_ms,
+            now_ms(),
+        )
+        .await?;
+        if let Some(h) = h
+            && let Some(until) = h.quarantine_until
+        {
+            tracing::warn!(worker = %name, failures = h.failure_count, note, quarantined_for_ms = until - now_ms(), "worker quarantined");
+        }
+        Ok(())
+    }
+
+    async fn worker_ok(&self, name: &str) -> anyhow::Result<()> {
+        let mut conn = self.db.pool().acquire().await?;
+        db::record_worker_outcome(
+            &mut conn,
+            name,
+            None,
+            QUARANTINE_AFTER,
+            quarantine_ms,
+            now_ms(),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// One dispatch pass: free workers take claimed requests. Returns the builds started.
+    pub async fn dispatch(&self) -> anyhow::Result<usize> {
+        let state = self.state();
+        let now = now_ms();
+        let mut free: Vec<WorkerInfo> = {
+            let inner = self.workers.lock();
+            if inner.conns.is_empty() {
+                return Ok(0);
+            }
+            inner
+                .conns
+                .iter()
+                .filter(|(_, c)| !c.draining)
+                .map(|(name, c)| {
+                    let mut info = c.info.clone();
+                    info.running_builds =
+                        inner.leases.values().filter(|l| &l.worker == name).count() as u32;
+                    info
+                })
+                .filter(|w| w.running_builds < w.max_builds)
+                .collect()
+        };
+        if free.is_empty() {
+            return Ok(0);
+        }
+        let health = {
+            let mut conn = self.db.pool().acquire().await?;
+            db::worker_health(&mut conn).await?
+        };
+        free.retain(|w| {
+            health
+                .get(&w.name)
+                .is_none_or(|h| !h.paused && h.quarantine_until.is_none_or(|until| until <= now))
+        });
+        if free.is_empty() {
+            return Ok(0);
+        }
+        free.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut busy = {
+            let inner = self.workers.lock();
+            inner
+                .leases
+                .values()
+                .map(|l| (l.builder.clone(), l.worker.clone()))
+                .collect()
+        };
+        let assignments = crate::requests::claim_for_workers(
+            &self.db,
+            self.id,
+            &state.builders,
+            &mut free,
+            &mut busy,
+            &state.hooks,
+            now,
+        )
+        .await?;
+        let started = assignments.len();
+        for a in assignments {
+            if let Err(error) = self.start_build(&state, &a).await {
+                tracing::error!(request = %a.request, worker = %a.worker, error = format!("{error:#}"), "cannot start a build; its request is queued again");
+                let mut conn = self.db.pool().acquire().await?;
+                db::unclaim_requests(&mut conn, &[a.request], self.id).await?;
+            }
+        }
+        Ok(started)
+    }
+
+    /// Starts a claimed request's build on its worker.
+    async fn start_build(&self, state: &MasterState, a: &Assignment) -> anyhow::Result<()> {
+        let builder = state
+            .config
+            .builder(&a.builder)
+            .with_context(|| format!("builder {} is not configured", a.builder))?;
+        let worker_cfg = state
+            .config
+            .workers
+            .iter()
+            .find(|w| w.name == a.worker)
+            .with_context(|| format!("worker {} is not configured", a.worker))?;
+        let (info, worker_id) = {
+            let inner = self.workers.lock();
+            let c = inner
+                .conns
+                .get(&a.worker)
+                .with_context(|| format!("worker {} disconnected", a.worker))?;
+            (c.info.clone(), c.worker_id)
+        };
+        let mut conn = self.db.pool().acquire().await?;
+        let (request, ..) = db::get_request(&mut conn, a.request)
+            .await?
+            .context("the claimed request vanished")?;
+        let buildset = db::get_buildset(&mut conn, request.buildset)
+            .await?
+            .context("the request's buildset vanished")?;
+        let stamps = db::buildset_sourcestamps(&mut conn, request.buildset).await?;
+        let bs_props = db::buildset_properties(&mut conn, request.buildset).await?;
+        let blamelist = db::blamelist(&mut conn, request.buildset).await?;
+        let modules = db::step_modules(&mut conn, None).await?;
+        drop(conn);
+        let trusted = builder.trusted && request.trusted;
+        let cookie = new_cookie();
+        let mut tx = self.db.begin().await?;
+        let (build_id, number) = db::insert_build(
+            &mut tx,
+            a.request,
+            Some(worker_id),
+            self.id,
+            &cookie,
+            now_ms(),
+        )
+        .await?;
+        let map = |m: &std::collections::BTreeMap<String, serde_json::Value>| {
+            m.iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect::<serde_json::Map<_, _>>()
+        };
+        let properties = crate::properties::for_build(
+            &map(&state.config.properties),
+            &bs_props,
+            &map(&builder.properties),
+            &map(&worker_cfg.properties),
+            &stamps,
+            &crate::properties::BuildFacts {
+                builder: &builder.name,
+                number,
+                worker: Some(&a.worker),
+                scheduler: buildset.scheduler.as_deref(),
+                reason: &buildset.reason,
+                blamelist: &blamelist,
+            },
+        );
+        let sourced: Vec<SourcedProperty> = properties
+            .iter()
+            .map(|(name, p)| SourcedProperty {
+                name: name.to_owned(),
+                value: p.value.clone(),
+                source: p.source.clone(),
+            })
+            .collect();
+        db::set_build_properties(&mut tx, build_id, &sourced).await?;
+        let step_args = builder
+            .steps
+            .iter()
+            .flat_map(|s| std::iter::once(&s.args).chain(s.observers.iter().map(|o| &o.args)));
+        let secrets = if info.sandbox {
+            Ok(Default::default())
+        } else {
+            crate::secrets::for_build(&state.config.secrets, step_args, trusted)
+                .map_err(|e| e.to_string())
+        };
+        let build = BuildRef {
+            id: build_id.0,
+            cookie: cookie.clone(),
+        };
+        let behaviour: &dyn JobBehaviour = &jobs::StepsBehaviour;
+        let resolve = |m: &config::ModuleRef| {
+            let versions = modules.iter().filter(|s| s.name == m.name);
+            let module = match &m.version {
+                config::ModuleVersion::Latest => versions.max_by_key(|s| s.uploaded_ms),
+                config::ModuleVersion::Exact(v) => versions.into_iter().find(|s| &s.version == v),
+            }?;
+            Some(runtime::protocol::ModuleSpec::File {
+                label: m.to_string(),
+                sha1: module.sha1.clone(),
+                sha256: module.sha256.clone(),
+                size: module.size as u64,
+            })
+        };
+        let job = secrets.and_then(|secrets| {
+            let job = behaviour
+                .compose(JobContext {
+                    build: build.clone(),
+                    number,
+                    builder,
+                    stamps: &stamps,
+                    properties,
+                    secrets,
+                    trusted,
+                    modules: &resolve,
+                })
+                .map_err(|e| e.to_string())?;
+            behaviour.verify(&job, &info).map_err(|e| e.to_string())?;
+            Ok(job)
+        });
+        let job = match job {
+            Ok(job) => job,
+            Err(message) => {
+                // A build that can never run as configured: EXCEPTION, with the reason.
+                db::finish_build(&mut tx, build_id, Outcome::Exception, &message, now_ms()).await?;
+                crate::requests::finish_requests(
+                    &self.db,
+                    &mut tx,
+                    self.id,
+                    &[(a.request, Outcome::Exception, None)],
+                    now_ms(),
+                )
+                .await?;
+                tx.commit().await?;
+                tracing::error!(build = build_id.0, builder = %builder.name, %message, "build cannot run");
+                return Ok(());
+            }
+        };
+        tx.commit().await?;
+        self.workers.lock().leases.insert(
+            build_id.0,
+            Lease {
+                worker: a.worker.clone(),
+                worker_id,
+                cookie,
+                kind: behaviour.kind(),
+                builder: a.builder.clone(),
+                request: a.request,
+                last_seq: 0,
+                steps: HashMap::new(),
+                logs: HashMap::new(),
+                dispatched: Instant::now(),
+                orphaned: None,
+            },
+        );
+        tracing::info!(build = build_id.0, builder = %builder.name, number, worker = %a.worker, "build dispatched");
+        if !self.send_to(&a.worker, ToWorker::Start(Box::new(job))) {
+            // Gone between the claim and now: the scan retries it.
+            if let Some(l) = self.workers.lock().leases.get_mut(&build_id.0) {
+                l.orphaned.get_or_insert(Instant::now());
+            }
+        }
+        Ok(())
+    }
+
+    /// The periodic check (every heartbeat): asks each worker what it runs, retries builds
+    /// of workers lost for `lost_after`, and builds in the database nobody holds.
+    pub async fn scan(&self, lost_after: Duration) -> anyhow::Result<()> {
+        let now = Instant::now();
+        let lost: Vec<(i64, String)> = {
+            let mut inner = self.workers.lock();
+            for (_, c) in inner.conns.iter_mut() {
+                // An unanswered scan is simply replaced.
+                let n = self.workers.next_scan.fetch_add(1, Ordering::Relaxed) + 1;
+                if c.tx.send(ToWorker::Scan { scan: n }).is_ok() {
+                    c.scan = Some((n, now));
+                }
+            }
+            inner
+                .leases
+                .iter()
+                .filter(|(_, l)| l.orphaned.is_some_and(|t| now - t > lost_after))
+                .map(|(id, l)| (*id, l.worker.clone()))
+                .collect()
+        };
+        for (id, worker) in lost {
+            if self
+                .retry_build(id, &format!("worker {worker} was lost"))
+                .await?
+            {
+                self.worker_failed(&worker, &format!("lost while running build {id}"))
+                    .await?;
+            }
+        }
+        let running = {
+            let mut conn = self.db.pool().acquire().await?;
+            db::running_builds(&mut conn, Some(self.id)).await?
+        };
+        let stale: Vec<(i64, Option<String>)> = {
+            let mut inner = self.workers.lock();
+            let ids: HashSet<i64> = running.iter().map(|b| b.id.0).collect();
+            inner.unheld.retain(|id, _| ids.contains(id));
+            let mut stale = Vec::new();
+            for b in &running {
+                if inner.leases.contains_key(&b.id.0) {
+                    inner.unheld.remove(&b.id.0);
+                    continue;
+                }
+                let since = *inner.unheld.entry(b.id.0).or_insert(now);
+                // After a master restart its workers need time to notice and reconnect
+                // (their backoff tops out at 15 s).
+                if now - since > lost_after.max(UNHELD_GRACE) {
+                    stale.push((b.id.0, b.worker.clone()));
+                }
+            }
+            stale
+        };
+        for (id, worker) in stale {
+            let who = worker.as_deref().unwrap_or("(none)");
+            self.retry_build(id, &format!("worker {who} did not come back to claim it"))
+                .await?;
+            self.workers.lock().unheld.remove(&id);
+        }
+        Ok(())
+    }
+}
+
+impl Master {
+    /// Asks the worker running build `id` to stop it. False if no worker of this master runs
+    /// it.
+    pub fn stop_build(&self, id: i64, reason: &str) -> bool {
+        let lease = self.workers.lock().leases.get(&id).cloned();
+        lease.is_some_and(|l| {
+            self.send_to(
+                &l.worker,
+                ToWorker::Stop {
+                    build: BuildRef {
+                        id,
+                        cookie: l.cookie,
+                    },
+                    reason: reason.to_owned(),
+                },
+            )
+        })
+    }
+}
+
+/// A fresh build cookie: 128 random bits in hex.
+fn new_cookie() -> String {
+    let bytes: [u8; 16] = rand::random();
+    hex::encode(bytes)
+}
+
+/// What the API shows of a connected worker.
+pub fn describe(master: &Master) -> Vec<serde_json::Value> {
+    let inner = master.workers.lock();
+    let mut out: Vec<serde_json::Value> = inner
+        .conns
+        .iter()
+        .map(|(name, c)| {
+            let builds: Vec<i64> = inner
+                .leases
+                .iter()
+                .filter(|(_, l)| &l.worker == name)
+                .map(|(id, _)| *id)
+                .collect();
+            json!({
+                "name": name,
+                "connected": true,
+                "sandbox": c.info.sandbox,
+                "arch": c.info.arch,
+                "os": c.info.os,
+                "tags": c.info.tags,
+                "max_builds": c.info.max_builds,
+                "draining": c.draining,
+                "builds": builds,
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quarantine_backs_off_exponentially_up_to_an_hour() {
+        assert_eq!(quarantine_ms(3), 30_000);
+        assert_eq!(quarantine_ms(4), 60_000);
+        assert_eq!(quarantine_ms(5), 120_000);
+        assert_eq!(quarantine_ms(50), 3_600_000);
+    }
+
+    #[test]
+    fn cookies_are_fresh_and_hex() {
+        let a = new_cookie();
+        assert_eq!(a.len(), 32);
+        assert!(a.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_ne!(a, new_cookie());
+    }
+}

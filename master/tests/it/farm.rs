@@ -1,0 +1,748 @@
+//! A real farm on 127.0.0.1: a `kiln master` process and `kiln-worker` processes, a real git
+//! repository, SIGKILLs at awkward moments, and workers that lie.
+
+use std::collections::HashMap;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use master::db::{self, Db};
+use serde_json::{Value, json};
+
+use crate::git_step::git;
+
+/// A farm in a temporary directory.
+pub(crate) struct Farm {
+    pub(crate) dir: tempfile::TempDir,
+    pub(crate) port: u16,
+    master: Option<Child>,
+    workers: HashMap<String, Child>,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Farm {
+    /// A farm whose configuration is `[master]` (fixed port, SQLite in the directory, a fast
+    /// heartbeat) followed by `rest`.
+    pub(crate) fn new(rest: &str) -> Farm {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let config = format!(
+            "[master]\nname = \"farm\"\nlisten = \"127.0.0.1:{port}\"\nheartbeat = \"1s\"\n\n{rest}"
+        );
+        std::fs::write(dir.path().join("kiln.toml"), config).unwrap();
+        Farm {
+            dir,
+            port,
+            master: None,
+            workers: HashMap::new(),
+        }
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn log(&self, name: &str) -> std::fs::File {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.path().join(format!("{name}.log")))
+            .unwrap()
+    }
+
+    /// Starts the master and waits for its API.
+    pub(crate) fn start_master(&mut self) {
+        let child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(["master", "--poll", "0.05"])
+            .current_dir(self.path())
+            .env("KILN_LOG", "info")
+            .env("KILN_CACHE_DIR", self.path().join("cache"))
+            .stdout(Stdio::null())
+            .stderr(self.log("master"))
+            .spawn()
+            .unwrap();
+        self.master = Some(child);
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            let exited = self.master.as_mut().unwrap().try_wait().unwrap();
+            assert!(exited.is_none(), "the master exited: {}", self.logs());
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "the master did not start: {}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub(crate) fn kill_master(&mut self) {
+        if let Some(mut m) = self.master.take() {
+            m.kill().unwrap();
+            m.wait().unwrap();
+        }
+    }
+
+    /// Starts a worker named `name` (token `t-NAME`) with its own base directory.
+    pub(crate) fn start_worker(&mut self, name: &str, extra: &[&str]) {
+        let child = Command::new(env!("CARGO_BIN_EXE_kiln-worker"))
+            .args(["--master", &format!("http://127.0.0.1:{}", self.port)])
+            .args(["--name", name])
+            .arg("--workdir")
+            .arg(self.worker_dir(name))
+            .args(extra)
+            .env("KILN_TOKEN", format!("t-{name}"))
+            .env("KILN_CACHE_DIR", self.path().join("cache"))
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(self.log(name))
+            .spawn()
+            .unwrap();
+        self.workers.insert(name.to_owned(), child);
+    }
+
+    pub(crate) fn worker_dir(&self, name: &str) -> PathBuf {
+        self.path().join(format!("worker-{name}"))
+    }
+
+    pub(crate) fn kill_worker(&mut self, name: &str) {
+        if let Some(mut w) = self.workers.remove(name) {
+            w.kill().unwrap();
+            w.wait().unwrap();
+        }
+    }
+
+    /// Sends a signal to a worker.
+    pub(crate) fn signal_worker(&self, name: &str, signal: i32) {
+        let pid = self.workers[name].id() as i32;
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(pid, signal) };
+    }
+
+    /// Waits for a worker process to exit; its status code.
+    pub(crate) fn wait_worker(&mut self, name: &str, within: Duration) -> Option<i32> {
+        let mut w = self.workers.remove(name).unwrap();
+        let start = Instant::now();
+        loop {
+            if let Some(status) = w.try_wait().unwrap() {
+                return status.code();
+            }
+            assert!(
+                start.elapsed() < within,
+                "worker {name} did not exit: {}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Every process's log, for failure messages.
+    pub(crate) fn logs(&self) -> String {
+        let mut out = String::new();
+        for entry in std::fs::read_dir(self.path()).unwrap() {
+            let p = entry.unwrap().path();
+            if p.extension().is_some_and(|e| e == "log") {
+                out += &format!(
+                    "\n--- {} ---\n{}",
+                    p.display(),
+                    std::fs::read_to_string(&p).unwrap_or_default()
+                );
+            }
+        }
+        out
+    }
+
+    pub(crate) fn api(&self, method: &str, path: &str, body: &str) -> (u16, Value) {
+        use std::io::Read;
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut response = String::new();
+        s.read_to_string(&mut response).unwrap();
+        let status = response[9..12].parse().unwrap();
+        let (_, body) = response.split_once("\r\n\r\n").unwrap();
+        (
+            status,
+            serde_json::from_str(body).unwrap_or(Value::String(body.into())),
+        )
+    }
+
+    pub(crate) fn force(&self, scheduler: &str, body: Value) -> i64 {
+        let (status, body) = self.api(
+            "POST",
+            &format!("/api/v2/forceschedulers/{scheduler}"),
+            &body.to_string(),
+        );
+        assert_eq!(status, 200, "{body}");
+        body["buildrequests"][0]["buildrequestid"].as_i64().unwrap()
+    }
+
+    pub(crate) async fn db(&self) -> Db {
+        let url = format!(
+            "sqlite://{}?mode=rwc",
+            self.path().join("kiln.sqlite").display()
+        );
+        Db::connect(&url).await.unwrap()
+    }
+
+    /// Waits until `ok` holds, with the farm's logs on failure.
+    pub(crate) fn wait_until(&self, what: &str, within: Duration, mut ok: impl FnMut() -> bool) {
+        let start = Instant::now();
+        while !ok() {
+            assert!(
+                start.elapsed() < within,
+                "timed out waiting for {what}{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// The builds of a request, oldest first.
+    pub(crate) fn builds_of(&self, request: i64) -> Vec<Value> {
+        let (status, body) = self.api(
+            "GET",
+            &format!("/api/v2/builds?buildrequestid={request}"),
+            "",
+        );
+        assert_eq!(status, 200, "{body}");
+        let mut builds = body["builds"].as_array().cloned().unwrap_or_default();
+        builds.reverse();
+        builds
+    }
+
+    pub(crate) fn build(&self, id: i64) -> Value {
+        let (status, body) = self.api("GET", &format!("/api/v2/builds/{id}"), "");
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+
+    /// Waits for a request's build `n` (0-based) to finish; returns it with its steps.
+    pub(crate) fn finished_build(&self, request: i64, n: usize, within: Duration) -> Value {
+        let mut found = Value::Null;
+        self.wait_until(
+            &format!("build {n} of request {request}"),
+            within,
+            || match self.builds_of(request).get(n) {
+                Some(b) if b["complete"] == true => {
+                    found = b.clone();
+                    true
+                }
+                _ => false,
+            },
+        );
+        self.build(found["buildid"].as_i64().unwrap())
+    }
+
+    pub(crate) fn log_text(&self, log: i64) -> String {
+        let (status, body) = self.api("GET", &format!("/api/v2/logs/{log}/raw"), "");
+        assert_eq!(status, 200);
+        body.as_str().unwrap_or_default().to_owned()
+    }
+}
+
+impl Drop for Farm {
+    fn drop(&mut self) {
+        self.kill_master();
+        for (_, mut w) in self.workers.drain() {
+            let _ = w.kill();
+            let _ = w.wait();
+        }
+    }
+}
+
+/// Results as the API gives them.
+const SUCCESS: &str = "SUCCESS";
+const RETRY: &str = "RETRY";
+
+fn workers(names: &[&str], sandbox: bool) -> String {
+    names
+        .iter()
+        .map(|n| format!("[[workers]]\nname = \"{n}\"\ntoken = \"t-{n}\"\nsandbox = {sandbox}\nmax_builds = 2\n\n"))
+        .collect()
+}
+
+/// A repository with one commit.
+fn repository(root: &Path) -> PathBuf {
+    let repo = root.join("repo");
+    std::fs::create_dir(&repo).unwrap();
+    git(&repo, &["init", "-q"]);
+    std::fs::write(repo.join("hello.sh"), "echo \"hello from the repo\"\n").unwrap();
+    git(&repo, &["add", "."]);
+    git(&repo, &["commit", "-qm", "first"]);
+    repo
+}
+
+#[test]
+fn a_build_runs_git_and_shell_steps_end_to_end_on_a_worker() {
+    let mut farm = Farm::new(&format!(
+        r#"{}
+[[builders]]
+name = "app"
+grant = {{ programs = ["git", "sh"] }}
+[[builders.steps]]
+module = "git"
+args = {{ repourl = "%(prop:repository)s", branch = "main" }}
+halt_on_failure = true
+[[builders.steps]]
+module = "shell"
+name = "run"
+args = {{ command = ["sh", "-c", "sh hello.sh; echo to-stderr >&2"] }}
+
+[[schedulers]]
+name = "force"
+type = "force"
+builders = ["app"]
+"#,
+        workers(&["w1"], false)
+    ));
+    let repo = repository(farm.path());
+    farm.start_master();
+    farm.start_worker("w1", &[]);
+    let request = farm.force(
+        "force",
+        json!({"parameters": {}, "repository": repo.display().to_string(), "branch": "main"}),
+    );
+    let build = farm.finished_build(request, 0, Duration::from_secs(60));
+    assert_eq!(build["results"], SUCCESS, "{build:#}{}", farm.logs());
+    assert_eq!(build["worker"], "w1");
+    let steps = build["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 2, "{build:#}");
+    assert_eq!(steps[0]["results"], SUCCESS);
+    let log = steps[1]["logs"][0]["logid"].as_i64().unwrap();
+    let text = farm.log_text(log);
+    assert!(text.contains("hello from the repo\n"), "{text}");
+    assert!(text.contains("to-stderr\n"), "{text}");
+    // The git step's property reached the master, with its source.
+    assert_eq!(
+        build["properties"]["got_revision"][1], "Step git",
+        "{build:#}"
+    );
+    // The request completed, and the worker is healthy and idle.
+    let (_, workers) = farm.api("GET", "/api/v2/workers", "");
+    assert_eq!(workers["workers"][0]["connected"], true);
+    assert_eq!(workers["workers"][0]["health"], "ok");
+    assert_eq!(workers["workers"][0]["builds"], json!([]));
+}
+
+const SLOW_BUILDER: &str = r#"
+[[builders]]
+name = "slow"
+collapse = false
+grant = { programs = ["sh"] }
+[[builders.steps]]
+module = "shell"
+name = "slow"
+args = { command = ["sh", "-c", "echo started; echo run >> ../../runs.txt; sleep ${SLEEP}; echo finished"] }
+
+[[schedulers]]
+name = "force"
+type = "force"
+builders = ["slow"]
+"#;
+
+fn slow(sleep: &str) -> String {
+    SLOW_BUILDER.replace("${SLEEP}", sleep)
+}
+
+#[test]
+fn a_worker_killed_mid_step_ends_its_build_retry_and_the_request_runs_elsewhere() {
+    let mut farm = Farm::new(&format!("{}{}", workers(&["w1"], false), slow("3")));
+    let config = std::fs::read_to_string(farm.path().join("kiln.toml")).unwrap();
+    std::fs::write(
+        farm.path().join("kiln.toml"),
+        config.replace("max_builds = 2", "max_builds = 1")
+            + &workers(&["w2"], false).replace("max_builds = 2", "max_builds = 1"),
+    )
+    .unwrap();
+    farm.start_master();
+    farm.start_worker("w1", &[]);
+    let request = farm.force("force", json!({"parameters": {}}));
+    // The step is running on w1.
+    farm.wait_until("the step to start", Duration::from_secs(30), || {
+        farm.builds_of(request).first().is_some_and(|b| {
+            b["state_string"] == ""
+                && farm.build(b["buildid"].as_i64().unwrap())["steps"]
+                    .as_array()
+                    .is_some_and(|s| !s.is_empty())
+        })
+    });
+    let first = farm.builds_of(request)[0].clone();
+    farm.kill_worker("w1");
+    farm.start_worker("w2", &[]);
+    // After three heartbeats the build ends RETRY and the request runs again, on w2.
+    let retried = farm.finished_build(request, 0, Duration::from_secs(30));
+    assert_eq!(retried["results"], RETRY, "{retried:#}");
+    assert!(
+        retried["state_string"]
+            .as_str()
+            .unwrap()
+            .contains("worker w1 was lost"),
+        "{retried:#}"
+    );
+    let second = farm.finished_build(request, 1, Duration::from_secs(60));
+    assert_eq!(second["results"], SUCCESS, "{second:#}{}", farm.logs());
+    assert_eq!(second["worker"], "w2");
+    assert_eq!(second["number"], first["number"].as_i64().unwrap() + 1);
+    // The old attempt's late reports are refused: w1 comes back, says it runs nothing the
+    // master holds, and the first build stays RETRY.
+    farm.start_worker("w1", &[]);
+    std::thread::sleep(Duration::from_secs(1));
+    let again = farm.build(first["buildid"].as_i64().unwrap());
+    assert_eq!(again["results"], RETRY);
+    let (_, workers) = farm.api("GET", "/api/v2/workers", "");
+    assert_eq!(workers["workers"][0]["failure_count"], 1, "{workers:#}");
+}
+
+#[test]
+fn a_master_killed_mid_build_loses_nothing_and_runs_nothing_twice() {
+    let mut farm = Farm::new(&format!("{}{}", workers(&["w1", "w2"], false), slow("2")));
+    farm.start_master();
+    farm.start_worker("w1", &[]);
+    farm.start_worker("w2", &[]);
+    let requests: Vec<i64> = (0..2)
+        .map(|_| farm.force("force", json!({"parameters": {}})))
+        .collect();
+    farm.wait_until("both builds to run", Duration::from_secs(30), || {
+        std::fs::read_to_string(farm.path().join("runs.txt")).is_ok_and(|t| t.lines().count() == 2)
+    });
+    farm.kill_master();
+    std::thread::sleep(Duration::from_millis(500));
+    farm.start_master();
+    for r in &requests {
+        let b = farm.finished_build(*r, 0, Duration::from_secs(60));
+        assert_eq!(b["results"], SUCCESS, "{b:#}{}", farm.logs());
+        let log = b["steps"][0]["logs"][0]["logid"].as_i64().unwrap();
+        let text = farm.log_text(log);
+        assert_eq!(
+            text.matches("started\n").count(),
+            1,
+            "lines applied twice? {text}"
+        );
+        assert!(text.contains("finished\n"), "{text}");
+        assert_eq!(farm.builds_of(*r).len(), 1, "request {r} built twice");
+    }
+    let runs = std::fs::read_to_string(farm.path().join("runs.txt")).unwrap();
+    assert_eq!(runs.lines().count(), 2, "a build ran twice");
+}
+
+#[test]
+fn an_untrusted_build_with_only_trusted_workers_online_stays_queued() {
+    let mut farm = Farm::new(&format!(
+        r#"{}{}
+[[builders]]
+name = "pr"
+trusted = false
+workdir = "pr"
+grant = {{ programs = ["sh"] }}
+[[builders.steps]]
+module = "shell"
+args = {{ command = ["sh", "-c", "echo sandboxed"] }}
+
+[[schedulers]]
+name = "force-pr"
+type = "force"
+builders = ["pr"]
+"#,
+        workers(&["w1"], false),
+        workers(&["box"], true)
+    ));
+    farm.start_master();
+    farm.start_worker("w1", &[]);
+    let request = farm.force("force-pr", json!({"parameters": {}}));
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        farm.builds_of(request).is_empty(),
+        "it ran on a trusted worker"
+    );
+    let (_, queue) = farm.api("GET", "/api/v2/buildrequests", "");
+    assert_eq!(
+        queue["buildrequests"].as_array().unwrap().len(),
+        1,
+        "{queue:#}"
+    );
+    // A sandbox worker takes it, and wipes its workdir afterwards.
+    farm.start_worker("box", &["--sandbox"]);
+    let build = farm.finished_build(request, 0, Duration::from_secs(60));
+    assert_eq!(build["results"], SUCCESS, "{build:#}{}", farm.logs());
+    assert_eq!(build["worker"], "box");
+    assert!(!farm.worker_dir("box").join("pr").exists());
+}
+
+#[test]
+fn two_workers_racing_for_one_request_one_gets_it() {
+    let mut farm = Farm::new(&format!("{}{}", workers(&["w1", "w2"], false), slow("0.2")));
+    farm.start_master();
+    farm.start_worker("w1", &[]);
+    farm.start_worker("w2", &[]);
+    farm.wait_until("both workers", Duration::from_secs(30), || {
+        let (_, w) = farm.api("GET", "/api/v2/workers", "");
+        w["workers"]
+            .as_array()
+            .is_some_and(|ws| ws.iter().all(|w| w["connected"] == true))
+    });
+    let request = farm.force("force", json!({"parameters": {}}));
+    let build = farm.finished_build(request, 0, Duration::from_secs(30));
+    assert_eq!(build["results"], SUCCESS);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(farm.builds_of(request).len(), 1);
+    let runs = std::fs::read_to_string(farm.path().join("runs.txt")).unwrap();
+    assert_eq!(runs.lines().count(), 1);
+}
+
+/// A worker that speaks the protocol by hand, to lie to the master.
+mod liar {
+    use futures_util::{SinkExt, StreamExt};
+    use runtime::protocol::{
+        BuildEvent, BuildRef, Capabilities, PROTOCOL_VERSION, ToMaster, ToWorker,
+    };
+    use tokio_tungstenite::tungstenite::Message;
+
+    pub(crate) type Ws = tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >;
+
+    pub(crate) async fn connect(port: u16, name: &str, token: &str) -> (Ws, ToWorker) {
+        let (mut ws, _) =
+            tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}/workers/connect"))
+                .await
+                .unwrap();
+        let hello = ToMaster::Hello {
+            protocol: PROTOCOL_VERSION,
+            name: name.into(),
+            token: token.into(),
+            capabilities: Capabilities {
+                arch: std::env::consts::ARCH.into(),
+                os: std::env::consts::OS.into(),
+                max_builds: 1,
+                ..Default::default()
+            },
+            running: vec![],
+        };
+        ws.send(Message::text(serde_json::to_string(&hello).unwrap()))
+            .await
+            .unwrap();
+        let answer = next(&mut ws).await;
+        (ws, answer)
+    }
+
+    pub(crate) async fn next(ws: &mut Ws) -> ToWorker {
+        loop {
+            match tokio::time::timeout(std::time::Duration::from_secs(10), ws.next())
+                .await
+                .expect("the master said nothing")
+            {
+                Some(Ok(Message::Text(t))) => return serde_json::from_str(&t).unwrap(),
+                Some(Ok(_)) => continue,
+                other => panic!("connection ended: {other:?}"),
+            }
+        }
+    }
+
+    /// Sends a step start about `build` and returns the master's answer (skipping scans).
+    pub(crate) async fn report(ws: &mut Ws, build: BuildRef) -> ToWorker {
+        let m = ToMaster::Build {
+            build,
+            seq: 1,
+            event: BuildEvent::StepStarted {
+                step: 0,
+                name: "forged".into(),
+            },
+        };
+        ws.send(Message::text(serde_json::to_string(&m).unwrap()))
+            .await
+            .unwrap();
+        loop {
+            match next(ws).await {
+                ToWorker::Scan { .. } => continue,
+                other => return other,
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_cookies_and_reports_about_other_workers_builds_are_refused() {
+    use runtime::protocol::{BuildRef, ToWorker};
+    let mut farm = Farm::new(&format!("{}{}", workers(&["w1", "w2"], false), slow("5")));
+    farm.start_master();
+    // A wrong token, an unknown name: refused for good, with the same answer.
+    for (name, token) in [("w2", "wrong"), ("nobody", "t-w2")] {
+        let (_, answer) = liar::connect(farm.port, name, token).await;
+        assert_eq!(
+            answer,
+            ToWorker::Refused {
+                reason: format!("unknown worker {name:?} or wrong token"),
+                retry: false
+            }
+        );
+    }
+    farm.start_worker("w1", &[]);
+    let request = farm.force("force", json!({"parameters": {}}));
+    let db = farm.db().await;
+    let (build, cookie) = {
+        let start = Instant::now();
+        loop {
+            let mut conn = db.pool().acquire().await.unwrap();
+            let running = db::running_builds(&mut conn, None).await.unwrap();
+            if let Some(b) = running.into_iter().next() {
+                break (b.id.0, b.cookie);
+            }
+            assert!(start.elapsed() < Duration::from_secs(30), "{}", farm.logs());
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    };
+    let (mut ws, welcome) = liar::connect(farm.port, "w2", "t-w2").await;
+    assert!(matches!(welcome, ToWorker::Welcome { .. }), "{welcome:?}");
+    // A forged cookie.
+    let answer = liar::report(
+        &mut ws,
+        BuildRef {
+            id: build,
+            cookie: "0".repeat(32),
+        },
+    )
+    .await;
+    let ToWorker::Error { message } = answer else {
+        panic!("{answer:?}")
+    };
+    assert!(
+        message.contains(&format!("build {build} is not leased to worker w2")),
+        "{message}"
+    );
+    // The right cookie, stolen, but the build is w1's.
+    let answer = liar::report(
+        &mut ws,
+        BuildRef {
+            id: build,
+            cookie: cookie.clone(),
+        },
+    )
+    .await;
+    let ToWorker::Error { message } = answer else {
+        panic!("{answer:?}")
+    };
+    assert_eq!(
+        message,
+        format!(
+            "build {build} is not leased to worker w2 (worker w2 has no job, so it cannot finish a build); message refused"
+        )
+    );
+    // Nothing of it was recorded: the build's one step is w1's.
+    let b = farm.build(build);
+    assert!(
+        b["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["name"] != "forged"),
+        "{b:#}"
+    );
+    let done = farm.finished_build(request, 0, Duration::from_secs(30));
+    assert_eq!(done["results"], SUCCESS, "{done:#}");
+    drop(ws);
+}
+
+#[test]
+fn a_corrupted_module_in_the_workers_cache_is_fetched_again() {
+    use sha2::Digest;
+    let mut farm = Farm::new(&format!(
+        r#"{}
+[[builders]]
+name = "probe"
+[[builders.steps]]
+module = "probe@1"
+args = {{ action = "echo-args", text = "from an uploaded module" }}
+
+[[schedulers]]
+name = "force"
+type = "force"
+builders = ["probe"]
+"#,
+        workers(&["w1"], false)
+    ));
+    // Upload the module the builder names.
+    let bytes = std::fs::read(steps::guest_path("probe-step").unwrap()).unwrap();
+    let sha1 = hex::encode(sha1_checked::Sha1::digest(&bytes));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let url = format!(
+            "sqlite://{}?mode=rwc",
+            farm.path().join("kiln.sqlite").display()
+        );
+        let db = Db::open(&url).await.unwrap();
+        let mut conn = db.pool().acquire().await.unwrap();
+        let d = master::filecache::store(&mut conn, &bytes, 1)
+            .await
+            .unwrap()
+            .unwrap();
+        db::insert_step_module(
+            &mut conn,
+            &db::StepModule {
+                name: "probe".into(),
+                version: "1".into(),
+                kind: "step".into(),
+                sha1: d.sha1.clone(),
+                sha256: d.sha256.clone(),
+                size: d.size as i64,
+                uploaded_ms: 1,
+            },
+        )
+        .await
+        .unwrap();
+    });
+    farm.start_master();
+    farm.start_worker("w1", &[]);
+    let first = farm.force("force", json!({"parameters": {}}));
+    let b = farm.finished_build(first, 0, Duration::from_secs(60));
+    assert_eq!(b["results"], SUCCESS, "{b:#}{}", farm.logs());
+    // Corrupt the cached copy, and make the worker load it again (a restart forgets what it
+    // compiled).
+    let cached = farm.worker_dir("w1").join(".filecache").join(&sha1);
+    let mut damaged = std::fs::read(&cached).unwrap();
+    damaged[100] ^= 0xff;
+    std::fs::write(&cached, &damaged).unwrap();
+    farm.kill_worker("w1");
+    farm.start_worker("w1", &[]);
+    let second = farm.force("force", json!({"parameters": {}}));
+    let b = farm.finished_build(second, 0, Duration::from_secs(60));
+    assert_eq!(b["results"], SUCCESS, "{b:#}{}", farm.logs());
+    assert_eq!(
+        std::fs::read(&cached).unwrap(),
+        bytes,
+        "the cache was not repaired"
+    );
+}
+
+#[test]
+fn a_graceful_worker_shutdown_finishes_the_running_build_first() {
+    let mut farm = Farm::new(&format!("{}{}", workers(&["w1"], false), slow("1")));
+    farm.start_master();
+    farm.start_worker("w1", &[]);
+    let request = farm.force("force", json!({"parameters": {}}));
+    farm.wait_until("the build to run", Duration::from_secs(30), || {
+        farm.path().join("runs.txt").exists()
+    });
+    farm.signal_worker("w1", libc::SIGTERM);
+    assert_eq!(
+        farm.wait_worker("w1", Duration::from_secs(30)),
+        Some(0),
+        "{}",
+        farm.logs()
+    );
+    let b = farm.finished_build(request, 0, Duration::from_secs(5));
+    assert_eq!(b["results"], SUCCESS, "{b:#}");
+    let log = b["steps"][0]["logs"][0]["logid"].as_i64().unwrap();
+    assert!(farm.log_text(log).contains("finished\n"));
+}
