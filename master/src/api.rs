@@ -160,6 +160,7 @@ async fn workers(State(m): State<Arc<Master>>) -> ApiResult {
     let connected = crate::workers::describe(&m);
     let mut conn = m.db.pool().acquire().await?;
     let health = db::worker_health(&mut conn).await?;
+    let latent = m.latent_states();
     let workers: Vec<Value> = m
         .state()
         .config
@@ -179,6 +180,12 @@ async fn workers(State(m): State<Arc<Master>>) -> ApiResult {
                 "quarantine_until": h.and_then(|h| h.quarantine_until),
                 "notes": h.map(|h| h.notes.clone()),
                 "paused": h.map(|h| h.paused),
+                "latent": w.latent.as_ref().map(|_| {
+                    latent
+                        .iter()
+                        .find(|(n, _)| n == &w.name)
+                        .map_or("stopped", |(_, s)| *s)
+                }),
             })
         })
         .collect();

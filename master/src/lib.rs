@@ -10,6 +10,7 @@ pub mod db;
 pub mod filecache;
 pub mod hooks;
 pub mod jobs;
+pub mod latent;
 mod master_cmd;
 pub mod model;
 pub mod pgtemp;

@@ -168,6 +168,7 @@ pub fn master(args: MasterArgs) -> anyhow::Result<ExitCode> {
             .await
             .with_context(|| format!("cannot listen on {listen} ([master] listen)"))?;
         let addr = listener.local_addr()?;
+        master.set_address(addr);
         let app = crate::api::router(master.clone());
         tokio::spawn(async move {
             if let Err(error) = axum::serve(listener, app).await {

@@ -198,7 +198,10 @@ pub struct Master {
     wake: Notify,
     /// Connected workers and the builds leased to them.
     pub workers: crate::workers::Workers,
+    /// Latent workers this master starts and stops.
+    pub latent: crate::latent::LatentWorkers,
     dispatch: Notify,
+    address: std::sync::OnceLock<std::net::SocketAddr>,
 }
 
 impl std::fmt::Debug for Master {
@@ -241,7 +244,9 @@ impl Master {
             state: RwLock::new(Arc::new(state)),
             wake: Notify::new(),
             workers: Default::default(),
+            latent: Default::default(),
             dispatch: Notify::new(),
+            address: Default::default(),
         });
         master.sync_tables().await?;
         tracing::info!(master = %master.state().config.master.name, id = %id, "master started");
@@ -322,6 +327,16 @@ impl Master {
         Ok(diff)
     }
 
+    /// Records the address the HTTP server listens on (latent workers connect to it).
+    pub fn set_address(&self, address: std::net::SocketAddr) {
+        let _ = self.address.set(address);
+    }
+
+    /// The address the HTTP server listens on, once it does.
+    pub fn address(&self) -> Option<std::net::SocketAddr> {
+        self.address.get().copied()
+    }
+
     /// Asks for a dispatch pass soon (a worker connected, a build finished, a request was
     /// queued).
     pub fn wake_dispatch(&self) {
@@ -380,6 +395,12 @@ impl Master {
     async fn dispatch_logged(&self) {
         if let Err(error) = self.dispatch().await {
             tracing::error!(error = format!("{error:#}"), "dispatch failed");
+        }
+        if let Err(error) = self.manage_latent().await {
+            tracing::error!(
+                error = format!("{error:#}"),
+                "managing latent workers failed"
+            );
         }
     }
 

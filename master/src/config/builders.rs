@@ -44,6 +44,20 @@ pub struct Worker {
     pub sandbox: bool,
     /// Properties of every build on it.
     pub properties: BTreeMap<String, Value>,
+    /// Set for a latent worker, which the master starts and stops.
+    pub latent: Option<Latent>,
+}
+
+/// A latent worker's settings: a `kiln-worker` the master starts as its child process when
+/// builds wait for it, and stops when it has been idle.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Latent {
+    /// Stop it after this long without a build.
+    pub idle_timeout: Duration,
+    /// Its base directory.
+    pub workdir: std::path::PathBuf,
+    /// The `kiln-worker` program (`None`: the one next to the running `kiln`).
+    pub program: Option<std::path::PathBuf>,
 }
 
 /// How a worker authenticates. `Debug` never shows a token.
@@ -313,7 +327,37 @@ pub(crate) fn resolve_worker(ctx: &mut Ctx, key: &str, w: WorkerEntry) -> Worker
     check_nonempty(ctx, &format!("{key}.arch"), w.arch.as_deref());
     check_nonempty(ctx, &format!("{key}.os"), w.os.as_deref());
     check_tags(ctx, &format!("{key}.tags"), &w.tags);
+    let latent = w.latent.and_then(|l| {
+        let at = format!("{key}.latent");
+        if l.kind != "local" {
+            ctx.error(
+                format!("{at}.kind"),
+                format!("is {:?}; the latent worker kind Kiln has is \"local\"", l.kind),
+            );
+            return None;
+        }
+        if !matches!(auth, Some(WorkerAuth::Token(_))) {
+            ctx.error(
+                &at,
+                "needs the worker's token = \"...\" (not token_hash): the master gives it to the worker it starts",
+            );
+        }
+        let idle_timeout = match l.idle_timeout {
+            Some(t) => ctx.check(format!("{at}.idle_timeout"), super::duration::parse_at_least(&t, Duration::from_secs(1)))?,
+            None => Duration::from_secs(600),
+        };
+        let workdir = l
+            .workdir
+            .map(|d| ctx.dir.join(d))
+            .unwrap_or_else(|| ctx.dir.join("workers").join(&w.name));
+        Some(Latent {
+            idle_timeout,
+            workdir,
+            program: l.program.map(|p| ctx.dir.join(p)),
+        })
+    });
     Worker {
+        latent,
         name: w.name,
         auth: auth.unwrap_or(WorkerAuth::TokenHash([0; 32])),
         arch: w.arch,

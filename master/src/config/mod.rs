@@ -27,9 +27,9 @@ use std::time::Duration;
 use serde_json::Value;
 
 pub use builders::{
-    Builder, BuilderGrant, DEFAULT_LOG, DEFAULT_MEMORY_MIB, DEFAULT_STEP_TIMEOUT, MAX_MEMORY_MIB,
-    MatrixCell, ModuleSource, Observer, Requirements, Step, Worker, WorkerAuth, WorkerSelector,
-    hash_token,
+    Builder, BuilderGrant, DEFAULT_LOG, DEFAULT_MEMORY_MIB, DEFAULT_STEP_TIMEOUT, Latent,
+    MAX_MEMORY_MIB, MatrixCell, ModuleSource, Observer, Requirements, Step, Worker, WorkerAuth,
+    WorkerSelector, hash_token,
 };
 pub use diff::{Changes, ConfigDiff, RESTART_SETTINGS};
 pub use error::{ConfigError, Diagnostic};

@@ -128,6 +128,23 @@ pub struct WorkerEntry {
     /// Properties given to every build on this worker.
     #[serde(default)]
     pub properties: toml::Table,
+    /// A latent worker: the master starts it when builds wait for it and stops it when it
+    /// has been idle. Needs `token` (the master passes it to the worker it starts).
+    pub latent: Option<LatentEntry>,
+}
+
+/// `[workers.latent]`: how the master starts and stops a latent worker.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LatentEntry {
+    /// `"local"`: a `kiln-worker` child process of the master on this machine.
+    pub kind: String,
+    /// Stop it after this long without a build. Default: "10m".
+    pub idle_timeout: Option<String>,
+    /// Its base directory. Default: `workers/NAME` next to the configuration.
+    pub workdir: Option<std::path::PathBuf>,
+    /// The `kiln-worker` program. Default: the one next to `kiln`.
+    pub program: Option<std::path::PathBuf>,
 }
 
 /// `[[builders]]` (and the template `[matrix.builder]`): a named queue for one kind of build.

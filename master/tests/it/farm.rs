@@ -46,6 +46,16 @@ impl Farm {
         }
     }
 
+    /// A handle on a running farm's API only (for blocking calls from async tests).
+    pub(crate) fn attach(port: u16) -> Farm {
+        Farm {
+            dir: tempfile::tempdir().unwrap(),
+            port,
+            master: None,
+            workers: HashMap::new(),
+        }
+    }
+
     pub(crate) fn path(&self) -> &Path {
         self.dir.path()
     }
@@ -745,4 +755,118 @@ fn a_graceful_worker_shutdown_finishes_the_running_build_first() {
     assert_eq!(b["results"], SUCCESS, "{b:#}");
     let log = b["steps"][0]["logs"][0]["logid"].as_i64().unwrap();
     assert!(farm.log_text(log).contains("finished\n"));
+}
+
+#[test]
+fn a_latent_worker_starts_when_a_build_waits_and_stops_when_idle() {
+    let mut farm = Farm::new(&format!(
+        r#"[[workers]]
+name = "lazy"
+token = "t-lazy"
+latent = {{ kind = "local", idle_timeout = "1s" }}
+{}"#,
+        slow("0.1")
+    ));
+    farm.start_master();
+    let state = |farm: &Farm| {
+        let (_, w) = farm.api("GET", "/api/v2/workers", "");
+        w["workers"][0]["latent"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert_eq!(state(&farm), "stopped");
+    let request = farm.force("force", json!({"parameters": {}}));
+    let b = farm.finished_build(request, 0, Duration::from_secs(60));
+    assert_eq!(b["results"], SUCCESS, "{b:#}{}", farm.logs());
+    assert_eq!(b["worker"], "lazy");
+    // Idle for a second: stopped (the process exits), and started again for the next build.
+    farm.wait_until("the idle worker to stop", Duration::from_secs(20), || {
+        state(&farm) == "stopped"
+    });
+    let (_, w) = farm.api("GET", "/api/v2/workers", "");
+    assert_eq!(w["workers"][0]["connected"], false, "{w:#}");
+    let request = farm.force("force", json!({"parameters": {}}));
+    let b = farm.finished_build(request, 0, Duration::from_secs(60));
+    assert_eq!(b["results"], SUCCESS, "{b:#}");
+    assert!(
+        farm.worker_dir("lazy")
+            .parent()
+            .unwrap()
+            .join("workers/lazy")
+            .is_dir()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_the_worker_forgot_is_found_by_the_scan_and_retried() {
+    use futures_util::SinkExt;
+    use runtime::protocol::{ToMaster, ToWorker};
+    let mut farm = Farm::new(&format!("{}{}", workers(&["w1"], false), slow("1")));
+    farm.start_master();
+    let (mut ws, welcome) = liar::connect(farm.port, "w1", "t-w1").await;
+    assert!(matches!(welcome, ToWorker::Welcome { .. }), "{welcome:?}");
+    let port = farm.port;
+    let request = tokio::task::spawn_blocking(move || {
+        let f = Farm::attach(port);
+        f.force("force", json!({"parameters": {}}))
+    })
+    .await
+    .unwrap();
+    // The master sends the build; this worker takes it and then, asked what it runs, says
+    // nothing.
+    let mut first = None;
+    let retried = loop {
+        match liar::next(&mut ws).await {
+            ToWorker::Start(job) if first.is_none() => first = Some(job.build.clone()),
+            ToWorker::Start(job) => break job,
+            ToWorker::Scan { scan } => {
+                let status = ToMaster::Status {
+                    scan: Some(scan),
+                    running: vec![],
+                };
+                ws.send(tokio_tungstenite::tungstenite::Message::text(
+                    serde_json::to_string(&status).unwrap(),
+                ))
+                .await
+                .unwrap();
+            }
+            _ => {}
+        }
+    };
+    let first = first.unwrap();
+    assert_ne!(
+        retried.build, first,
+        "the retry is a new build with a new cookie"
+    );
+    let builds = tokio::task::spawn_blocking(move || Farm::attach(port).builds_of(request))
+        .await
+        .unwrap();
+    assert_eq!(builds[0]["buildid"], first.id);
+    assert_eq!(builds[0]["results"], RETRY);
+    assert_eq!(builds[0]["state_string"], "worker w1 forgot it");
+    drop(ws);
+    farm.kill_master();
+}
+
+#[test]
+fn a_running_build_stopped_through_the_api_ends_cancelled() {
+    let mut farm = Farm::new(&format!("{}{}", workers(&["w1"], false), slow("60")));
+    farm.start_master();
+    farm.start_worker("w1", &[]);
+    let request = farm.force("force", json!({"parameters": {}}));
+    farm.wait_until("the build to run", Duration::from_secs(30), || {
+        farm.path().join("runs.txt").exists()
+    });
+    let id = farm.builds_of(request)[0]["buildid"].as_i64().unwrap();
+    let (status, body) = farm.api(
+        "POST",
+        &format!("/api/v2/builds/{id}/stop"),
+        r#"{"reason": "not needed"}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    let b = farm.finished_build(request, 0, Duration::from_secs(20));
+    assert_eq!(b["results"], "CANCELLED", "{b:#}");
+    let (status, _) = farm.api("POST", &format!("/api/v2/builds/{id}/stop"), "");
+    assert_eq!(status, 404);
 }

@@ -759,7 +759,9 @@ builders = ["linux", "mac", "forks"]
     ];
     let got = f.claim(&mut workers).await;
     // mac has the higher builder priority, so it goes first: its urgent request first, on the
-    // least busy workers; the untrusted "forks" request only on the sandbox worker.
+    // least busy workers, one mac build per worker (a worker runs one build of a builder at a
+    // time); the untrusted "forks" request only on the sandbox worker; w2's second slot
+    // goes to linux.
     let summary: Vec<(String, String)> = got
         .iter()
         .map(|a| (a.builder.clone(), a.worker.clone()))
@@ -769,14 +771,15 @@ builders = ["linux", "mac", "forks"]
         vec![
             ("mac".to_string(), "w1".to_string()),
             ("mac".to_string(), "w2".to_string()),
-            ("mac".to_string(), "w2".to_string()),
             ("forks".to_string(), "sandbox".to_string()),
+            ("linux".to_string(), "w2".to_string()),
         ]
     );
     assert_eq!(got[0].request, mac_queue[0].id);
     assert_eq!(mac_queue[0].priority, 9);
-    // linux is left queued: every non-sandbox worker is full.
-    assert_eq!(f.queued("linux").await.len(), 1);
+    // One mac request is left queued: each worker already runs a mac build.
+    assert_eq!(f.queued("mac").await.len(), 1);
+    assert!(f.queued("linux").await.is_empty());
     let mut c = f.conn().await;
     for a in &got {
         assert_eq!(
