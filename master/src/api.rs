@@ -74,6 +74,7 @@ pub fn router(master: Arc<Master>) -> Router {
         .route("/api/v2/builds", get(builds))
         .route("/api/v2/builds/{id}", get(build))
         .route("/api/v2/builds/{id}/stop", post(stop_build))
+        .route("/api/v2/builds/{id}/steps/{number}/stop", post(stop_step))
         .route("/api/v2/logs/{id}/raw", get(log_raw))
         .route(
             runtime::protocol::CONNECT_PATH,
@@ -280,6 +281,28 @@ async fn stop_build(
         .reason
         .unwrap_or_else(|| "stopped through the API".into());
     if m.stop_build(id, &reason) {
+        Ok(Json(json!({"stopping": true})))
+    } else {
+        Err(ApiError::NotFound(format!(
+            "build {id} is not running on a worker of this master"
+        )))
+    }
+}
+
+async fn stop_step(
+    State(m): State<Arc<Master>>,
+    Path((id, number)): Path<(i64, u32)>,
+    body: axum::body::Bytes,
+) -> ApiResult {
+    let request: StopRequest = if body.is_empty() {
+        StopRequest::default()
+    } else {
+        parse_body(&body)?
+    };
+    let reason = request
+        .reason
+        .unwrap_or_else(|| "stopped through the API".into());
+    if m.stop_step(id, number, &reason) {
         Ok(Json(json!({"stopping": true})))
     } else {
         Err(ApiError::NotFound(format!(

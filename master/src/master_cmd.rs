@@ -171,6 +171,14 @@ pub fn master(args: MasterArgs) -> anyhow::Result<ExitCode> {
         master.set_address(addr);
         let app = crate::api::router(master.clone());
         tokio::spawn(async move {
+            use axum::serve::ListenerExt;
+            // Small messages (a job, an acknowledgement) must not wait for Nagle's algorithm
+            // and a delayed ACK: that is 40 ms per round trip.
+            let listener = listener.tap_io(|tcp| {
+                if let Err(error) = tcp.set_nodelay(true) {
+                    tracing::debug!(%error, "cannot set TCP_NODELAY");
+                }
+            });
             if let Err(error) = axum::serve(listener, app).await {
                 tracing::error!(%error, "the HTTP server stopped");
             }

@@ -101,6 +101,8 @@ struct Inner {
     leases: HashMap<i64, Lease>,
     /// Running builds in the database that nobody holds, and since when.
     unheld: HashMap<i64, Instant>,
+    /// Workers known to have no failures recorded (so a good build costs no query).
+    healthy: HashSet<String>,
 }
 
 /// The master's workers.
@@ -816,15 +818,10 @@ impl Master {
                 let behaviour = jobs::behaviour(lease.kind).context("a lease of no kind")?;
                 let state = message.clone().unwrap_or_else(|| result.to_string());
                 db::finish_build(&mut *tx, build, result, &state, now).await?;
-                let props: Vec<SourcedProperty> = properties
-                    .iter()
-                    .map(|(name, p)| SourcedProperty {
-                        name: name.to_owned(),
-                        value: p.value.clone(),
-                        source: p.source.clone(),
-                    })
-                    .collect();
-                db::set_build_properties(&mut *tx, build, &props).await?;
+                // The build's properties are stored already: those it started with at
+                // dispatch, each step's as the step finished. The worker's final set only
+                // repeats them.
+                let _ = properties;
                 match behaviour.handle_finished(result)? {
                     RequestFate::Requeue => {
                         db::unclaim_requests(&mut *tx, &[lease.request], self.id).await?;
@@ -905,6 +902,7 @@ impl Master {
     }
 
     async fn worker_failed(&self, name: &str, note: &str) -> anyhow::Result<()> {
+        self.workers.lock().healthy.remove(name);
         let mut conn = self.db.pool().acquire().await?;
         let h = db::record_worker_outcome(
             &mut conn,
@@ -924,6 +922,9 @@ impl Master {
     }
 
     async fn worker_ok(&self, name: &str) -> anyhow::Result<()> {
+        if self.workers.lock().healthy.contains(name) {
+            return Ok(());
+        }
         let mut conn = self.db.pool().acquire().await?;
         db::record_worker_outcome(
             &mut conn,
@@ -934,6 +935,7 @@ impl Master {
             now_ms(),
         )
         .await?;
+        self.workers.lock().healthy.insert(name.to_owned());
         Ok(())
     }
 
@@ -994,12 +996,22 @@ impl Master {
         )
         .await?;
         let started = assignments.len();
-        for a in assignments {
-            if let Err(error) = self.start_build(&state, &a).await {
+        tracing::debug!(
+            free = ?free.iter().map(|w| (&w.name, w.running_builds)).collect::<Vec<_>>(),
+            claimed = started,
+            "dispatch pass"
+        );
+        // Builds start side by side: their reads overlap, their writes queue.
+        let starts = assignments.iter().map(|a| async {
+            if let Err(error) = self.start_build(&state, a).await {
                 tracing::error!(request = %a.request, worker = %a.worker, error = format!("{error:#}"), "cannot start a build; its request is queued again");
                 let mut conn = self.db.pool().acquire().await?;
                 db::unclaim_requests(&mut conn, &[a.request], self.id).await?;
             }
+            anyhow::Ok(())
+        });
+        for r in futures_util::future::join_all(starts).await {
+            r?;
         }
         Ok(started)
     }
@@ -1034,7 +1046,16 @@ impl Master {
         let stamps = db::buildset_sourcestamps(&mut conn, request.buildset).await?;
         let bs_props = db::buildset_properties(&mut conn, request.buildset).await?;
         let blamelist = db::blamelist(&mut conn, request.buildset).await?;
-        let modules = db::step_modules(&mut conn, None).await?;
+        let uses_uploads = builder.steps.iter().any(|s| {
+            std::iter::once(&s.module)
+                .chain(s.observers.iter().map(|o| &o.module))
+                .any(|m| matches!(m, config::ModuleSource::Uploaded(_)))
+        });
+        let modules = if uses_uploads {
+            db::step_modules(&mut conn, None).await?
+        } else {
+            Vec::new()
+        };
         drop(conn);
         let trusted = builder.trusted && request.trusted;
         let cookie = new_cookie();
@@ -1229,6 +1250,26 @@ impl Master {
 }
 
 impl Master {
+    /// Asks the worker running build `id` to stop its step `step` (it ends CANCELLED, which
+    /// halts the build unless later steps are `always_run`). False if no worker of this
+    /// master runs the build.
+    pub fn stop_step(&self, id: i64, step: u32, reason: &str) -> bool {
+        let lease = self.workers.lock().leases.get(&id).cloned();
+        lease.is_some_and(|l| {
+            self.send_to(
+                &l.worker,
+                ToWorker::StopStep {
+                    build: BuildRef {
+                        id,
+                        cookie: l.cookie,
+                    },
+                    step,
+                    reason: reason.to_owned(),
+                },
+            )
+        })
+    }
+
     /// Asks the worker running build `id` to stop it. False if no worker of this master runs
     /// it.
     pub fn stop_build(&self, id: i64, reason: &str) -> bool {

@@ -28,8 +28,42 @@ pub enum Backend {
     Postgres,
 }
 
-/// A write transaction.
-pub type Tx = Transaction<'static, Any>;
+/// A write transaction. On SQLite it also holds the process's write lock (see [`Db::begin`]).
+pub struct Tx {
+    tx: Transaction<'static, Any>,
+    _write: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl std::fmt::Debug for Tx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tx").finish_non_exhaustive()
+    }
+}
+
+impl std::ops::Deref for Tx {
+    type Target = sqlx::AnyConnection;
+    fn deref(&self) -> &Self::Target {
+        &self.tx
+    }
+}
+
+impl std::ops::DerefMut for Tx {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.tx
+    }
+}
+
+impl Tx {
+    /// Commits (then releases the write lock).
+    pub async fn commit(self) -> Result<(), sqlx::Error> {
+        self.tx.commit().await
+    }
+
+    /// Rolls back (then releases the write lock).
+    pub async fn rollback(self) -> Result<(), sqlx::Error> {
+        self.tx.rollback().await
+    }
+}
 
 /// Errors opening or migrating the database.
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +97,9 @@ pub enum DbError {
 pub struct Db {
     pool: AnyPool,
     backend: Backend,
+    /// SQLite: one write transaction at a time in this process, queued here in order rather
+    /// than on SQLite's busy handler, which sleeps (up to 100 ms a try) while it waits.
+    write: Option<std::sync::Arc<tokio::sync::Mutex<()>>>,
 }
 
 /// Key of the PostgreSQL advisory lock that orders appends to watermarked tables.
@@ -134,7 +171,12 @@ impl Db {
             }
         }
         .map_err(connect_err)?;
-        Ok(Db { pool, backend })
+        let write = (backend == Backend::Sqlite).then(Default::default);
+        Ok(Db {
+            pool,
+            backend,
+            write,
+        })
     }
 
     /// Applies pending migrations. PostgreSQL serializes concurrent migrators with an advisory
@@ -170,12 +212,18 @@ impl Db {
         &self.pool
     }
 
-    /// Starts a write transaction.
+    /// Starts a write transaction. On SQLite, writers of this process queue on an async lock
+    /// first (other processes still meet SQLite's own lock and busy timeout).
     pub async fn begin(&self) -> Result<Tx, sqlx::Error> {
-        match self.backend {
-            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
-            Backend::Postgres => self.pool.begin().await,
-        }
+        let write = match &self.write {
+            Some(lock) => Some(lock.clone().lock_owned().await),
+            None => None,
+        };
+        let tx = match self.backend {
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            Backend::Postgres => self.pool.begin().await?,
+        };
+        Ok(Tx { tx, _write: write })
     }
 
     /// Makes the rest of `tx` the only transaction appending to watermarked tables (changes,

@@ -1297,17 +1297,31 @@ pub async fn set_build_properties(
     build: BuildId,
     properties: &[SourcedProperty],
 ) -> Result<()> {
+    // One statement per 100 properties; a name given twice keeps its last value (one
+    // statement may not update a row twice).
+    let mut last: BTreeMap<&str, &SourcedProperty> = BTreeMap::new();
     for p in properties {
-        sqlx::query(
-            "INSERT INTO build_properties (build_id, name, value, source) VALUES ($1, $2, $3, $4)
-             ON CONFLICT (build_id, name) DO UPDATE SET value = $3, source = $4",
-        )
-        .bind(build.0)
-        .bind(&p.name)
-        .bind(json_text(&p.value))
-        .bind(&p.source)
-        .execute(&mut *conn)
-        .await?;
+        last.insert(&p.name, p);
+    }
+    let unique: Vec<&SourcedProperty> = last.into_values().collect();
+    for chunk in unique.chunks(100) {
+        let mut sql =
+            String::from("INSERT INTO build_properties (build_id, name, value, source) VALUES ");
+        for i in 0..chunk.len() {
+            if i > 0 {
+                sql.push_str(", ");
+            }
+            let n = 2 + 3 * i;
+            sql.push_str(&format!("($1, ${n}, ${}, ${})", n + 1, n + 2));
+        }
+        sql.push_str(
+            " ON CONFLICT (build_id, name) DO UPDATE SET value = excluded.value, source = excluded.source",
+        );
+        let mut q = sqlx::query(&sql).bind(build.0);
+        for p in chunk {
+            q = q.bind(&p.name).bind(json_text(&p.value)).bind(&p.source);
+        }
+        q.execute(&mut *conn).await?;
     }
     Ok(())
 }

@@ -19,6 +19,7 @@ on_both_databases!(
     logs_are_stored_compressed_and_read_by_line_range,
     modules_are_registered_once_per_version,
     workers_are_synced_from_the_configuration,
+    failing_workers_are_quarantined_and_recover,
 );
 
 fn change(author: &str, branch: &str, key: Option<&str>) -> NewChange {
@@ -635,5 +636,62 @@ async fn workers_are_synced_from_the_configuration(t: TestDb) {
             ),
         ],
         "a worker removed from the configuration keeps its row and history"
+    );
+}
+
+async fn failing_workers_are_quarantined_and_recover(t: TestDb) {
+    use master::workers::{QUARANTINE_AFTER, quarantine_ms};
+    let db = &t.db;
+    let mut c = conn(db).await;
+    db::sync_workers(&mut c, &[("w1".into(), json!({}))])
+        .await
+        .unwrap();
+    let fail = |note: &'static str, now: i64| {
+        let db = db.clone();
+        async move {
+            let mut c = db.pool().acquire().await.unwrap();
+            db::record_worker_outcome(
+                &mut c,
+                "w1",
+                Some(note),
+                QUARANTINE_AFTER,
+                quarantine_ms,
+                now,
+            )
+            .await
+            .unwrap()
+            .unwrap()
+        }
+    };
+    let h = fail("lost while running build 1", 1_000).await;
+    assert_eq!(
+        (h.health.as_str(), h.failure_count, h.quarantine_until),
+        ("ok", 1, None)
+    );
+    fail("rejected build 2: full", 2_000).await;
+    let h = fail("could not fetch a module", 3_000).await;
+    assert_eq!(h.health, "failed");
+    assert_eq!(h.quarantine_until, Some(3_000 + 30_000));
+    assert_eq!(h.notes, "could not fetch a module");
+    // Each further failure doubles the quarantine.
+    let h = fail("lost again", 40_000).await;
+    assert_eq!(h.quarantine_until, Some(40_000 + 60_000));
+    assert_eq!(db::worker_health(&mut c).await.unwrap()["w1"], h);
+    // A build it runs properly makes it healthy again.
+    let h = db::record_worker_outcome(&mut c, "w1", None, QUARANTINE_AFTER, quarantine_ms, 50_000)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (h.health.as_str(), h.failure_count, h.quarantine_until),
+        ("ok", 0, None)
+    );
+    assert_eq!(h.notes, "");
+    // An unknown worker has no health.
+    assert!(
+        db::record_worker_outcome(&mut c, "nobody", None, QUARANTINE_AFTER, quarantine_ms, 0)
+            .await
+            .unwrap()
+            .is_none()
     );
 }

@@ -850,6 +850,45 @@ async fn a_build_the_worker_forgot_is_found_by_the_scan_and_retried() {
 }
 
 #[test]
+fn a_step_stopped_through_the_api_ends_cancelled_and_always_run_steps_still_run() {
+    let mut farm = Farm::new(&format!(
+        r#"{}
+[[builders]]
+name = "two"
+grant = {{ programs = ["sh"] }}
+[[builders.steps]]
+module = "shell"
+name = "long"
+args = {{ command = ["sh", "-c", "touch ../../started; sleep 60"] }}
+[[builders.steps]]
+module = "shell"
+name = "cleanup"
+always_run = true
+args = {{ command = ["sh", "-c", "echo cleaned"] }}
+
+[[schedulers]]
+name = "force"
+type = "force"
+builders = ["two"]
+"#,
+        workers(&["w1"], false)
+    ));
+    farm.start_master();
+    farm.start_worker("w1", &[]);
+    let request = farm.force("force", json!({"parameters": {}}));
+    farm.wait_until("the step to run", Duration::from_secs(30), || {
+        farm.path().join("started").exists()
+    });
+    let id = farm.builds_of(request)[0]["buildid"].as_i64().unwrap();
+    let (status, body) = farm.api("POST", &format!("/api/v2/builds/{id}/steps/0/stop"), "");
+    assert_eq!(status, 200, "{body}");
+    let b = farm.finished_build(request, 0, Duration::from_secs(20));
+    assert_eq!(b["results"], "CANCELLED", "{b:#}");
+    assert_eq!(b["steps"][0]["results"], "CANCELLED", "{b:#}");
+    assert_eq!(b["steps"][1]["results"], SUCCESS, "{b:#}");
+}
+
+#[test]
 fn a_running_build_stopped_through_the_api_ends_cancelled() {
     let mut farm = Farm::new(&format!("{}{}", workers(&["w1"], false), slow("60")));
     farm.start_master();
