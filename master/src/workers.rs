@@ -90,9 +90,21 @@ struct Lease {
     steps: HashMap<u32, (i64, String)>,
     /// (step number, log name) to log id.
     logs: HashMap<(u32, String), i64>,
+    /// Steps this master recorded starting (so their logs are known to be new).
+    fresh: HashSet<u32>,
     dispatched: Instant,
     /// When its worker's connection went away.
     orphaned: Option<Instant>,
+}
+
+/// What one batch of messages shares while it is applied.
+struct Batch {
+    /// Steps that finish in the batch: their live summaries are not worth a write.
+    ending: HashSet<(i64, u32)>,
+    /// Log text to append when the batch commits, by log id: one chunk per log per batch.
+    appends: std::collections::BTreeMap<i64, String>,
+    /// The batch's time.
+    now: i64,
 }
 
 #[derive(Default)]
@@ -103,6 +115,12 @@ struct Inner {
     unheld: HashMap<i64, Instant>,
     /// Workers known to have no failures recorded (so a good build costs no query).
     healthy: HashSet<String>,
+    /// Every worker's health as last read, and when (dispatch rereads it after a second, or
+    /// after a failure is recorded).
+    health: Option<(
+        Instant,
+        std::collections::BTreeMap<String, db::WorkerHealth>,
+    )>,
 }
 
 /// The master's workers.
@@ -439,6 +457,7 @@ impl Master {
                     last_seq: b.last_seq as u64,
                     steps: HashMap::new(),
                     logs: HashMap::new(),
+                    fresh: HashSet::new(),
                     dispatched: Instant::now(),
                     orphaned: None,
                 },
@@ -614,8 +633,56 @@ impl Master {
         let mut acks: HashMap<i64, (BuildRef, u64)> = HashMap::new();
         let mut finished: Vec<(i64, Outcome, Option<String>)> = Vec::new();
         let now = now_ms();
+        // Each build's run of consecutive messages in this batch (ending at its last message)
+        // advances its row once.
+        let runs: Vec<(i64, String, u64, bool)> = events
+            .iter()
+            .map(|(b, seq, e)| {
+                (
+                    b.id,
+                    b.cookie.clone(),
+                    *seq,
+                    matches!(e, BuildEvent::Finished { .. }),
+                )
+            })
+            .collect();
+        let run_end = |i: usize| {
+            let (id, cookie, mut upto, mut last) = (runs[i].0, &runs[i].1, runs[i].2, runs[i].3);
+            for (other, c, seq, fin) in &runs[i + 1..] {
+                let (other, seq, fin) = (*other, *seq, *fin);
+                if last {
+                    break;
+                }
+                if other == id && c == cookie && seq == upto + 1 {
+                    upto = seq;
+                    last = fin;
+                }
+            }
+            upto
+        };
+        let mut advanced: HashMap<i64, u64> = HashMap::new();
+        // Steps that finish in this batch: their live summary is not worth a write.
+        let ending: HashSet<(i64, u32)> = events
+            .iter()
+            .filter_map(|(b, _, e)| match e {
+                BuildEvent::StepFinished { step, .. } => Some((b.id, *step)),
+                _ => None,
+            })
+            .collect();
+        let mut batch = Batch {
+            ending,
+            appends: Default::default(),
+            now,
+        };
         let mut tx = self.db.begin().await?;
-        for (build, seq, event) in events {
+        for (i, (build, seq, event)) in events.into_iter().enumerate() {
+            if finished.iter().any(|(f, ..)| *f == build.id) {
+                refusals.push(format!(
+                    "build {}: message {seq} follows the build's end; refused",
+                    build.id
+                ));
+                continue;
+            }
             let lease = match work.get(&build.id) {
                 Some(l) => Some(l.clone()),
                 None => self.workers.lock().leases.get(&build.id).cloned(),
@@ -658,16 +725,25 @@ impl Master {
                 acks.insert(build.id, (build, lease.last_seq));
                 continue;
             }
-            if seq != lease.last_seq + 1
-                || !db::advance_build(
-                    &mut tx,
-                    BuildId(build.id),
-                    &build.cookie,
-                    lease.worker_id,
-                    seq as i64,
-                )
-                .await?
-            {
+            let in_order = seq == lease.last_seq + 1;
+            let recorded = in_order
+                && (advanced.get(&build.id).is_some_and(|&upto| seq <= upto) || {
+                    let upto = run_end(i);
+                    let ok = db::advance_build(
+                        &mut tx,
+                        BuildId(build.id),
+                        &build.cookie,
+                        lease.worker_id,
+                        seq as i64,
+                        upto as i64,
+                    )
+                    .await?;
+                    if ok {
+                        advanced.insert(build.id, upto);
+                    }
+                    ok
+                });
+            if !recorded {
                 refusals.push(format!(
                     "build {}: message {seq} does not follow {} or the build is no longer running; refused",
                     build.id, lease.last_seq
@@ -676,13 +752,16 @@ impl Master {
             }
             lease.last_seq = seq;
             if let Some(end) = self
-                .apply_event(&mut tx, &mut lease, BuildId(build.id), event, now)
+                .apply_event(&mut tx, &mut lease, BuildId(build.id), event, &mut batch)
                 .await?
             {
                 finished.push((build.id, end.0, end.1));
             }
             acks.insert(build.id, (build.clone(), seq));
             work.insert(build.id, lease);
+        }
+        for (log_id, text) in &batch.appends {
+            db::append_log(&mut tx, *log_id, text).await?;
         }
         tx.commit().await?;
         {
@@ -723,12 +802,14 @@ impl Master {
         lease: &mut Lease,
         build: BuildId,
         event: BuildEvent,
-        now: i64,
+        batch: &mut Batch,
     ) -> anyhow::Result<Option<(Outcome, Option<String>)>> {
         match event {
             BuildEvent::StepStarted { step, name } => {
-                let id = db::insert_step(&mut *tx, build, i64::from(step), &name, now).await?;
+                let id =
+                    db::insert_step(&mut *tx, build, i64::from(step), &name, batch.now).await?;
                 lease.steps.insert(step, (id, name));
+                lease.fresh.insert(step);
             }
             BuildEvent::Log {
                 step,
@@ -740,7 +821,12 @@ impl Master {
                 let log_id = match lease.logs.get(&(step, log.clone())) {
                     Some(id) => *id,
                     None => {
-                        let id = match db::log_id(&mut *tx, step_id, &log).await? {
+                        let known = if lease.fresh.contains(&step) {
+                            None
+                        } else {
+                            db::log_id(&mut *tx, step_id, &log).await?
+                        };
+                        let id = match known {
                             Some(id) => id,
                             None => db::insert_log(&mut *tx, step_id, &log, "s").await?,
                         };
@@ -754,16 +840,18 @@ impl Master {
                     runtime::Channel::Stderr => 'e',
                     runtime::Channel::Header => 'h',
                 };
-                let mut tagged = String::with_capacity(text.len() + text.len() / 16 + 1);
+                // Appended when the batch commits: one chunk per log per batch.
+                let tagged = batch.appends.entry(log_id).or_default();
                 for line in text.lines() {
                     tagged.push(tag);
                     tagged.push_str(line);
                     tagged.push('\n');
                 }
-                db::append_log(&mut *tx, log_id, &tagged).await?;
             }
             BuildEvent::Report { step, report } => {
-                if let runtime::ReportEvent::Summary { text } = report {
+                if let runtime::ReportEvent::Summary { text } = report
+                    && !batch.ending.contains(&(build.0, step))
+                {
                     let step_id = self.step_of(tx, lease, build, step).await?;
                     db::set_step_state(&mut *tx, step_id, &text).await?;
                 }
@@ -771,11 +859,16 @@ impl Master {
             BuildEvent::StepFinished { step, record } => {
                 let step_id = match self.step_of(tx, lease, build, step).await {
                     Ok(id) => id,
-                    // A step that never started (skipped) gets its row now.
+                    // A step that never started (skipped) gets its row batch.now.
                     Err(_) => {
-                        let id =
-                            db::insert_step(&mut *tx, build, i64::from(step), &record.name, now)
-                                .await?;
+                        let id = db::insert_step(
+                            &mut *tx,
+                            build,
+                            i64::from(step),
+                            &record.name,
+                            batch.now,
+                        )
+                        .await?;
                         lease.steps.insert(step, (id, record.name.clone()));
                         id
                     }
@@ -796,7 +889,7 @@ impl Master {
                         urls: &serde_json::to_value(&o.urls)?,
                         statistics: &serde_json::to_value(&o.statistics)?,
                     },
-                    now,
+                    batch.now,
                 )
                 .await?;
                 let props: Vec<SourcedProperty> = o
@@ -817,7 +910,7 @@ impl Master {
             } => {
                 let behaviour = jobs::behaviour(lease.kind).context("a lease of no kind")?;
                 let state = message.clone().unwrap_or_else(|| result.to_string());
-                db::finish_build(&mut *tx, build, result, &state, now).await?;
+                db::finish_build(&mut *tx, build, result, &state, batch.now).await?;
                 // The build's properties are stored already: those it started with at
                 // dispatch, each step's as the step finished. The worker's final set only
                 // repeats them.
@@ -832,7 +925,7 @@ impl Master {
                             tx,
                             self.id,
                             &[(lease.request, r, None)],
-                            now,
+                            batch.now,
                         )
                         .await?;
                     }
@@ -902,7 +995,11 @@ impl Master {
     }
 
     async fn worker_failed(&self, name: &str, note: &str) -> anyhow::Result<()> {
-        self.workers.lock().healthy.remove(name);
+        {
+            let mut inner = self.workers.lock();
+            inner.healthy.remove(name);
+            inner.health = None;
+        }
         let mut conn = self.db.pool().acquire().await?;
         let h = db::record_worker_outcome(
             &mut conn,
@@ -935,7 +1032,11 @@ impl Master {
             now_ms(),
         )
         .await?;
-        self.workers.lock().healthy.insert(name.to_owned());
+        {
+            let mut inner = self.workers.lock();
+            inner.healthy.insert(name.to_owned());
+            inner.health = None;
+        }
         Ok(())
     }
 
@@ -964,9 +1065,21 @@ impl Master {
         if free.is_empty() {
             return Ok(0);
         }
-        let health = {
-            let mut conn = self.db.pool().acquire().await?;
-            db::worker_health(&mut conn).await?
+        let cached = self
+            .workers
+            .lock()
+            .health
+            .as_ref()
+            .filter(|(at, _)| at.elapsed() < Duration::from_secs(1))
+            .map(|(_, h)| h.clone());
+        let health = match cached {
+            Some(h) => h,
+            None => {
+                let mut conn = self.db.pool().acquire().await?;
+                let h = db::worker_health(&mut conn).await?;
+                self.workers.lock().health = Some((Instant::now(), h.clone()));
+                h
+            }
         };
         free.retain(|w| {
             health
@@ -1173,6 +1286,7 @@ impl Master {
                 last_seq: 0,
                 steps: HashMap::new(),
                 logs: HashMap::new(),
+                fresh: HashSet::new(),
                 dispatched: Instant::now(),
                 orphaned: None,
             },

@@ -1297,6 +1297,9 @@ pub async fn set_build_properties(
     build: BuildId,
     properties: &[SourcedProperty],
 ) -> Result<()> {
+    if properties.is_empty() {
+        return Ok(());
+    }
     // One statement per 100 properties; a name given twice keeps its last value (one
     // statement may not update a row twice).
     let mut last: BTreeMap<&str, &SourcedProperty> = BTreeMap::new();
@@ -1597,25 +1600,27 @@ async fn worker_health_of(conn: &mut AnyConnection, name: &str) -> Result<Option
     Ok(worker_health(conn).await?.remove(name))
 }
 
-/// Applies a build's message number `seq`: true if the build is still running on `worker`
-/// under `cookie` and `seq` is the next number (the caller then applies the message in the
-/// same transaction); false refuses it.
+/// Records that a build's messages `from..=to` are applied: true if the build is still
+/// running on `worker` under `cookie` and `from` is its next number (the caller then applies
+/// them in the same transaction); false refuses them.
 pub async fn advance_build(
     conn: &mut AnyConnection,
     build: BuildId,
     cookie: &str,
     worker: WorkerId,
-    seq: i64,
+    from: i64,
+    to: i64,
 ) -> Result<bool> {
     let done = sqlx::query(
         "UPDATE builds SET last_seq = $1
          WHERE id = $2 AND cookie = $3 AND worker_id = $4 AND complete_at IS NULL
-           AND last_seq = $1 - 1",
+           AND last_seq = $5 - 1",
     )
-    .bind(seq)
+    .bind(to)
     .bind(build.0)
     .bind(cookie)
     .bind(worker.0)
+    .bind(from)
     .execute(conn)
     .await?;
     Ok(done.rows_affected() == 1)
