@@ -354,7 +354,7 @@ async fn throughput(label: &str, url: &str, scale: &Scale, report: &mut Report) 
             .fetch_one(&mut *conn)
             .await
             .unwrap();
-    let left = db::queued_requests(&mut conn, None, 1).await.unwrap();
+    let left = db::queued_requests(&mut conn, None, 1, 0).await.unwrap();
     assert_eq!(claimed.len(), n, "every request claimed");
     assert_eq!(rows, n as i64, "one claim row per request");
     assert!(left.is_empty(), "nothing left queued: {left:?}");
@@ -479,7 +479,7 @@ async fn queue_reads(db: &Db) -> (f64, f64) {
         db::queue_summary(&mut conn).await.unwrap();
         summary.push(ms(t.elapsed()));
         let t = Instant::now();
-        db::queued_requests(&mut conn, Some(BUILDERS[0]), 200)
+        db::queued_requests(&mut conn, Some(BUILDERS[0]), 200, 0)
             .await
             .unwrap();
         queue.push(ms(t.elapsed()));

@@ -101,7 +101,7 @@ async fn masters(State(m): State<Arc<Master>>) -> ApiResult {
 
 async fn queue(State(m): State<Arc<Master>>) -> ApiResult {
     let mut conn = m.db.pool().acquire().await?;
-    let requests = db::queued_requests(&mut conn, None, 1000).await?;
+    let requests = db::queued_requests(&mut conn, None, 1000, 0).await?;
     let total = requests.len();
     Ok(Json(
         json!({"buildrequests": requests, "meta": {"total": total}}),

@@ -43,7 +43,12 @@ impl std::fmt::Debug for LatentWorkers {
 }
 
 /// Starts a latent worker's process (start_instance).
-fn start_instance(w: &Worker, latent: &Latent, master_url: &str) -> anyhow::Result<Child> {
+fn start_instance(
+    w: &Worker,
+    latent: &Latent,
+    master_url: &str,
+    ca_cert: Option<&std::path::Path>,
+) -> anyhow::Result<Child> {
     let WorkerAuth::Token(token) = &w.auth else {
         anyhow::bail!("latent worker {} has no token to start it with", w.name);
     };
@@ -64,11 +69,16 @@ fn start_instance(w: &Worker, latent: &Latent, master_url: &str) -> anyhow::Resu
         .arg(&latent.workdir)
         .arg("--max-builds")
         .arg(w.max_builds.to_string())
+        // A master killed outright (no chance to stop its children) takes them along.
+        .arg("--exit-with-parent")
         .env("KILN_TOKEN", token.expose())
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true);
     if w.sandbox {
         cmd.arg("--sandbox");
+    }
+    if let Some(ca) = ca_cert {
+        cmd.arg("--ca-cert").arg(ca);
     }
     for t in &w.tags {
         cmd.arg("--tag").arg(t);
@@ -94,9 +104,16 @@ impl Master {
         if !config.workers.iter().any(|w| w.latent.is_some()) {
             return Ok(());
         }
-        let Some(url) = self.address().map(|a| format!("http://{a}")) else {
+        // Over TLS, the URL the certificate names (a certificate for the listen address
+        // is rare); the certificate file itself is trusted, so a self-made one does.
+        let tls = config.master.tls.as_ref();
+        let Some(url) = self.address().map(|a| match tls {
+            Some(_) => config.master.url.trim_end_matches('/').to_owned(),
+            None => format!("http://{a}"),
+        }) else {
             return Ok(());
         };
+        let ca_cert = tls.map(|t| t.cert.as_path());
         let waiting: Vec<String> = {
             let mut conn = self.db.pool().acquire().await?;
             db::queue_summary(&mut conn)
@@ -121,7 +138,7 @@ impl Master {
             let has_builds = busy.contains(&w.name);
             let now = Instant::now();
             let next = match instances.remove(&w.name) {
-                None if wanted => match start_instance(w, latent, &url) {
+                None if wanted => match start_instance(w, latent, &url, ca_cert) {
                     Ok(child) => {
                         tracing::info!(worker = %w.name, "started a latent worker");
                         Some(Instance::Starting { child, since: now })

@@ -20,4 +20,5 @@ pub mod schedulers;
 pub mod secrets;
 pub mod server;
 mod step_cmd;
+pub mod tls;
 pub mod workers;

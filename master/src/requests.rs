@@ -77,6 +77,8 @@ impl BuilderQueueing {
 pub struct Assignment {
     /// The claimed request.
     pub request: BuildRequestId,
+    /// What the queue said of it (buildset, trust), so starting it needs no second look.
+    pub queued: QueuedRequest,
     /// Its builder.
     pub builder: String,
     /// The worker to run it.
@@ -240,7 +242,7 @@ async fn collapse_by_hook(
     if !hooks.collapse_needs_details() {
         return Ok(absorbed); // never
     }
-    let queue = db::queued_requests(&mut *tx, Some(builder), i64::MAX).await?;
+    let queue = db::queued_requests(&mut *tx, Some(builder), i64::MAX, 0).await?;
     let Some(new) = queue.iter().find(|r| r.id == new_id).cloned() else {
         return Ok(absorbed);
     };
@@ -273,36 +275,35 @@ pub async fn finish_requests(
     db.serialize_appends(tx).await?;
     let mut buildsets = Vec::new();
     for &(id, results, into) in requests {
-        if !db::complete_request(&mut *tx, id, master, results, into, now).await? {
-            continue;
-        }
-        let Some((req, ..)) = db::get_request(&mut *tx, id).await? else {
+        let Some(buildset) = db::complete_request(&mut *tx, id, master, results, into, now).await?
+        else {
             continue;
         };
         if matches!(
             results,
             Results::Failure | Results::Exception | Results::Cancelled
-        ) && db::mark_first_failure(&mut *tx, req.buildset, now).await?
+        ) && db::mark_first_failure(&mut *tx, buildset, now).await?
         {
+            let builder = db::get_request(&mut *tx, id)
+                .await?
+                .map(|(r, ..)| r.builder);
             db::insert_event(
                 &mut *tx,
                 "buildset.first_failure",
-                req.buildset.0,
-                &json!({"request": id.0, "builder": req.builder, "results": results}),
+                buildset.0,
+                &json!({"request": id.0, "builder": builder, "results": results}),
                 now,
             )
             .await?;
         }
-        if !buildsets.contains(&req.buildset) {
-            buildsets.push(req.buildset);
+        if !buildsets.contains(&buildset) {
+            buildsets.push(buildset);
         }
     }
     let mut completed = Vec::new();
     for bs in buildsets {
-        if let Some(results) = db::complete_buildset_if_done(&mut *tx, bs, now).await? {
-            let scheduler = db::get_buildset(&mut *tx, bs)
-                .await?
-                .and_then(|b| b.scheduler);
+        if let Some((results, scheduler)) = db::complete_buildset_if_done(&mut *tx, bs, now).await?
+        {
             db::insert_event(
                 &mut *tx,
                 "buildset.complete",
@@ -362,18 +363,48 @@ pub async fn claim_for_workers(
         if !workers.iter().any(|w| w.running_builds < w.max_builds) {
             break;
         }
-        let queue = db::queued_requests(&mut conn, Some(&builder.name), 200).await?;
-        let mut pending = Vec::with_capacity(queue.len());
-        let full = hooks.dispatch_needs_details();
-        for r in &queue {
-            let info = if full {
-                request_info(&mut conn, r).await?
-            } else {
-                basic_info(r)
-            };
-            pending.push((r.clone(), info));
+        if !workers.iter().any(|w| {
+            w.running_builds < w.max_builds
+                && !busy.contains(&(builder.name.clone(), w.name.clone()))
+        }) {
+            continue;
         }
-        while !pending.is_empty() {
+        // A policy choosing among requests sees up to 200 of them; the default order needs
+        // only as many as there are free slots, plus some for requests no free worker can
+        // take (trust). The queue is read a page at a time, so a long queue costs a pass
+        // no more than a short one.
+        let full = hooks.dispatch_needs_details();
+        let slots: u32 = workers
+            .iter()
+            .map(|w| w.max_builds.saturating_sub(w.running_builds))
+            .sum();
+        let page = if full { 200 } else { i64::from(slots) + 8 };
+        let mut offset = 0;
+        let mut pending = Vec::new();
+        loop {
+            if pending.is_empty() {
+                if offset >= 200 || !workers.iter().any(|w| w.running_builds < w.max_builds) {
+                    break;
+                }
+                let queue =
+                    db::queued_requests(&mut conn, Some(&builder.name), page, offset).await?;
+                offset += page;
+                let last_page = (queue.len() as i64) < page;
+                for r in queue {
+                    let info = if full {
+                        request_info(&mut conn, &r).await?
+                    } else {
+                        basic_info(&r)
+                    };
+                    pending.push((r, info));
+                }
+                if pending.is_empty() {
+                    break;
+                }
+                if last_page {
+                    offset = i64::MAX;
+                }
+            }
             let infos: Vec<RequestInfo> = pending.iter().map(|(_, i)| i.clone()).collect();
             let pick = hooks
                 .next_build(&builder.name, None, &infos)
@@ -409,6 +440,7 @@ pub async fn claim_for_workers(
             busy.insert((builder.name.clone(), worker.clone()));
             assignments.push(Assignment {
                 request: request.id,
+                queued: request,
                 builder: builder.name.clone(),
                 worker,
             });

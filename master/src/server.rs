@@ -212,7 +212,7 @@ impl std::fmt::Debug for Master {
 
 /// A master that has not beaten its heart for this many intervals is dead: others release
 /// what it held.
-const DEAD_AFTER_BEATS: u32 = 3;
+pub(crate) const DEAD_AFTER_BEATS: u32 = 3;
 
 impl Master {
     /// Opens the database (migrating it), registers this master, and syncs builders and
@@ -315,6 +315,7 @@ impl Master {
         state.config.master.name = old.config.master.name.clone();
         state.config.master.database = old.config.master.database.clone();
         state.config.master.listen = old.config.master.listen;
+        state.config.master.tls = old.config.master.tls.clone();
         let mut conn = self.db.pool().acquire().await?;
         for name in &diff.schedulers.removed {
             db::release_scheduler(&mut conn, name, self.id).await?;

@@ -113,6 +113,9 @@ struct Inner {
     leases: HashMap<i64, Lease>,
     /// Running builds in the database that nobody holds, and since when.
     unheld: HashMap<i64, Instant>,
+    /// Builds that ended here lately (id to cookie, and when): a worker's scan answer may
+    /// still list one whose end it has sent, and that is no stray build.
+    ended: HashMap<i64, (String, Instant)>,
     /// Workers known to have no failures recorded (so a good build costs no query).
     healthy: HashSet<String>,
     /// Every worker's health as last read, and when (dispatch rereads it after a second, or
@@ -598,6 +601,7 @@ impl Master {
                         .leases
                         .get(&b.id)
                         .is_some_and(|l| l.worker == name && l.cookie == b.cookie)
+                        && inner.ended.get(&b.id).is_none_or(|(c, _)| *c != b.cookie)
                 })
                 .collect();
             (forgotten, unknown)
@@ -769,6 +773,7 @@ impl Master {
             for (id, lease) in work {
                 if finished.iter().any(|(f, ..)| *f == id) {
                     inner.leases.remove(&id);
+                    inner.ended.insert(id, (lease.cookie, Instant::now()));
                 } else if let Some(l) = inner.leases.get_mut(&id) {
                     *l = lease;
                 }
@@ -1149,16 +1154,19 @@ impl Master {
                 .with_context(|| format!("worker {} disconnected", a.worker))?;
             (c.info.clone(), c.worker_id)
         };
+        let request = &a.queued;
         let mut conn = self.db.pool().acquire().await?;
-        let (request, ..) = db::get_request(&mut conn, a.request)
-            .await?
-            .context("the claimed request vanished")?;
         let buildset = db::get_buildset(&mut conn, request.buildset)
             .await?
             .context("the request's buildset vanished")?;
         let stamps = db::buildset_sourcestamps(&mut conn, request.buildset).await?;
         let bs_props = db::buildset_properties(&mut conn, request.buildset).await?;
-        let blamelist = db::blamelist(&mut conn, request.buildset).await?;
+        // Forced builds have no changes, so no one to blame.
+        let blamelist = if stamps.iter().any(|s| !s.changes.is_empty()) {
+            db::blamelist(&mut conn, request.buildset).await?
+        } else {
+            Vec::new()
+        };
         let uses_uploads = builder.steps.iter().any(|s| {
             std::iter::once(&s.module)
                 .chain(s.observers.iter().map(|o| &o.module))
@@ -1307,6 +1315,10 @@ impl Master {
         let now = Instant::now();
         let lost: Vec<(i64, String)> = {
             let mut inner = self.workers.lock();
+            // A scan answers within a heartbeat; ends older than that cannot be in one.
+            inner.ended.retain(|_, (_, at)| {
+                now.duration_since(*at) < lost_after / crate::server::DEAD_AFTER_BEATS
+            });
             for (_, c) in inner.conns.iter_mut() {
                 // An unanswered scan is simply replaced.
                 let n = self.workers.next_scan.fetch_add(1, Ordering::Relaxed) + 1;

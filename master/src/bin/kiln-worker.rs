@@ -44,12 +44,20 @@ struct Args {
     #[arg(long = "tag", value_name = "TAG")]
     tags: Vec<String>,
     /// A TOML file with the same settings (master, name, token, sandbox, workdir, max_builds,
-    /// tags).
+    /// tags, ca_cert).
     #[arg(long, env = "KILN_WORKER_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
     /// Where compiled components are cached. Default: $XDG_CACHE_HOME/kiln/components.
     #[arg(long, env = "KILN_CACHE_DIR", value_name = "DIR")]
     cache_dir: Option<PathBuf>,
+    /// Leave (cancelling running builds) when the process that started this worker exits:
+    /// how the master starts latent workers, so none outlives a master that was killed.
+    #[arg(long, hide = true)]
+    exit_with_parent: bool,
+    /// A PEM file of certificate authorities to trust for an https:// or wss:// master, beside
+    /// the public ones (for a master with a private or self-signed certificate).
+    #[arg(long, env = "KILN_CA_CERT", value_name = "FILE")]
+    ca_cert: Option<PathBuf>,
 }
 
 /// The config file.
@@ -64,6 +72,7 @@ struct FileConfig {
     max_builds: Option<u32>,
     #[serde(default)]
     tags: Vec<String>,
+    ca_cert: Option<PathBuf>,
 }
 
 fn options(args: Args) -> anyhow::Result<WorkerOptions> {
@@ -120,6 +129,7 @@ fn options(args: Args) -> anyhow::Result<WorkerOptions> {
         max_builds,
         tags,
         component_cache,
+        ca_cert: args.ca_cert.or(file.ca_cert),
     })
 }
 
@@ -142,6 +152,10 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
+    // Read first: once the parent is gone, this reads 1 (or a subreaper).
+    let parent = args
+        .exit_with_parent
+        .then(std::os::unix::process::parent_id);
     let options = options(args)?;
     let confinement = if options.sandbox {
         let helper = runtime::Helper::current_exe().context("finding this binary")?;
@@ -165,6 +179,20 @@ fn run(args: Args) -> anyhow::Result<()> {
         .context("starting the async runtime")?;
     rt.block_on(async move {
         let (phase_tx, phase_rx) = tokio::sync::watch::channel(Phase::Running);
+        if let Some(parent) = parent {
+            let phase_tx = phase_tx.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+                while std::os::unix::process::parent_id() == parent {
+                    tick.tick().await;
+                }
+                tracing::warn!(
+                    parent,
+                    "the process that started this worker is gone; cancelling builds and leaving"
+                );
+                let _ = phase_tx.send(Phase::Aborting);
+            });
+        }
         tokio::spawn(async move {
             use tokio::signal::unix::{SignalKind, signal};
             let (Ok(mut int), Ok(mut term)) = (

@@ -60,12 +60,13 @@ pub struct ConfigDiff {
     /// Whether any hook changed.
     pub hooks: bool,
     /// `[master]` settings that changed (`name`, `database`, `listen`, `url`, `title`,
-    /// `heartbeat`). `name`, `database` and `listen` take effect only after a restart.
+    /// `heartbeat`, `tls`). `name`, `database`, `listen` and `tls` take effect only after a
+    /// restart.
     pub master: Vec<&'static str>,
 }
 
 /// The `[master]` settings a reload cannot apply.
-pub const RESTART_SETTINGS: &[&str] = &["name", "database", "listen"];
+pub const RESTART_SETTINGS: &[&str] = &["name", "database", "listen", "tls"];
 
 impl ConfigDiff {
     pub(crate) fn between(old: &Config, new: &Config) -> ConfigDiff {
@@ -77,6 +78,7 @@ impl ConfigDiff {
             ("url", a.url != b.url),
             ("title", a.title != b.title),
             ("heartbeat", a.heartbeat != b.heartbeat),
+            ("tls", a.tls != b.tls),
         ]
         .into_iter()
         .filter_map(|(k, changed)| changed.then_some(k))

@@ -101,6 +101,17 @@ pub struct MasterConfig {
     pub title: String,
     /// The heartbeat interval.
     pub heartbeat: Duration,
+    /// HTTPS: the certificate chain and key files, checked to load.
+    pub tls: Option<TlsFiles>,
+}
+
+/// The files of `[master] tls_cert` and `tls_key`, absolute.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The PEM certificate chain.
+    pub cert: std::path::PathBuf,
+    /// The PEM private key.
+    pub key: std::path::PathBuf,
 }
 
 /// A database URL: `sqlite:///ABS/PATH?mode=rwc` for a file, or as given (`postgres://...`).
@@ -600,6 +611,7 @@ fn resolve_master(ctx: &mut Ctx, m: schema::MasterSection) -> MasterConfig {
             DEFAULT_LISTEN.parse().expect("a valid address")
         }
     };
+    let url_given = m.url.is_some();
     let url = match m.url {
         Some(u) => {
             outputs::check_url(ctx, "master.url", &u);
@@ -625,6 +637,41 @@ fn resolve_master(ctx: &mut Ctx, m: schema::MasterSection) -> MasterConfig {
             )
         })
         .unwrap_or(DEFAULT_HEARTBEAT);
+    let tls = match (m.tls_cert, m.tls_key) {
+        (None, None) => None,
+        (Some(cert), Some(key)) => {
+            let files = TlsFiles {
+                cert: ctx.dir.join(cert),
+                key: ctx.dir.join(key),
+            };
+            match crate::tls::server_config(&files) {
+                Ok(_) => Some(files),
+                Err((setting, e)) => {
+                    ctx.error(format!("master.{setting}"), e);
+                    None
+                }
+            }
+        }
+        (Some(_), None) => {
+            ctx.error(
+                "master.tls_key",
+                "is missing: tls_cert needs the PEM file of its private key",
+            );
+            None
+        }
+        (None, Some(_)) => {
+            ctx.error(
+                "master.tls_cert",
+                "is missing: tls_key needs the PEM file of its certificate chain",
+            );
+            None
+        }
+    };
+    let url = match (&tls, url.strip_prefix("http://")) {
+        // The derived URL follows the scheme actually served.
+        (Some(_), Some(rest)) if !url_given => format!("https://{rest}"),
+        _ => url,
+    };
     MasterConfig {
         name,
         database,
@@ -632,6 +679,7 @@ fn resolve_master(ctx: &mut Ctx, m: schema::MasterSection) -> MasterConfig {
         url,
         title: m.title.unwrap_or_else(|| "Kiln".to_owned()),
         heartbeat,
+        tls,
     }
 }
 
@@ -828,6 +876,39 @@ mod tests {
         assert!(url("0.0.0.0:8010").ends_with(":8010/"));
         let given = parse_ok("[master]\nurl = \"https://ci.example.org\"");
         assert_eq!(given.master.url, "https://ci.example.org/");
+    }
+
+    #[test]
+    fn tls_files_are_loaded_at_check_time_and_problems_name_the_setting() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kiln.toml");
+        let check = |text: &str| parse(text, &path).map_err(|e| e.to_string());
+        let cert = rcgen::generate_simple_self_signed(vec!["ci.example.org".into()]).unwrap();
+        std::fs::write(dir.path().join("cert.pem"), cert.cert.pem()).unwrap();
+        std::fs::write(dir.path().join("key.pem"), cert.signing_key.serialize_pem()).unwrap();
+        std::fs::write(dir.path().join("junk.pem"), "junk\n").unwrap();
+        let c = check("[master]\ntls_cert = \"cert.pem\"\ntls_key = \"key.pem\"").unwrap();
+        assert_eq!(c.master.tls.unwrap().cert, dir.path().join("cert.pem"));
+        assert!(c.master.url.starts_with("https://"), "{}", c.master.url);
+        let e = check("[master]\ntls_cert = \"cert.pem\"").unwrap_err();
+        assert!(e.contains("master.tls_key: is missing"), "{e}");
+        let e = check("[master]\ntls_key = \"key.pem\"").unwrap_err();
+        assert!(e.contains("master.tls_cert: is missing"), "{e}");
+        let e = check("[master]\ntls_cert = \"junk.pem\"\ntls_key = \"key.pem\"").unwrap_err();
+        assert!(
+            e.contains("master.tls_cert") && e.contains("no certificate found"),
+            "{e}"
+        );
+        let e = check("[master]\ntls_cert = \"cert.pem\"\ntls_key = \"cert.pem\"").unwrap_err();
+        assert!(
+            e.contains("master.tls_key") && e.contains("private key"),
+            "{e}"
+        );
+        let e = check("[master]\ntls_cert = \"none.pem\"\ntls_key = \"key.pem\"").unwrap_err();
+        assert!(
+            e.contains("master.tls_cert") && e.contains("none.pem"),
+            "{e}"
+        );
     }
 
     #[test]

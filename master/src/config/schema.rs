@@ -67,6 +67,11 @@ pub struct MasterSection {
     /// How often this master records that it is alive, so that other masters sharing the
     /// database can take over its work when it stops. Default: `10s`.
     pub heartbeat: Option<DurationText>,
+    /// Serve HTTPS (and `wss://` for workers): a PEM file holding the certificate chain,
+    /// server certificate first (relative to the directory of `kiln.toml`). Needs `tls_key`.
+    pub tls_cert: Option<String>,
+    /// The PEM file holding the private key of `tls_cert`.
+    pub tls_key: Option<String>,
 }
 
 /// `[secrets]`: secrets are looked up by name, first in the directory, then in the

@@ -668,32 +668,34 @@ const QUEUED_SELECT: &str = "SELECT r.id, r.buildset_id, b.name AS builder, r.pr
      WHERE r.complete = 0 AND c.request_id IS NULL";
 
 /// Unclaimed requests, in Buildbot's default order: priority (highest first), then oldest.
-/// `builder` narrows to one builder.
+/// `builder` narrows to one builder; `limit` and `offset` page through the queue.
 pub async fn queued_requests(
     conn: &mut AnyConnection,
     builder: Option<&str>,
     limit: i64,
+    offset: i64,
 ) -> Result<Vec<QueuedRequest>> {
-    let rows = match builder {
-        Some(b) => {
-            sqlx::query(&format!(
-                "{QUEUED_SELECT} AND b.name = $1
-                 ORDER BY r.priority DESC, r.submitted_at, r.id LIMIT $2"
+    let rows =
+        match builder {
+            Some(b) => {
+                sqlx::query(&format!(
+                    "{QUEUED_SELECT} AND b.name = $1
+                 ORDER BY r.priority DESC, r.submitted_at, r.id LIMIT $2 OFFSET $3"
+                ))
+                .bind(b)
+                .bind(limit)
+                .bind(offset)
+                .fetch_all(conn)
+                .await?
+            }
+            None => sqlx::query(&format!(
+                "{QUEUED_SELECT} ORDER BY r.priority DESC, r.submitted_at, r.id LIMIT $1 OFFSET $2"
             ))
-            .bind(b)
             .bind(limit)
+            .bind(offset)
             .fetch_all(conn)
-            .await?
-        }
-        None => {
-            sqlx::query(&format!(
-                "{QUEUED_SELECT} ORDER BY r.priority DESC, r.submitted_at, r.id LIMIT $1"
-            ))
-            .bind(limit)
-            .fetch_all(conn)
-            .await?
-        }
-    };
+            .await?,
+        };
     rows.iter().map(queued_from_row).collect()
 }
 
@@ -831,7 +833,8 @@ pub async fn claimed_by(
 }
 
 /// Marks a claimed request complete (only if `master` holds its claim and it is not complete
-/// already). `collapsed_into` records a request absorbed by a newer one. True if it changed.
+/// already). `collapsed_into` records a request absorbed by a newer one. Returns the request's
+/// buildset if this call completed it.
 pub async fn complete_request(
     conn: &mut AnyConnection,
     request: BuildRequestId,
@@ -839,21 +842,22 @@ pub async fn complete_request(
     results: Results,
     collapsed_into: Option<BuildRequestId>,
     now: i64,
-) -> Result<bool> {
-    let done = sqlx::query(
+) -> Result<Option<BuildsetId>> {
+    let buildset: Option<i64> = sqlx::query_scalar(
         "UPDATE buildrequests SET complete = 1, results = $1, complete_at = $2,
                 collapsed_into = $3
          WHERE id = $4 AND complete = 0
-           AND id IN (SELECT request_id FROM buildrequest_claims WHERE master_id = $5)",
+           AND id IN (SELECT request_id FROM buildrequest_claims WHERE master_id = $5)
+         RETURNING buildset_id",
     )
     .bind(i64::from(results.code()))
     .bind(now)
     .bind(collapsed_into.map(|r| r.0))
     .bind(request.0)
     .bind(master.0)
-    .execute(conn)
+    .fetch_optional(conn)
     .await?;
-    Ok(done.rows_affected() == 1)
+    Ok(buildset.map(BuildsetId))
 }
 
 /// Records the buildset's first failure, once. True if this call recorded it.
@@ -872,13 +876,13 @@ pub async fn mark_first_failure(
     Ok(done.rows_affected() == 1)
 }
 
-/// Completes the buildset if all its requests are complete; returns its result if this call
-/// completed it.
+/// Completes the buildset if all its requests are complete; returns its result and scheduler
+/// if this call completed it.
 pub async fn complete_buildset_if_done(
     conn: &mut AnyConnection,
     buildset: BuildsetId,
     now: i64,
-) -> Result<Option<Results>> {
+) -> Result<Option<(Results, Option<String>)>> {
     let requests = buildset_requests(&mut *conn, buildset).await?;
     if requests.iter().any(|(_, _, complete, _)| !complete) {
         return Ok(None);
@@ -889,14 +893,16 @@ pub async fn complete_buildset_if_done(
         .fold(Results::Success, Results::worst);
     let done = sqlx::query(
         "UPDATE buildsets SET complete = 1, complete_at = $1, results = $2
-         WHERE id = $3 AND complete = 0",
+         WHERE id = $3 AND complete = 0
+         RETURNING scheduler",
     )
     .bind(now)
     .bind(i64::from(results.code()))
     .bind(buildset.0)
-    .execute(conn)
+    .fetch_optional(conn)
     .await?;
-    Ok((done.rows_affected() == 1).then_some(results))
+    done.map(|row| Ok((results, row.try_get("scheduler")?)))
+        .transpose()
 }
 
 // ---------------------------------------------------------------------------------------------

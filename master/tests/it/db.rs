@@ -209,7 +209,9 @@ async fn the_queue_orders_by_priority_then_age(t: TestDb) {
     let (_, urgent) = add_buildset(db, &buildset("s", None, &[("b", 9)]), 30)
         .await
         .unwrap();
-    let q = db::queued_requests(&mut conn, Some("b"), 10).await.unwrap();
+    let q = db::queued_requests(&mut conn, Some("b"), 10, 0)
+        .await
+        .unwrap();
     assert_eq!(
         q.iter().map(|r| r.id).collect::<Vec<_>>(),
         vec![urgent[0].0, old[0].0, new[0].0]
@@ -221,7 +223,7 @@ async fn the_queue_orders_by_priority_then_age(t: TestDb) {
         vec![("b".to_string(), 3, 10)]
     );
     assert!(
-        db::queued_requests(&mut conn, Some("nope"), 10)
+        db::queued_requests(&mut conn, Some("nope"), 10, 0)
             .await
             .unwrap()
             .is_empty()
@@ -266,7 +268,7 @@ async fn a_claim_has_exactly_one_winner_across_masters(t: TestDb) {
     assert!(w1.iter().all(|r| !w2.contains(r)));
     let mut c = conn(db).await;
     assert!(
-        db::queued_requests(&mut c, None, 100)
+        db::queued_requests(&mut c, None, 100, 0)
             .await
             .unwrap()
             .is_empty()
@@ -276,9 +278,10 @@ async fn a_claim_has_exactly_one_winner_across_masters(t: TestDb) {
     let (holder, stranger) = if w1.contains(&r) { (m1, m2) } else { (m2, m1) };
     assert_eq!(db::claimed_by(&mut c, r).await.unwrap(), Some(holder));
     assert!(
-        !db::complete_request(&mut c, r, stranger, Results::Success, None, 3)
+        db::complete_request(&mut c, r, stranger, Results::Success, None, 3)
             .await
             .unwrap()
+            .is_none()
     );
     assert_eq!(
         db::unclaim_requests(&mut c, &[r], stranger).await.unwrap(),
@@ -286,7 +289,10 @@ async fn a_claim_has_exactly_one_winner_across_masters(t: TestDb) {
     );
     assert_eq!(db::unclaim_requests(&mut c, &[r], holder).await.unwrap(), 1);
     assert_eq!(
-        db::queued_requests(&mut c, None, 100).await.unwrap().len(),
+        db::queued_requests(&mut c, None, 100, 0)
+            .await
+            .unwrap()
+            .len(),
         1
     );
     assert!(db::claim_request(&mut c, r, stranger, 4).await.unwrap());
@@ -294,6 +300,7 @@ async fn a_claim_has_exactly_one_winner_across_masters(t: TestDb) {
         db::complete_request(&mut c, r, stranger, Results::Success, None, 5)
             .await
             .unwrap()
+            .is_some()
     );
     assert!(
         !db::claim_request(&mut c, r, holder, 6).await.unwrap(),
@@ -315,6 +322,7 @@ async fn buildsets_complete_with_the_worst_result(t: TestDb) {
         db::complete_request(&mut c, reqs[0].0, m, Results::Warnings, None, 3)
             .await
             .unwrap()
+            == Some(set)
     );
     assert_eq!(
         db::complete_buildset_if_done(&mut c, set, 3).await.unwrap(),
@@ -324,6 +332,7 @@ async fn buildsets_complete_with_the_worst_result(t: TestDb) {
         db::complete_request(&mut c, reqs[1].0, m, Results::Failure, None, 4)
             .await
             .unwrap()
+            == Some(set)
     );
     assert!(db::mark_first_failure(&mut c, set, 4).await.unwrap());
     assert!(
@@ -331,19 +340,21 @@ async fn buildsets_complete_with_the_worst_result(t: TestDb) {
         "only once"
     );
     assert!(
-        !db::complete_request(&mut c, reqs[1].0, m, Results::Success, None, 5)
+        db::complete_request(&mut c, reqs[1].0, m, Results::Success, None, 5)
             .await
-            .unwrap(),
+            .unwrap()
+            .is_none(),
         "a complete request stays complete"
     );
     assert!(
         db::complete_request(&mut c, reqs[2].0, m, Results::Skipped, Some(reqs[0].0), 6)
             .await
             .unwrap()
+            == Some(set)
     );
     assert_eq!(
         db::complete_buildset_if_done(&mut c, set, 7).await.unwrap(),
-        Some(Results::Failure)
+        Some((Results::Failure, Some("s".into())))
     );
     assert_eq!(
         db::complete_buildset_if_done(&mut c, set, 8).await.unwrap(),

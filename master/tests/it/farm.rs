@@ -12,12 +12,18 @@ use serde_json::{Value, json};
 
 use crate::git_step::git;
 
+/// A connection to the master's API, plain or TLS.
+trait ReadWrite: std::io::Read + std::io::Write {}
+impl<T: std::io::Read + std::io::Write> ReadWrite for T {}
+
 /// A farm in a temporary directory.
 pub(crate) struct Farm {
     pub(crate) dir: tempfile::TempDir,
     pub(crate) port: u16,
     master: Option<Child>,
     workers: HashMap<String, Child>,
+    /// Set when the master serves HTTPS: the client side, trusting the farm's private CA.
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 fn free_port() -> u16 {
@@ -43,6 +49,57 @@ impl Farm {
             port,
             master: None,
             workers: HashMap::new(),
+            tls: None,
+        }
+    }
+
+    /// A farm whose master serves HTTPS with a certificate (for `localhost` and 127.0.0.1)
+    /// signed by a private CA, written to `ca.pem`.
+    pub(crate) fn with_tls(rest: &str) -> Farm {
+        let mut farm = Farm::new(rest);
+        let dir = farm.path();
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(rcgen::DnType::CommonName, "Kiln farm test CA");
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let server =
+            rcgen::CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = server
+            .signed_by(&key, &rcgen::Issuer::from_params(&ca, &ca_key))
+            .unwrap();
+        std::fs::write(dir.join("ca.pem"), ca_cert.pem()).unwrap();
+        std::fs::write(dir.join("chain.pem"), cert.pem() + &ca_cert.pem()).unwrap();
+        std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
+        let config = std::fs::read_to_string(dir.join("kiln.toml")).unwrap().replacen(
+            "[master]\n",
+            &format!(
+                "[master]\ntls_cert = \"chain.pem\"\ntls_key = \"key.pem\"\nurl = \"https://localhost:{}/\"\n",
+                farm.port
+            ),
+            1,
+        );
+        std::fs::write(dir.join("kiln.toml"), config).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca_cert.der().clone()).unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        farm.tls = Some(std::sync::Arc::new(client));
+        farm
+    }
+
+    /// The master's URL, as a worker is given it.
+    pub(crate) fn url(&self) -> String {
+        match self.tls {
+            Some(_) => format!("https://localhost:{}", self.port),
+            None => format!("http://127.0.0.1:{}", self.port),
         }
     }
 
@@ -53,6 +110,7 @@ impl Farm {
             port,
             master: None,
             workers: HashMap::new(),
+            tls: None,
         }
     }
 
@@ -103,7 +161,7 @@ impl Farm {
     /// Starts a worker named `name` (token `t-NAME`) with its own base directory.
     pub(crate) fn start_worker(&mut self, name: &str, extra: &[&str]) {
         let child = Command::new(env!("CARGO_BIN_EXE_kiln-worker"))
-            .args(["--master", &format!("http://127.0.0.1:{}", self.port)])
+            .args(["--master", &self.url()])
             .args(["--name", name])
             .arg("--workdir")
             .arg(self.worker_dir(name))
@@ -171,7 +229,15 @@ impl Farm {
 
     pub(crate) fn api(&self, method: &str, path: &str, body: &str) -> (u16, Value) {
         use std::io::Read;
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        let tcp = std::net::TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        let mut s: Box<dyn ReadWrite> = match &self.tls {
+            Some(config) => Box::new(rustls::StreamOwned::new(
+                rustls::ClientConnection::new(config.clone(), "localhost".try_into().unwrap())
+                    .unwrap(),
+                tcp,
+            )),
+            None => Box::new(tcp),
+        };
         write!(
             s,
             "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -908,4 +974,126 @@ fn a_running_build_stopped_through_the_api_ends_cancelled() {
     assert_eq!(b["results"], "CANCELLED", "{b:#}");
     let (status, _) = farm.api("POST", &format!("/api/v2/builds/{id}/stop"), "");
     assert_eq!(status, 404);
+}
+
+#[test]
+fn a_second_signal_cancels_running_builds_reports_them_and_exits() {
+    let mut farm = Farm::new(&format!("{}{}", workers(&["w1"], false), slow("60")));
+    farm.start_master();
+    farm.start_worker("w1", &[]);
+    let request = farm.force("force", json!({"parameters": {}}));
+    farm.wait_until("the build to run", Duration::from_secs(30), || {
+        farm.path().join("runs.txt").exists()
+    });
+    farm.signal_worker("w1", libc::SIGTERM);
+    std::thread::sleep(Duration::from_millis(300));
+    farm.signal_worker("w1", libc::SIGINT);
+    assert_eq!(
+        farm.wait_worker("w1", Duration::from_secs(20)),
+        Some(0),
+        "{}",
+        farm.logs()
+    );
+    let b = farm.finished_build(request, 0, Duration::from_secs(5));
+    assert_eq!(b["results"], "CANCELLED", "{b:#}");
+}
+
+#[test]
+fn workers_and_clients_reach_a_tls_master_through_its_private_ca() {
+    let mut farm = Farm::with_tls(&format!(
+        r#"{}[[workers]]
+name = "lazy"
+token = "t-lazy"
+latent = {{ kind = "local", idle_timeout = "60s" }}
+{}"#,
+        workers(&["w1"], false),
+        slow("5")
+    ));
+    farm.start_master();
+    // A client that connects and says nothing holds up no one's handshake.
+    let _silent = std::net::TcpStream::connect(("127.0.0.1", farm.port)).unwrap();
+    let (status, body) = farm.api("GET", "/api/v2/workers", "");
+    assert_eq!(status, 200, "the API over HTTPS: {body}");
+    // Plain HTTP on the TLS port gets no API.
+    let mut plain = std::net::TcpStream::connect(("127.0.0.1", farm.port)).unwrap();
+    write!(plain, "GET /api/v2/workers HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    plain
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut plain, &mut answer);
+    assert!(
+        !String::from_utf8_lossy(&answer).contains("200 OK"),
+        "plain HTTP was served on the TLS port"
+    );
+
+    // Without the CA the worker cannot trust the master, and says why.
+    farm.start_worker("w1", &[]);
+    farm.wait_until(
+        "the worker to fail verification",
+        Duration::from_secs(30),
+        || {
+            std::fs::read_to_string(farm.path().join("w1.log")).is_ok_and(|l| {
+                l.contains("connection to the master lost") && l.contains("certificate")
+            })
+        },
+    );
+    farm.kill_worker("w1");
+    let ca = farm.path().join("ca.pem");
+    farm.start_worker("w1", &["--ca-cert", ca.to_str().unwrap()]);
+    farm.wait_until("w1 to connect over TLS", Duration::from_secs(30), || {
+        let (_, w) = farm.api("GET", "/api/v2/workers", "");
+        w["workers"].as_array().is_some_and(|ws| {
+            ws.iter()
+                .any(|w| w["name"] == "w1" && w["connected"] == true)
+        })
+    });
+    // Two builds at once: one runs on w1, the other starts the latent worker, which is given
+    // the master's certificate to trust.
+    let requests = [
+        farm.force("force", json!({"parameters": {}})),
+        farm.force("force", json!({"parameters": {}})),
+    ];
+    let mut ran_on = Vec::new();
+    for r in requests {
+        let b = farm.finished_build(r, 0, Duration::from_secs(60));
+        assert_eq!(b["results"], SUCCESS, "{b:#}{}", farm.logs());
+        ran_on.push(b["worker"].as_str().unwrap().to_owned());
+    }
+    ran_on.sort();
+    assert_eq!(ran_on, ["lazy", "w1"], "{}", farm.logs());
+
+    // A master killed outright takes its latent worker along.
+    assert_eq!(children_running_in(farm.path()).len(), 1);
+    farm.kill_master();
+    farm.wait_until(
+        "the latent worker to leave with its master",
+        Duration::from_secs(20),
+        || children_running_in(farm.path()).is_empty(),
+    );
+}
+
+/// Latent `kiln-worker` processes whose workdir is under `dir`.
+fn children_running_in(dir: &Path) -> Vec<u32> {
+    let workdir = dir.join("workers");
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                let args: Vec<&[u8]> = c.split(|b| *b == 0).collect();
+                args.iter().any(|a| a.ends_with(b"kiln-worker"))
+                    && args
+                        .iter()
+                        .any(|a| a.starts_with(workdir.as_os_str().as_encoded_bytes()))
+            })
+        })
+        // A zombie is gone already; only its parent has not reaped it yet.
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+                s.rsplit_once(") ")
+                    .is_some_and(|(_, r)| !r.starts_with('Z'))
+            })
+        })
+        .collect()
 }

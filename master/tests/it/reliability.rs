@@ -205,7 +205,9 @@ async fn a_master_killed_at_any_moment_loses_nothing_and_fires_nothing_twice(t: 
         );
     }
     // Every request is queued, none claimed by a dead master.
-    let queued = db::queued_requests(&mut c, None, 1_000_000).await.unwrap();
+    let queued = db::queued_requests(&mut c, None, 1_000_000, 0)
+        .await
+        .unwrap();
     let every = db::buildsets_of(&mut c, "every-change")
         .await
         .unwrap()

@@ -147,7 +147,7 @@ impl Farm {
     }
 
     async fn queued(&self, builder: &str) -> Vec<QueuedRequest> {
-        db::queued_requests(&mut *self.conn().await, Some(builder), 1000)
+        db::queued_requests(&mut *self.conn().await, Some(builder), 1000, 0)
             .await
             .unwrap()
     }

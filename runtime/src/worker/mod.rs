@@ -15,6 +15,7 @@
 pub mod filecache;
 mod job;
 pub mod outbox;
+mod tls;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -33,6 +34,9 @@ use crate::protocol::{
 };
 use crate::run::CancelToken;
 pub use outbox::Outbox;
+
+/// How long the writer lets messages gather before sending them.
+const COALESCE: Duration = Duration::from_millis(1);
 
 /// The longest wait between reconnection attempts (before jitter of up to half again).
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
@@ -56,6 +60,8 @@ pub struct WorkerOptions {
     pub tags: Vec<String>,
     /// Where compiled components are cached (none: compile every time).
     pub component_cache: Option<PathBuf>,
+    /// A PEM file of certificate authorities trusted for a TLS master, beside the public ones.
+    pub ca_cert: Option<PathBuf>,
 }
 
 /// The master's two addresses, from the one URL a user gives.
@@ -133,6 +139,8 @@ struct Shared {
     confinement: Option<Arc<Confinement>>,
     cache: filecache::FileCache,
     http: reqwest::Client,
+    /// TLS settings for the WebSocket when `--ca-cert` adds roots (else the public roots).
+    tls: Option<Arc<rustls::ClientConfig>>,
     outbox: Outbox,
     active: Mutex<HashMap<i64, Active>>,
     /// Compiled components by module, so a build of a known module loads nothing.
@@ -209,10 +217,22 @@ pub async fn run(
     let runtime = Runtime::new(crate::engine::RuntimeConfig {
         cache_dir: options.component_cache.clone(),
     })?;
-    let http = reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(10))
-        .build()
-        .context("building the HTTP client")?;
+    let extra_roots = match &options.ca_cert {
+        Some(path) => tls::load_certificates(path)?,
+        None => Vec::new(),
+    };
+    let mut http = reqwest::Client::builder().connect_timeout(Duration::from_secs(10));
+    for cert in &extra_roots {
+        http = http.add_root_certificate(
+            reqwest::Certificate::from_der(cert).context("a --ca-cert certificate")?,
+        );
+    }
+    let http = http.build().context("building the HTTP client")?;
+    let tls = if extra_roots.is_empty() {
+        None
+    } else {
+        Some(tls::client_config(&extra_roots)?)
+    };
     let shared = Arc::new(Shared {
         capabilities: capabilities(&options, confinement.as_deref()),
         endpoints,
@@ -221,6 +241,7 @@ pub async fn run(
         confinement,
         cache,
         http,
+        tls,
         outbox: Outbox::default(),
         active: Mutex::new(HashMap::new()),
         modules: Mutex::new(HashMap::new()),
@@ -271,14 +292,16 @@ async fn serve(shared: &Arc<Shared>, phase: &mut watch::Receiver<Phase>) -> anyh
         .max_frame_size(Some(MAX_MESSAGE_BYTES));
     let (ws, _) = tokio::time::timeout(
         Duration::from_secs(10),
-        tokio_tungstenite::connect_async_with_config(
+        tokio_tungstenite::connect_async_tls_with_config(
             shared.endpoints.connect.as_str(),
             Some(config),
             true,
+            shared.tls.clone().map(tokio_tungstenite::Connector::Rustls),
         ),
     )
     .await
     .context("connecting timed out")?
+    .map_err(|e| anyhow::anyhow!("{e}{}", tls::hint(&e.to_string())))
     .with_context(|| format!("connecting to {}", shared.endpoints.connect))?;
     let (mut sink, mut stream) = ws.split();
     let hello = ToMaster::Hello {
@@ -362,7 +385,11 @@ async fn serve(shared: &Arc<Shared>, phase: &mut watch::Receiver<Phase>) -> anyh
                     _ => {}
                 }
             }
-            _ = shared.outbox.ready.notified() => {}
+            _ = shared.outbox.ready.notified() => {
+                // Let a burst finish (a short step's start, output and end) so it reaches the
+                // master as one batch: one transaction there instead of several.
+                tokio::time::sleep(COALESCE).await;
+            }
             _ = beat.tick() => {
                 if last_heard.elapsed() > heartbeat * 3 {
                     bail!("the master has been silent for {:?}", last_heard.elapsed());
