@@ -21,9 +21,12 @@ enum Command {
     /// Run, list and inspect steps and observers.
     #[command(subcommand)]
     Step(StepCommand),
-    /// Run the master: schedulers, build requests and (soon) dispatch. SIGHUP reloads the
-    /// configuration; SIGINT or SIGTERM stops it.
+    /// Run the master: schedulers, build requests, dispatch to workers, the API. SIGHUP
+    /// reloads the configuration; SIGINT or SIGTERM stops it.
     Master(crate::master_cmd::MasterArgs),
+    /// A whole farm in one command: a sample git project, a master on SQLite with a plain and
+    /// a sandbox worker, forced builds and a committed change; Ctrl-C stops it.
+    Demo(crate::demo::DemoArgs),
     /// Check a master configuration without starting anything.
     Checkconfig(crate::master_cmd::FarmArgs),
     /// Record a change, as a change source would, for the schedulers to build.
@@ -134,6 +137,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Master(args) => crate::master_cmd::master(args),
+        Command::Demo(args) => crate::demo::demo(args),
         Command::Checkconfig(args) => crate::master_cmd::checkconfig(args),
         Command::Sendchange(args) => crate::master_cmd::sendchange(*args),
         Command::Force(args) => crate::master_cmd::force(*args),

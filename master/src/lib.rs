@@ -7,6 +7,7 @@ pub mod changes;
 pub mod cli;
 pub mod config;
 pub mod db;
+pub mod demo;
 pub mod filecache;
 pub mod hooks;
 pub mod jobs;

@@ -137,7 +137,7 @@ fn name_value(flag: &str, s: &str) -> anyhow::Result<(String, Value)> {
 /// on the database (whose connections run on threads of their own); a second async thread
 /// only adds wake-ups between threads. Measured with the farm benchmark (W3): 2.3 ms of master
 /// CPU per build with one thread, 2.9 ms with two, and 20% more builds per second.
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -166,45 +166,8 @@ pub fn master(args: MasterArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("--poll {}: give a positive number of seconds", args.poll))?;
     runtime()?.block_on(async move {
         use tokio::signal::unix::{SignalKind, signal};
-        let listen = cfg.master.listen;
-        let tls = cfg.master.tls.clone();
         let master = Master::start(cfg, args.farm.db.as_deref()).await?;
-        let listener = tokio::net::TcpListener::bind(listen)
-            .await
-            .with_context(|| format!("cannot listen on {listen} ([master] listen)"))?;
-        let addr = listener.local_addr()?;
-        master.set_address(addr);
-        let app = crate::api::router(master.clone());
-        let tls = match &tls {
-            Some(files) => Some(
-                crate::tls::server_config(files)
-                    .map_err(|(setting, e)| anyhow::anyhow!("[master] {setting}: {e}"))?,
-            ),
-            None => None,
-        };
-        let scheme = if tls.is_some() { "https" } else { "http" };
-        let server = match tls {
-            Some(config) => {
-                let listener = crate::tls::TlsListener::new(listener, config)?;
-                tokio::spawn(async move { axum::serve(listener, app).await })
-            }
-            None => {
-                use axum::serve::ListenerExt;
-                // Small messages (a job, an acknowledgement) must not wait for Nagle's
-                // algorithm and a delayed ACK: that is 40 ms per round trip.
-                let listener = listener.tap_io(|tcp| {
-                    if let Err(error) = tcp.set_nodelay(true) {
-                        tracing::debug!(%error, "cannot set TCP_NODELAY");
-                    }
-                });
-                tokio::spawn(async move { axum::serve(listener, app).await })
-            }
-        };
-        tokio::spawn(async move {
-            if let Ok(Err(error)) = server.await {
-                tracing::error!(%error, "the HTTP server stopped");
-            }
-        });
+        let (addr, scheme) = serve_http(&master).await?;
         let mut hup = signal(SignalKind::hangup())?;
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
@@ -242,6 +205,54 @@ pub fn master(args: MasterArgs) -> anyhow::Result<ExitCode> {
         anyhow::Ok(())
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Binds the master's `listen` address and serves the API, the worker endpoint and the file
+/// cache there (HTTPS when `[master] tls_cert` is set). Returns the bound address and scheme.
+pub(crate) async fn serve_http(
+    master: &std::sync::Arc<Master>,
+) -> anyhow::Result<(std::net::SocketAddr, &'static str)> {
+    let (listen, tls) = {
+        let state = master.state();
+        (state.config.master.listen, state.config.master.tls.clone())
+    };
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen} ([master] listen)"))?;
+    let addr = listener.local_addr()?;
+    master.set_address(addr);
+    let app = crate::api::router(master.clone());
+    let tls = match &tls {
+        Some(files) => Some(
+            crate::tls::server_config(files)
+                .map_err(|(setting, e)| anyhow::anyhow!("[master] {setting}: {e}"))?,
+        ),
+        None => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let server = match tls {
+        Some(config) => {
+            let listener = crate::tls::TlsListener::new(listener, config)?;
+            tokio::spawn(async move { axum::serve(listener, app).await })
+        }
+        None => {
+            use axum::serve::ListenerExt;
+            // Small messages (a job, an acknowledgement) must not wait for Nagle's algorithm
+            // and a delayed ACK: that is 40 ms per round trip.
+            let listener = listener.tap_io(|tcp| {
+                if let Err(error) = tcp.set_nodelay(true) {
+                    tracing::debug!(%error, "cannot set TCP_NODELAY");
+                }
+            });
+            tokio::spawn(async move { axum::serve(listener, app).await })
+        }
+    };
+    tokio::spawn(async move {
+        if let Ok(Err(error)) = server.await {
+            tracing::error!(%error, "the HTTP server stopped");
+        }
+    });
+    Ok((addr, scheme))
 }
 
 fn diff_line(diff: &config::ConfigDiff) -> String {

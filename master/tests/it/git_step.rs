@@ -159,6 +159,33 @@ fn branches_and_revisions_are_checked_out() {
         std::fs::read_to_string(d.workdir.join("src/README")).unwrap(),
         "one\n"
     );
+    // Without them in the arguments, the build's source stamp decides, as in Buildbot.
+    let rev = format!("revision={}", up.first);
+    let flags = [FLAGS, &["--prop", "branch=feature", "--prop", &rev]].concat();
+    let (_, out, _) = step(
+        "git",
+        json!({"repourl": url, "dest": "b"}),
+        &flags,
+        &d.workdir,
+    );
+    assert_eq!(out["properties"]["got_revision"], up.first, "{out:#}");
+    let flags = [FLAGS, &["--prop", "branch=feature"]].concat();
+    let (_, out, _) = step(
+        "git",
+        json!({"repourl": url, "dest": "c"}),
+        &flags,
+        &d.workdir,
+    );
+    assert_eq!(out["properties"]["got_revision"], up.feature, "{out:#}");
+    // The arguments win; an unset (empty) property is no revision.
+    let flags = [FLAGS, &["--prop", "revision="]].concat();
+    let (_, out, _) = step(
+        "git",
+        json!({"repourl": url, "branch": "main", "dest": "d"}),
+        &flags,
+        &d.workdir,
+    );
+    assert_eq!(out["properties"]["got_revision"], up.main, "{out:#}");
 }
 
 #[test]

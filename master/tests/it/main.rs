@@ -3,6 +3,7 @@
 mod build_run;
 mod config;
 mod db;
+mod demo;
 mod farm;
 mod git_step;
 mod master_cli;

@@ -14,10 +14,12 @@ use serde::Deserialize;
 struct Args {
     /// What `git clone` is given: a URL or a path.
     repourl: String,
-    /// The branch to build; the remote's default branch if none.
+    /// The branch to build; else the build's `branch` property (its source stamp's, as in
+    /// Buildbot); else the remote's default branch.
     #[serde(default)]
     branch: Option<String>,
-    /// The revision to build (a commit id); the branch's tip if none.
+    /// The revision to build (a commit id); else the build's `revision` property (its source
+    /// stamp's: the change being built); else the branch's tip.
     #[serde(default)]
     revision: Option<String>,
     /// `incremental` (update in place) or `full` (see `method`).
@@ -254,7 +256,16 @@ fn update(ctx: &mut StepContext, git: &Git<'_>, args: &Args, dir: &str) -> Resul
 }
 
 fn run(ctx: &mut StepContext) -> StepResult {
-    let args: Args = ctx.args()?;
+    let mut args: Args = ctx.args()?;
+    // What the build is of, unless the arguments say otherwise (an empty property is unset).
+    let from_build =
+        |ctx: &StepContext, name: &str| ctx.property_str(name).filter(|v| !v.is_empty());
+    if args.branch.is_none() {
+        args.branch = from_build(ctx, "branch");
+    }
+    if args.revision.is_none() {
+        args.revision = from_build(ctx, "revision");
+    }
     let method = check(&args)?;
     let git = Git {
         config: &args.config,
