@@ -13,7 +13,7 @@ use axum::{Json, Router};
 use serde_json::{Value, json};
 
 use crate::db;
-use crate::model::{NewChange, now_ms};
+use crate::model::{BuildId, NewChange, now_ms};
 use crate::schedulers::{self, ForceRequest, RequestError};
 use crate::server::Master;
 
@@ -71,6 +71,7 @@ pub fn router(master: Arc<Master>) -> Router {
         .route("/api/v2/forceschedulers/{name}", post(force))
         .route("/api/v2/control/reconfig", post(reconfig))
         .route("/api/v2/workers", get(workers))
+        .route("/metrics", get(metrics))
         .route("/api/v2/builds", get(builds))
         .route("/api/v2/builds/{id}", get(build))
         .route("/api/v2/builds/{id}/stop", post(stop_build))
@@ -158,7 +159,15 @@ async fn reconfig(State(m): State<Arc<Master>>) -> ApiResult {
 
 /// Configured workers with their connection and health.
 async fn workers(State(m): State<Arc<Master>>) -> ApiResult {
-    let connected = crate::workers::describe(&m);
+    let workers = worker_list(&m).await?;
+    Ok(Json(
+        json!({"workers": workers, "meta": {"total": workers.len()}}),
+    ))
+}
+
+/// Every configured worker: connection, builds, health, latent state.
+async fn worker_list(m: &Master) -> Result<Vec<Value>, ApiError> {
+    let connected = crate::workers::describe(m);
     let mut conn = m.db.pool().acquire().await?;
     let health = db::worker_health(&mut conn).await?;
     let latent = m.latent_states();
@@ -190,9 +199,64 @@ async fn workers(State(m): State<Arc<Master>>) -> ApiResult {
             })
         })
         .collect();
-    Ok(Json(
-        json!({"workers": workers, "meta": {"total": workers.len()}}),
-    ))
+    Ok(workers)
+}
+
+/// A worker's state for the `kiln_workers` gauge, from its [`worker_list`] entry.
+fn worker_state(w: &Value, now: i64) -> &'static str {
+    if w["paused"] == true {
+        "paused"
+    } else if w["quarantine_until"]
+        .as_i64()
+        .is_some_and(|until| until > now)
+    {
+        "quarantined"
+    } else if w["connected"] != true {
+        "offline"
+    } else if w["draining"] == true {
+        "draining"
+    } else if w["builds"].as_array().is_some_and(|b| !b.is_empty()) {
+        "busy"
+    } else {
+        "idle"
+    }
+}
+
+/// `GET /metrics`: Prometheus (OpenMetrics) text.
+async fn metrics(State(m): State<Arc<Master>>) -> Result<Response, ApiError> {
+    let now = now_ms();
+    let mut conn = m.db.pool().acquire().await?;
+    let waiting = db::queue_summary(&mut conn).await?;
+    drop(conn);
+    let queue: Vec<(String, i64, f64)> = m
+        .state()
+        .config
+        .builders
+        .iter()
+        .map(|b| {
+            let (depth, oldest) = waiting
+                .iter()
+                .find(|(name, ..)| *name == b.name)
+                .map_or((0, 0.0), |(_, n, oldest)| {
+                    (*n, (now - oldest).max(0) as f64 / 1000.0)
+                });
+            (b.name.clone(), depth, oldest)
+        })
+        .collect();
+    let workers = worker_list(&m).await?;
+    let states: Vec<&str> = workers.iter().map(|w| worker_state(w, now)).collect();
+    let text = m
+        .metrics
+        .encode(&queue, &states)
+        .map_err(|e| ApiError::Internal(anyhow::anyhow!("encoding metrics: {e}")))?;
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
 }
 
 fn build_json(b: &db::BuildRow) -> Value {
@@ -231,10 +295,8 @@ async fn builds(
 /// A build with its steps, their logs, and its properties: one request for a build page.
 async fn build(State(m): State<Arc<Master>>, Path(id): Path<i64>) -> ApiResult {
     let mut conn = m.db.pool().acquire().await?;
-    let row = db::builds(&mut conn, None, i64::MAX)
+    let row = db::get_build(&mut conn, BuildId(id))
         .await?
-        .into_iter()
-        .find(|b| b.id.0 == id)
         .ok_or_else(|| ApiError::NotFound(format!("no build {id}")))?;
     let mut steps = Vec::new();
     for (step_id, number, name, results, state) in db::build_steps(&mut conn, row.id).await? {

@@ -13,6 +13,7 @@ pub mod hooks;
 pub mod jobs;
 pub mod latent;
 mod master_cmd;
+pub mod metrics;
 pub mod model;
 pub mod pgtemp;
 pub mod properties;

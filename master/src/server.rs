@@ -200,6 +200,8 @@ pub struct Master {
     pub workers: crate::workers::Workers,
     /// Latent workers this master starts and stops.
     pub latent: crate::latent::LatentWorkers,
+    /// What `GET /metrics` reports.
+    pub metrics: crate::metrics::Metrics,
     dispatch: Notify,
     address: std::sync::OnceLock<std::net::SocketAddr>,
 }
@@ -245,6 +247,7 @@ impl Master {
             wake: Notify::new(),
             workers: Default::default(),
             latent: Default::default(),
+            metrics: Default::default(),
             dispatch: Notify::new(),
             address: Default::default(),
         });

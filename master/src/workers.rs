@@ -105,6 +105,8 @@ struct Batch {
     appends: std::collections::BTreeMap<i64, String>,
     /// The batch's time.
     now: i64,
+    /// Steps that ended, by builder, with their duration (counted once the batch commits).
+    steps_ended: Vec<(String, Duration)>,
 }
 
 #[derive(Default)]
@@ -677,6 +679,7 @@ impl Master {
             ending,
             appends: Default::default(),
             now,
+            steps_ended: Vec::new(),
         };
         let mut tx = self.db.begin().await?;
         for (i, (build, seq, event)) in events.into_iter().enumerate() {
@@ -771,7 +774,12 @@ impl Master {
         {
             let mut inner = self.workers.lock();
             for (id, lease) in work {
-                if finished.iter().any(|(f, ..)| *f == id) {
+                if let Some((_, result, _)) = finished.iter().find(|(f, ..)| *f == id) {
+                    self.metrics.build_finished(
+                        &lease.builder,
+                        *result,
+                        Some(lease.dispatched.elapsed()),
+                    );
                     inner.leases.remove(&id);
                     inner.ended.insert(id, (lease.cookie, Instant::now()));
                 } else if let Some(l) = inner.leases.get_mut(&id) {
@@ -779,6 +787,10 @@ impl Master {
                 }
             }
         }
+        for (builder, took) in &batch.steps_ended {
+            self.metrics.step_finished(builder, *took);
+        }
+        self.metrics.refused(refusals.len());
         for (build, seq) in acks.into_values() {
             self.send_to(worker, ToWorker::Ack { build, seq });
         }
@@ -879,6 +891,9 @@ impl Master {
                     }
                 };
                 let o = &record.outcome;
+                if record.ran {
+                    batch.steps_ended.push((lease.builder.clone(), o.elapsed));
+                }
                 let state = o
                     .summary
                     .clone()
@@ -981,6 +996,11 @@ impl Master {
         }
         tx.commit().await?;
         if ended {
+            self.metrics.build_finished(
+                &row.builder,
+                Outcome::Retry,
+                lease.as_ref().map(|l| l.dispatched.elapsed()),
+            );
             tracing::warn!(build, reason = %why, "build ended RETRY; its request is queued again");
             if let (Some(worker), Some(lease)) = (row.worker.as_deref(), lease) {
                 self.send_to(
@@ -1277,6 +1297,8 @@ impl Master {
                 )
                 .await?;
                 tx.commit().await?;
+                self.metrics
+                    .build_finished(&builder.name, Outcome::Exception, None);
                 tracing::error!(build = build_id.0, builder = %builder.name, %message, "build cannot run");
                 return Ok(());
             }
@@ -1299,6 +1321,7 @@ impl Master {
                 orphaned: None,
             },
         );
+        self.metrics.build_started(&builder.name);
         tracing::info!(build = build_id.0, builder = %builder.name, number, worker = %a.worker, "build dispatched");
         if !self.send_to(&a.worker, ToWorker::Start(Box::new(job))) {
             // Gone between the claim and now: the scan retries it.

@@ -1802,42 +1802,51 @@ pub struct BuildRow {
     pub results: Option<Results>,
 }
 
+const BUILD_SELECT: &str = "SELECT b.id, bl.name AS builder, b.number, b.request_id,
+        w.name AS worker, b.started_at, b.complete_at, b.state_string, b.results
+     FROM builds b
+     JOIN builders bl ON bl.id = b.builder_id
+     LEFT JOIN workers w ON w.id = b.worker_id";
+
+fn build_from_row(r: &AnyRow) -> Result<BuildRow> {
+    Ok(BuildRow {
+        id: BuildId(r.try_get("id")?),
+        builder: r.try_get("builder")?,
+        number: r.try_get("number")?,
+        request: BuildRequestId(r.try_get("request_id")?),
+        worker: r.try_get("worker")?,
+        started_at: r.try_get("started_at")?,
+        complete_at: r.try_get("complete_at")?,
+        state: r.try_get("state_string")?,
+        results: r
+            .try_get::<Option<i64>, _>("results")?
+            .and_then(results_from_code),
+    })
+}
+
 /// Builds, newest first, optionally of one request.
 pub async fn builds(
     conn: &mut AnyConnection,
     request: Option<BuildRequestId>,
     limit: i64,
 ) -> Result<Vec<BuildRow>> {
-    let rows = sqlx::query(
-        "SELECT b.id, bl.name AS builder, b.number, b.request_id, w.name AS worker,
-                b.started_at, b.complete_at, b.state_string, b.results
-         FROM builds b
-         JOIN builders bl ON bl.id = b.builder_id
-         LEFT JOIN workers w ON w.id = b.worker_id
-         WHERE ($1 < 0 OR b.request_id = $1)
-         ORDER BY b.id DESC LIMIT $2",
-    )
+    let rows = sqlx::query(&format!(
+        "{BUILD_SELECT} WHERE ($1 < 0 OR b.request_id = $1) ORDER BY b.id DESC LIMIT $2"
+    ))
     .bind(request.map_or(-1, |r| r.0))
     .bind(limit)
     .fetch_all(conn)
     .await?;
-    rows.iter()
-        .map(|r| {
-            Ok(BuildRow {
-                id: BuildId(r.try_get("id")?),
-                builder: r.try_get("builder")?,
-                number: r.try_get("number")?,
-                request: BuildRequestId(r.try_get("request_id")?),
-                worker: r.try_get("worker")?,
-                started_at: r.try_get("started_at")?,
-                complete_at: r.try_get("complete_at")?,
-                state: r.try_get("state_string")?,
-                results: r
-                    .try_get::<Option<i64>, _>("results")?
-                    .and_then(results_from_code),
-            })
-        })
-        .collect()
+    rows.iter().map(build_from_row).collect()
+}
+
+/// One build.
+pub async fn get_build(conn: &mut AnyConnection, id: BuildId) -> Result<Option<BuildRow>> {
+    let row = sqlx::query(&format!("{BUILD_SELECT} WHERE b.id = $1"))
+        .bind(id.0)
+        .fetch_optional(conn)
+        .await?;
+    row.as_ref().map(build_from_row).transpose()
 }
 
 /// A build's steps: (id, number, name, results, state).

@@ -254,6 +254,13 @@ impl Farm {
         )
     }
 
+    /// The `/metrics` text.
+    pub(crate) fn metrics(&self) -> String {
+        let (status, body) = self.api("GET", "/metrics", "");
+        assert_eq!(status, 200, "{body}");
+        body.as_str().unwrap().to_owned()
+    }
+
     pub(crate) fn force(&self, scheduler: &str, body: Value) -> i64 {
         let (status, body) = self.api(
             "POST",
@@ -479,6 +486,18 @@ fn a_worker_killed_mid_step_ends_its_build_retry_and_the_request_runs_elsewhere(
     assert_eq!(again["results"], RETRY);
     let (_, workers) = farm.api("GET", "/api/v2/workers", "");
     assert_eq!(workers["workers"][0]["failure_count"], 1, "{workers:#}");
+    let metrics = farm.metrics();
+    let finished = |result: &str| {
+        metric(
+            &metrics,
+            &format!("kiln_builds_finished_total{{builder=\"slow\",result=\"{result}\"}}"),
+        )
+    };
+    assert_eq!((finished("RETRY"), finished("SUCCESS")), (1.0, 1.0));
+    assert_eq!(
+        metric(&metrics, "kiln_builds_started_total{builder=\"slow\"}"),
+        2.0
+    );
 }
 
 #[test]
@@ -548,12 +567,49 @@ builders = ["pr"]
         1,
         "{queue:#}"
     );
+    // What a Prometheus server scrapes says the same.
+    let metrics = farm.metrics();
+    assert_eq!(metric(&metrics, "kiln_queue_depth{builder=\"pr\"}"), 1.0);
+    assert!(metric(&metrics, "kiln_queue_oldest_age_seconds{builder=\"pr\"}") >= 2.0);
+    assert_eq!(metric(&metrics, "kiln_workers{state=\"idle\"}"), 1.0);
+    assert_eq!(metric(&metrics, "kiln_workers{state=\"offline\"}"), 1.0);
     // A sandbox worker takes it, and wipes its workdir afterwards.
     farm.start_worker("box", &["--sandbox"]);
     let build = farm.finished_build(request, 0, Duration::from_secs(60));
     assert_eq!(build["results"], SUCCESS, "{build:#}{}", farm.logs());
     assert_eq!(build["worker"], "box");
     assert!(!farm.worker_dir("box").join("pr").exists());
+    let metrics = farm.metrics();
+    assert_eq!(metric(&metrics, "kiln_queue_depth{builder=\"pr\"}"), 0.0);
+    assert_eq!(
+        metric(&metrics, "kiln_builds_started_total{builder=\"pr\"}"),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            "kiln_builds_finished_total{builder=\"pr\",result=\"SUCCESS\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            "kiln_build_duration_seconds_count{builder=\"pr\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(&metrics, "kiln_step_duration_seconds_count{builder=\"pr\"}"),
+        1.0
+    );
+}
+
+/// A sample's value in a scrape.
+fn metric(text: &str, sample: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(sample)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {sample} in:\n{text}"))
 }
 
 #[test]

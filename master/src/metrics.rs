@@ -1,0 +1,233 @@
+//! `GET /metrics`: the master's figures in the Prometheus (OpenMetrics) text format. Counters
+//! and histograms are kept as things happen; the queue and the workers are read at scrape
+//! time, so a scrape is always current.
+
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::model::Results;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Builder {
+    builder: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuilderResult {
+    builder: String,
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct State {
+    state: String,
+}
+
+type Durations = Family<Builder, Histogram, fn() -> Histogram>;
+
+fn build_buckets() -> Histogram {
+    // 0.1 s to about 7 hours.
+    Histogram::new(exponential_buckets(0.1, 3.0, 11))
+}
+
+fn step_buckets() -> Histogram {
+    // 10 ms to about 2.5 hours.
+    Histogram::new(exponential_buckets(0.01, 3.5, 11))
+}
+
+/// The master's metrics.
+pub struct Metrics {
+    registry: Registry,
+    builds_started: Family<Builder, Counter>,
+    builds_finished: Family<BuilderResult, Counter>,
+    build_seconds: Durations,
+    step_seconds: Durations,
+    queue_depth: Family<Builder, Gauge>,
+    queue_oldest: Family<Builder, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    workers: Family<State, Gauge>,
+    refused: Counter,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("kiln");
+        let m = Metrics {
+            builds_started: Family::default(),
+            builds_finished: Family::default(),
+            build_seconds: Family::new_with_constructor(build_buckets),
+            step_seconds: Family::new_with_constructor(step_buckets),
+            queue_depth: Family::default(),
+            queue_oldest: Family::default(),
+            workers: Family::default(),
+            refused: Counter::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "builds_started",
+            "Builds dispatched to a worker",
+            m.builds_started.clone(),
+        );
+        registry.register(
+            "builds_finished",
+            "Builds ended, by result (RETRY: requeued after a lost worker)",
+            m.builds_finished.clone(),
+        );
+        registry.register(
+            "build_duration_seconds",
+            "From dispatch to the build's end",
+            m.build_seconds.clone(),
+        );
+        registry.register(
+            "step_duration_seconds",
+            "Steps' wall-clock time, as their workers measured it",
+            m.step_seconds.clone(),
+        );
+        registry.register(
+            "queue_depth",
+            "Build requests waiting for a worker",
+            m.queue_depth.clone(),
+        );
+        registry.register(
+            "queue_oldest_age_seconds",
+            "How long the oldest waiting request has waited",
+            m.queue_oldest.clone(),
+        );
+        registry.register(
+            "workers",
+            "Configured workers by state: idle, busy, draining, quarantined, paused, offline",
+            m.workers.clone(),
+        );
+        registry.register(
+            "worker_messages_refused",
+            "Worker messages refused (wrong cookie, not the worker's build, out of order)",
+            m.refused.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+}
+
+impl Metrics {
+    /// A build was dispatched.
+    pub fn build_started(&self, builder: &str) {
+        self.builds_started
+            .get_or_create(&Builder {
+                builder: builder.to_owned(),
+            })
+            .inc();
+    }
+
+    /// A build ended; `took` is since its dispatch, when known.
+    pub fn build_finished(&self, builder: &str, result: Results, took: Option<Duration>) {
+        self.builds_finished
+            .get_or_create(&BuilderResult {
+                builder: builder.to_owned(),
+                result: result.to_string(),
+            })
+            .inc();
+        if let Some(took) = took {
+            self.build_seconds
+                .get_or_create(&Builder {
+                    builder: builder.to_owned(),
+                })
+                .observe(took.as_secs_f64());
+        }
+    }
+
+    /// A step ended, taking `took` by its worker's clock.
+    pub fn step_finished(&self, builder: &str, took: Duration) {
+        self.step_seconds
+            .get_or_create(&Builder {
+                builder: builder.to_owned(),
+            })
+            .observe(took.as_secs_f64());
+    }
+
+    /// Worker messages were refused.
+    pub fn refused(&self, n: usize) {
+        self.refused.inc_by(n as u64);
+    }
+
+    /// The text of a scrape, given the queue now (builder, waiting, oldest age in seconds;
+    /// every configured builder, so an emptied queue reads 0) and the workers' states.
+    pub fn encode(
+        &self,
+        queue: &[(String, i64, f64)],
+        workers: &[&str],
+    ) -> Result<String, std::fmt::Error> {
+        self.queue_depth.clear();
+        self.queue_oldest.clear();
+        for (builder, depth, oldest) in queue {
+            let label = Builder {
+                builder: builder.clone(),
+            };
+            self.queue_depth.get_or_create(&label).set(*depth);
+            self.queue_oldest.get_or_create(&label).set(*oldest);
+        }
+        self.workers.clear();
+        for state in [
+            "idle",
+            "busy",
+            "draining",
+            "quarantined",
+            "paused",
+            "offline",
+        ] {
+            let n = workers.iter().filter(|s| **s == state).count();
+            self.workers
+                .get_or_create(&State {
+                    state: state.to_owned(),
+                })
+                .set(n as i64);
+        }
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)?;
+        Ok(text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_scrape_has_the_counters_histograms_and_current_gauges() {
+        let m = Metrics::default();
+        m.build_started("linux");
+        m.build_finished("linux", Results::Success, Some(Duration::from_millis(1500)));
+        m.step_finished("linux", Duration::from_millis(20));
+        m.refused(2);
+        let text = m
+            .encode(&[("linux".into(), 3, 12.5)], &["idle", "busy", "busy"])
+            .unwrap();
+        for line in [
+            "kiln_builds_started_total{builder=\"linux\"} 1",
+            "kiln_builds_finished_total{builder=\"linux\",result=\"SUCCESS\"} 1",
+            "kiln_build_duration_seconds_count{builder=\"linux\"} 1",
+            "kiln_build_duration_seconds_sum{builder=\"linux\"} 1.5",
+            "kiln_step_duration_seconds_count{builder=\"linux\"} 1",
+            "kiln_queue_depth{builder=\"linux\"} 3",
+            "kiln_queue_oldest_age_seconds{builder=\"linux\"} 12.5",
+            "kiln_workers{state=\"busy\"} 2",
+            "kiln_workers{state=\"offline\"} 0",
+            "kiln_worker_messages_refused_total 2",
+        ] {
+            assert!(text.contains(line), "{line} in:\n{text}");
+        }
+        // The queue is read afresh each time: a builder gone from it is gone from the text.
+        let text = m.encode(&[], &[]).unwrap();
+        assert!(!text.contains("kiln_queue_depth{"), "{text}");
+        assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+}
