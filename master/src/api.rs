@@ -329,19 +329,24 @@ struct StopRequest {
     reason: Option<String>,
 }
 
+/// The reason in a stop request's body (which may be empty).
+fn stop_reason(body: &[u8]) -> Result<String, ApiError> {
+    let request: StopRequest = if body.is_empty() {
+        StopRequest::default()
+    } else {
+        parse_body(body)?
+    };
+    Ok(request
+        .reason
+        .unwrap_or_else(|| "stopped through the API".into()))
+}
+
 async fn stop_build(
     State(m): State<Arc<Master>>,
     Path(id): Path<i64>,
     body: axum::body::Bytes,
 ) -> ApiResult {
-    let request: StopRequest = if body.is_empty() {
-        StopRequest::default()
-    } else {
-        parse_body(&body)?
-    };
-    let reason = request
-        .reason
-        .unwrap_or_else(|| "stopped through the API".into());
+    let reason = stop_reason(&body)?;
     if m.stop_build(id, &reason) {
         Ok(Json(json!({"stopping": true})))
     } else {
@@ -356,14 +361,7 @@ async fn stop_step(
     Path((id, number)): Path<(i64, u32)>,
     body: axum::body::Bytes,
 ) -> ApiResult {
-    let request: StopRequest = if body.is_empty() {
-        StopRequest::default()
-    } else {
-        parse_body(&body)?
-    };
-    let reason = request
-        .reason
-        .unwrap_or_else(|| "stopped through the API".into());
+    let reason = stop_reason(&body)?;
     if m.stop_step(id, number, &reason) {
         Ok(Json(json!({"stopping": true})))
     } else {

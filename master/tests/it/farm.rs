@@ -857,15 +857,21 @@ builders = ["probe"]
     );
 }
 
-#[test]
-fn a_graceful_worker_shutdown_finishes_the_running_build_first() {
-    let mut farm = Farm::new(&format!("{}{}", workers(&["w1"], false), slow("1")));
+/// A farm whose worker w1 runs a slow build of `sleep` seconds; and the build's request.
+fn running_slow_build(sleep: &str) -> (Farm, i64) {
+    let mut farm = Farm::new(&format!("{}{}", workers(&["w1"], false), slow(sleep)));
     farm.start_master();
     farm.start_worker("w1", &[]);
     let request = farm.force("force", json!({"parameters": {}}));
     farm.wait_until("the build to run", Duration::from_secs(30), || {
         farm.path().join("runs.txt").exists()
     });
+    (farm, request)
+}
+
+#[test]
+fn a_graceful_worker_shutdown_finishes_the_running_build_first() {
+    let (mut farm, request) = running_slow_build("1");
     farm.signal_worker("w1", libc::SIGTERM);
     assert_eq!(
         farm.wait_worker("w1", Duration::from_secs(30)),
@@ -1012,13 +1018,7 @@ builders = ["two"]
 
 #[test]
 fn a_running_build_stopped_through_the_api_ends_cancelled() {
-    let mut farm = Farm::new(&format!("{}{}", workers(&["w1"], false), slow("60")));
-    farm.start_master();
-    farm.start_worker("w1", &[]);
-    let request = farm.force("force", json!({"parameters": {}}));
-    farm.wait_until("the build to run", Duration::from_secs(30), || {
-        farm.path().join("runs.txt").exists()
-    });
+    let (farm, request) = running_slow_build("60");
     let id = farm.builds_of(request)[0]["buildid"].as_i64().unwrap();
     let (status, body) = farm.api(
         "POST",
@@ -1034,13 +1034,7 @@ fn a_running_build_stopped_through_the_api_ends_cancelled() {
 
 #[test]
 fn a_second_signal_cancels_running_builds_reports_them_and_exits() {
-    let mut farm = Farm::new(&format!("{}{}", workers(&["w1"], false), slow("60")));
-    farm.start_master();
-    farm.start_worker("w1", &[]);
-    let request = farm.force("force", json!({"parameters": {}}));
-    farm.wait_until("the build to run", Duration::from_secs(30), || {
-        farm.path().join("runs.txt").exists()
-    });
+    let (mut farm, request) = running_slow_build("60");
     farm.signal_worker("w1", libc::SIGTERM);
     std::thread::sleep(Duration::from_millis(300));
     farm.signal_worker("w1", libc::SIGINT);
