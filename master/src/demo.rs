@@ -26,7 +26,7 @@ pub struct DemoArgs {
     pub dir: PathBuf,
     /// The address the master serves on.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8010")]
-    pub listen: String,
+    pub listen: std::net::SocketAddr,
     /// Leave once the demo's builds have finished (exit status 0 if all succeeded), instead
     /// of serving until Ctrl-C.
     #[arg(long)]
@@ -128,7 +128,7 @@ fn sample_project(dir: &Path) -> anyhow::Result<PathBuf> {
 }
 
 /// The demo's `kiln.toml`.
-fn config(listen: &str, project: &Path, sandbox: bool) -> String {
+fn config(listen: std::net::SocketAddr, project: &Path, sandbox: bool) -> String {
     let project = project.display().to_string();
     let builder = |name: &str, worker: &str, trusted: bool| {
         format!(
@@ -229,12 +229,14 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let config_path = dir.join("kiln.toml");
     std::fs::write(
         &config_path,
-        config(&args.listen, &project, confinement.is_some()),
+        config(args.listen, &project, confinement.is_some()),
     )?;
     let cfg = crate::config::load(&config_path).map_err(|e| anyhow::anyhow!("{e}"))?;
     crate::master_cmd::runtime()?.block_on(async move {
         let master = Master::start(cfg, None).await?;
-        let (addr, scheme) = crate::master_cmd::serve_http(&master).await?;
+        let (addr, scheme) = crate::master_cmd::serve_http(&master)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e:#}; give the demo another address with --listen"))?;
         let url = format!("{scheme}://{addr}");
         let (phase_tx, phase_rx) = tokio::sync::watch::channel(runtime::worker::Phase::Running);
         let workers = start_workers(&dir, &url, confinement, phase_rx)?;
