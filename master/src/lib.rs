@@ -21,6 +21,6 @@ pub mod requests;
 pub mod schedulers;
 pub mod secrets;
 pub mod server;
-mod step_cmd;
+pub mod step_cmd;
 pub mod tls;
 pub mod workers;

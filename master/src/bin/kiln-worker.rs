@@ -98,25 +98,15 @@ fn options(args: Args) -> anyhow::Result<WorkerOptions> {
     )?;
     let name = need(args.name.or(file.name), "worker name", "name", "KILN_NAME")?;
     let token = need(args.token.or(file.token), "token", "token", "KILN_TOKEN")?;
-    if name.is_empty()
-        || !name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-    {
-        bail!("--name {name:?}: use letters, digits, '-', '_' and '.'");
-    }
+    // The rule the master's [[workers]] names follow.
+    master::config::check_name(&name).map_err(|e| anyhow::anyhow!("--name: {e}"))?;
     let max_builds = args.max_builds.or(file.max_builds).unwrap_or(1);
     if max_builds == 0 {
         bail!("--max-builds 0: a worker runs at least one build at a time");
     }
     let mut tags = file.tags;
     tags.extend(args.tags);
-    let component_cache = args.cache_dir.or_else(|| {
-        std::env::var_os("XDG_CACHE_HOME")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-            .map(|base| base.join("kiln").join("components"))
-    });
+    let component_cache = args.cache_dir.or_else(master::step_cmd::default_cache_dir);
     Ok(WorkerOptions {
         master,
         name,

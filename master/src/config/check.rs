@@ -82,7 +82,7 @@ impl Ctx {
 
 /// Checks the name of a worker, builder, scheduler, change source or reporter: names appear
 /// in URLs, file names and messages.
-pub(crate) fn check_name(name: &str) -> Result<(), String> {
+pub fn check_name(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
         && name.chars().count() <= MAX_NAME
         && !name.starts_with(['.', '-'])

@@ -8,6 +8,7 @@
 
 mod builders;
 mod check;
+pub use check::check_name;
 mod diff;
 mod duration;
 mod error;
@@ -44,7 +45,7 @@ pub use schedulers::{
 };
 
 use builders::BuilderSite;
-use check::{Ctx, check_name, list};
+use check::{Ctx, list};
 use error::quote;
 use refs::Choice;
 

@@ -69,6 +69,7 @@ pub(super) async fn run(shared: Arc<Shared>, job: Job) {
     };
     let prepared = prepare(&shared, &job, &workdir).await;
     let shared2 = shared.clone();
+    let wipe_dir = workdir.clone();
     let ended = tokio::task::spawn_blocking(move || {
         let shared = shared2;
         let finished = match prepared {
@@ -97,21 +98,28 @@ pub(super) async fn run(shared: Arc<Shared>, job: Job) {
                 }
             }
         };
-        if let BuildEvent::Finished { result, .. } = &finished {
-            tracing::info!(build = id, result = %result, "build finished");
+        if shared.options.sandbox
+            && let Err(error) = wipe(&wipe_dir)
+        {
+            tracing::error!(build = id, workdir = %wipe_dir.display(), %error, "cannot wipe the workdir");
         }
-        shared.outbox.push(id, finished);
+        finished
     })
     .await;
-    if let Err(error) = ended {
+    let finished = ended.unwrap_or_else(|error| {
         tracing::error!(build = id, %error, "the build's thread failed");
+        BuildEvent::Finished {
+            result: Outcome::Exception,
+            message: Some(format!("the worker's build thread failed: {error}")),
+            properties: Default::default(),
+        }
+    });
+    if let BuildEvent::Finished { result, .. } = &finished {
+        tracing::info!(build = id, result = %result, "build finished");
     }
-    if shared.options.sandbox
-        && let Err(error) = wipe(&workdir)
-    {
-        tracing::error!(build = id, workdir = %workdir.display(), %error, "cannot wipe the workdir");
-    }
+    // Free first, then report: the master may dispatch the next build the moment it hears.
     lock(&shared.active).remove(&id);
+    shared.outbox.push(id, finished);
     shared.outbox.ready.notify_one();
 }
 
@@ -168,8 +176,16 @@ async fn prepare(
             deadline: Some(Duration::from_millis(s.timeout_ms)),
         });
     }
-    let artifacts = DirStore::new(shared.options.base_dir.join(".artifacts"))
-        .map_err(|e| format!("cannot open the artifact store: {e}"))?;
+    // One store per build: a build (an untrusted one above all) can never read what another
+    // uploaded. Artifacts do not reach the master yet.
+    let artifacts = DirStore::new(
+        shared
+            .options
+            .base_dir
+            .join(".artifacts")
+            .join(job.build.id.to_string()),
+    )
+    .map_err(|e| format!("cannot open the artifact store: {e}"))?;
     let canonical = workdir
         .canonicalize()
         .map_err(|e| format!("workdir {}: {e}", workdir.display()))?;
@@ -179,6 +195,9 @@ async fn prepare(
     grant.env = job.grant.env.clone();
     // Sandbox mode: no network for commands, whatever the builder says.
     grant.command_network = job.grant.network && !shared.options.sandbox;
+    // Firing schedulers from a worker needs the master; until the protocol carries it, a
+    // trigger step fails saying so rather than succeed having started nothing.
+    grant.triggers = Arc::new(NoTriggers);
     grant.limits.memory_bytes = job.grant.memory_bytes.min(usize::MAX as u64) as usize;
     if !shared.options.sandbox {
         grant.secrets = job.secrets.clone();
@@ -329,18 +348,36 @@ fn line_chunks(text: &str, max: usize) -> impl Iterator<Item = &str> {
         if rest.is_empty() {
             return None;
         }
+        // Cuts fall after a '\n' (or at the end): always a character boundary.
+        let bytes = rest.as_bytes();
         let cut = if rest.len() <= max {
             rest.len()
         } else {
-            match rest[..max].rfind('\n') {
+            match memchr::memrchr(b'\n', &bytes[..max]) {
                 Some(i) => i + 1,
-                None => rest.find('\n').map_or(rest.len(), |i| i + 1),
+                None => memchr::memchr(b'\n', bytes).map_or(rest.len(), |i| i + 1),
             }
         };
         let (chunk, tail) = rest.split_at(cut);
         rest = tail;
         Some(chunk)
     })
+}
+
+/// Triggers on a worker: not carried by the protocol yet, so refused with the reason.
+struct NoTriggers;
+
+impl crate::trigger::Triggers for NoTriggers {
+    fn trigger(
+        &self,
+        request: &crate::trigger::TriggerRequest,
+        _cancel: &crate::run::CancelToken,
+    ) -> Result<crate::trigger::TriggerResponse, String> {
+        Err(format!(
+            "cannot fire {} from a worker: triggering other builds from the farm is not supported yet",
+            request.schedulers.join(", ")
+        ))
+    }
 }
 
 #[cfg(test)]
@@ -354,5 +391,12 @@ mod tests {
         let chunks: Vec<&str> = line_chunks("aaaaaaaa\nb\n", 4).collect();
         assert_eq!(chunks, ["aaaaaaaa\n", "b\n"]);
         assert_eq!(line_chunks("", 4).count(), 0);
+        // A chunk limit inside a multi-byte character cuts at a line end, never in it.
+        let text = "é\n".repeat(100);
+        let chunks: Vec<&str> = line_chunks(&text, 8).collect();
+        assert_eq!(chunks.concat(), text);
+        assert!(chunks.iter().all(|c| c.len() <= 8 && c.ends_with('\n')));
+        let chunks: Vec<&str> = line_chunks("ééééé\n", 3).collect();
+        assert_eq!(chunks, ["ééééé\n"]);
     }
 }

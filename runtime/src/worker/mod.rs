@@ -172,6 +172,13 @@ impl Shared {
         }
     }
 
+    /// Cancels every running build.
+    fn stop_all(&self) {
+        for a in lock(&self.active).values() {
+            a.stop();
+        }
+    }
+
     fn idle(&self) -> bool {
         lock(&self.active).is_empty() && self.outbox.is_empty()
     }
@@ -262,8 +269,12 @@ pub async fn run(
                 );
             }
         }
-        if *phase.borrow() == Phase::Aborting && shared.idle() {
-            return Ok(());
+        if *phase.borrow() == Phase::Aborting {
+            // Cancelled builds cannot be reported without a master; it retries them.
+            shared.outbox.abandon();
+            if lock(&shared.active).is_empty() {
+                return Ok(());
+            }
         }
         if started.elapsed() > MAX_BACKOFF * 3 {
             backoff = Duration::from_millis(100);
@@ -272,11 +283,10 @@ pub async fn run(
         let wait = backoff.mul_f64(rand::random_range(0.5..1.5));
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
-            _ = phase.changed() => {
+            // A closed channel (no one left to signal) disables the branch, not spins on it.
+            Ok(()) = phase.changed() => {
                 if *phase.borrow() == Phase::Aborting {
-                    for a in lock(&shared.active).values() {
-                        a.stop();
-                    }
+                    shared.stop_all();
                 }
             }
         }
@@ -398,11 +408,10 @@ async fn serve(shared: &Arc<Shared>, phase: &mut watch::Receiver<Phase>) -> anyh
                 sink.send(Message::text(serde_json::to_string(&status)?)).await?;
                 sink.send(Message::Ping(Default::default())).await?;
             }
-            _ = phase.changed() => {
+            // A closed channel (no one left to signal) disables the branch, not spins on it.
+            Ok(()) = phase.changed() => {
                 if *phase.borrow() == Phase::Aborting {
-                    for a in lock(&shared.active).values() {
-                        a.stop();
-                    }
+                    shared.stop_all();
                 }
             }
         }

@@ -156,13 +156,11 @@ impl Outbox {
         dropped
     }
 
-    /// Drops a build's queue (the master abandoned it).
-    pub fn drop_build(&self, build: &BuildRef) {
-        let mut queues = self.lock();
-        if queues.get(&build.id).is_some_and(|q| q.build == *build) {
-            queues.remove(&build.id);
-        }
-        drop(queues);
+    /// Drops every queue: the worker is leaving without a master to report to (the master
+    /// retries what it does not hear about). Builds waiting for room go on, their events
+    /// dropped.
+    pub fn abandon(&self) {
+        self.lock().clear();
         self.room.notify_all();
     }
 
