@@ -469,7 +469,7 @@ async fn commit_change(master: &Arc<Master>, project: &Path) -> anyhow::Result<S
         source: "demo".into(),
         ..NewChange::default()
     };
-    match crate::changes::add_change(&master.db, &change).await? {
+    match master.add_change(&change).await? {
         Ok(_) => Ok(revision),
         Err(e) => bail!("recording the demo's change: {e}"),
     }

@@ -349,7 +349,7 @@ impl Master {
             max_builds: cfg.max_builds.min(caps.max_builds.max(1)),
         };
         let now = now_ms();
-        let (worker_id, adopted, abandoned) = match self.adopt(name, running, now).await {
+        let (worker_id, adopted, abandoned) = match self.adopt(name, running).await {
             Ok(r) => r,
             Err(error) => {
                 tracing::error!(worker = %name, error = format!("{error:#}"), "cannot reconcile a worker's builds");
@@ -407,19 +407,19 @@ impl Master {
         &self,
         name: &str,
         running: &[Running],
-        now: i64,
     ) -> anyhow::Result<(WorkerId, Vec<Running>, Vec<BuildRef>)> {
         let mut conn = self.db.pool().acquire().await?;
         let worker_id = db::worker_id(&mut conn, name)
             .await?
             .context("a configured worker has no row")?;
-        let _ = now;
         let mut adopted = Vec::new();
         let mut abandoned = Vec::new();
         let in_db = if running.is_empty() {
             Vec::new()
         } else {
-            db::running_builds(&mut conn, None).await?
+            // Not builds of another live master: it holds them, and retries them if this
+            // worker is lost to it.
+            db::running_builds(&mut conn, Some(self.id), None).await?
         };
         for r in running {
             // Held in memory already (a reconnect while this master ran)?
@@ -627,11 +627,82 @@ impl Master {
         Ok(())
     }
 
-    /// Applies build messages from `worker` in one transaction, then acknowledges them.
+    /// Applies build messages from `worker`: as one batch, or, if the batch fails, one by
+    /// one, so that a message the database will not take (a broken or hostile worker's: a
+    /// log of a step that never started, a step started twice) is refused alone and the
+    /// build's stream goes on. A database that is down fails the connection, as it must.
     async fn apply(
         &self,
         worker: &str,
         events: Vec<(BuildRef, u64, BuildEvent)>,
+    ) -> anyhow::Result<()> {
+        let Err(error) = self.apply_batch(worker, &events).await else {
+            return Ok(());
+        };
+        if events.len() == 1 {
+            return self.skip_message(worker, &events[0], error).await;
+        }
+        tracing::debug!(worker = %worker, error = format!("{error:#}"), "a batch failed; applying its messages one by one");
+        for one in events.chunks(1) {
+            if let Err(error) = self.apply_batch(worker, one).await {
+                self.skip_message(worker, &one[0], error).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A message that failed to apply: if it was next in its build's stream, records it as
+    /// received (so the stream goes on), acknowledges it and tells the worker it was
+    /// refused. Otherwise the failure was not the message's: `error` is returned.
+    async fn skip_message(
+        &self,
+        worker: &str,
+        (build, seq, _): &(BuildRef, u64, BuildEvent),
+        error: anyhow::Error,
+    ) -> anyhow::Result<()> {
+        let lease = self.workers.lock().leases.get(&build.id).cloned();
+        let Some(lease) = lease
+            .filter(|l| l.worker == worker && l.cookie == build.cookie && *seq == l.last_seq + 1)
+        else {
+            return Err(error);
+        };
+        let mut tx = self.db.begin().await?;
+        let id = BuildId(build.id);
+        let n = *seq as i64;
+        let recorded = db::advance_build(&mut tx, id, &build.cookie, lease.worker_id, n, n).await?;
+        tx.commit().await?;
+        if !recorded {
+            return Err(error);
+        }
+        if let Some(l) = self.workers.lock().leases.get_mut(&build.id) {
+            l.last_seq = *seq;
+        }
+        tracing::warn!(worker = %worker, build = build.id, seq, error = format!("{error:#}"), "a worker's message could not be stored; refused");
+        self.metrics.refused(1);
+        self.send_to(
+            worker,
+            ToWorker::Ack {
+                build: build.clone(),
+                seq: *seq,
+            },
+        );
+        self.send_to(
+            worker,
+            ToWorker::Error {
+                message: format!(
+                    "build {}: message {seq} could not be stored (it does not fit the build as recorded); refused",
+                    build.id
+                ),
+            },
+        );
+        Ok(())
+    }
+
+    /// Applies build messages from `worker` in one transaction, then acknowledges them.
+    async fn apply_batch(
+        &self,
+        worker: &str,
+        events: &[(BuildRef, u64, BuildEvent)],
     ) -> anyhow::Result<()> {
         // Working copies of the leases involved; written back after the commit.
         let mut work: HashMap<i64, Lease> = HashMap::new();
@@ -682,7 +753,8 @@ impl Master {
             steps_ended: Vec::new(),
         };
         let mut tx = self.db.begin().await?;
-        for (i, (build, seq, event)) in events.into_iter().enumerate() {
+        for (i, (build, seq, event)) in events.iter().enumerate() {
+            let seq = *seq;
             if finished.iter().any(|(f, ..)| *f == build.id) {
                 refusals.push(format!(
                     "build {}: message {seq} follows the build's end; refused",
@@ -729,7 +801,7 @@ impl Master {
             }
             if seq <= lease.last_seq {
                 // Sent again after a reconnect: applied already.
-                acks.insert(build.id, (build, lease.last_seq));
+                acks.insert(build.id, (build.clone(), lease.last_seq));
                 continue;
             }
             let in_order = seq == lease.last_seq + 1;
@@ -818,21 +890,20 @@ impl Master {
         tx: &mut db::Tx,
         lease: &mut Lease,
         build: BuildId,
-        event: BuildEvent,
+        event: &BuildEvent,
         batch: &mut Batch,
     ) -> anyhow::Result<Option<(Outcome, Option<String>)>> {
-        match event {
-            BuildEvent::StepStarted { step, name } => {
-                let id =
-                    db::insert_step(&mut *tx, build, i64::from(step), &name, batch.now).await?;
-                lease.steps.insert(step, (id, name));
+        match *event {
+            BuildEvent::StepStarted { step, ref name } => {
+                let id = db::insert_step(&mut *tx, build, i64::from(step), name, batch.now).await?;
+                lease.steps.insert(step, (id, name.clone()));
                 lease.fresh.insert(step);
             }
             BuildEvent::Log {
                 step,
-                log,
+                ref log,
                 channel,
-                text,
+                ref text,
             } => {
                 let step_id = self.step_of(tx, lease, build, step).await?;
                 let log_id = match lease.logs.get(&(step, log.clone())) {
@@ -841,13 +912,13 @@ impl Master {
                         let known = if lease.fresh.contains(&step) {
                             None
                         } else {
-                            db::log_id(&mut *tx, step_id, &log).await?
+                            db::log_id(&mut *tx, step_id, log).await?
                         };
                         let id = match known {
                             Some(id) => id,
-                            None => db::insert_log(&mut *tx, step_id, &log, "s").await?,
+                            None => db::insert_log(&mut *tx, step_id, log, "s").await?,
                         };
-                        lease.logs.insert((step, log), id);
+                        lease.logs.insert((step, log.clone()), id);
                         id
                     }
                 };
@@ -865,15 +936,15 @@ impl Master {
                     tagged.push('\n');
                 }
             }
-            BuildEvent::Report { step, report } => {
+            BuildEvent::Report { step, ref report } => {
                 if let runtime::ReportEvent::Summary { text } = report
                     && !batch.ending.contains(&(build.0, step))
                 {
                     let step_id = self.step_of(tx, lease, build, step).await?;
-                    db::set_step_state(&mut *tx, step_id, &text).await?;
+                    db::set_step_state(&mut *tx, step_id, text).await?;
                 }
             }
-            BuildEvent::StepFinished { step, record } => {
+            BuildEvent::StepFinished { step, ref record } => {
                 let step_id = match self.step_of(tx, lease, build, step).await {
                     Ok(id) => id,
                     // A step that never started (skipped) gets its row batch.now.
@@ -923,18 +994,16 @@ impl Master {
                     .collect();
                 db::set_build_properties(&mut *tx, build, &props).await?;
             }
+            // The build's properties are stored already: those it started with at dispatch,
+            // each step's as the step finished. The worker's final set only repeats them.
             BuildEvent::Finished {
                 result,
-                message,
-                properties,
+                ref message,
+                properties: _,
             } => {
                 let behaviour = jobs::behaviour(lease.kind).context("a lease of no kind")?;
                 let state = message.clone().unwrap_or_else(|| result.to_string());
                 db::finish_build(&mut *tx, build, result, &state, batch.now).await?;
-                // The build's properties are stored already: those it started with at
-                // dispatch, each step's as the step finished. The worker's final set only
-                // repeats them.
-                let _ = properties;
                 match behaviour.handle_finished(result)? {
                     RequestFate::Requeue => {
                         db::unclaim_requests(&mut *tx, &[lease.request], self.id).await?;
@@ -950,7 +1019,7 @@ impl Master {
                         .await?;
                     }
                 }
-                return Ok(Some((result, message)));
+                return Ok(Some((result, message.clone())));
             }
         }
         Ok(None)
@@ -979,10 +1048,9 @@ impl Master {
     pub async fn retry_build(&self, build: i64, why: &str) -> anyhow::Result<bool> {
         let lease = self.workers.lock().leases.remove(&build);
         let mut tx = self.db.begin().await?;
-        let row = db::running_builds(&mut tx, None)
+        let row = db::running_builds(&mut tx, Some(self.id), Some(BuildId(build)))
             .await?
-            .into_iter()
-            .find(|b| b.id.0 == build);
+            .pop();
         let Some(row) = row else {
             tx.commit().await?;
             return Ok(false);
@@ -1367,7 +1435,7 @@ impl Master {
         }
         let running = {
             let mut conn = self.db.pool().acquire().await?;
-            db::running_builds(&mut conn, Some(self.id)).await?
+            db::running_builds(&mut conn, Some(self.id), None).await?
         };
         let stale: Vec<(i64, Option<String>)> = {
             let mut inner = self.workers.lock();

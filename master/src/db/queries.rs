@@ -1654,10 +1654,11 @@ pub struct RunningBuild {
 }
 
 /// Running builds dispatched by `master` or by masters that are no longer active (`None`:
-/// all running builds).
+/// all running builds); `build` narrows to one.
 pub async fn running_builds(
     conn: &mut AnyConnection,
     master: Option<MasterId>,
+    build: Option<BuildId>,
 ) -> Result<Vec<RunningBuild>> {
     let rows = sqlx::query(
         "SELECT b.id, b.cookie, b.request_id, bl.name AS builder, w.name AS worker, b.master_id,
@@ -1667,9 +1668,11 @@ pub async fn running_builds(
          LEFT JOIN workers w ON w.id = b.worker_id
          JOIN masters m ON m.id = b.master_id
          WHERE b.complete_at IS NULL AND ($1 < 0 OR b.master_id = $1 OR m.active = 0)
+           AND ($2 < 0 OR b.id = $2)
          ORDER BY b.id",
     )
     .bind(master.map_or(-1, |m| m.0))
+    .bind(build.map_or(-1, |b| b.0))
     .fetch_all(conn)
     .await?;
     rows.iter()

@@ -682,6 +682,29 @@ mod liar {
         }
     }
 
+    /// Sends build message `seq` and returns the master's next answer (skipping scans).
+    pub(crate) async fn send(
+        ws: &mut Ws,
+        build: &BuildRef,
+        seq: u64,
+        event: BuildEvent,
+    ) -> ToWorker {
+        let m = ToMaster::Build {
+            build: build.clone(),
+            seq,
+            event,
+        };
+        ws.send(Message::text(serde_json::to_string(&m).unwrap()))
+            .await
+            .unwrap();
+        loop {
+            match next(ws).await {
+                ToWorker::Scan { .. } => continue,
+                other => return other,
+            }
+        }
+    }
+
     /// Sends a step start about `build` and returns the master's answer (skipping scans).
     pub(crate) async fn report(ws: &mut Ws, build: BuildRef) -> ToWorker {
         let m = ToMaster::Build {
@@ -727,7 +750,7 @@ async fn forged_cookies_and_reports_about_other_workers_builds_are_refused() {
         let start = Instant::now();
         loop {
             let mut conn = db.pool().acquire().await.unwrap();
-            let running = db::running_builds(&mut conn, None).await.unwrap();
+            let running = db::running_builds(&mut conn, None, None).await.unwrap();
             if let Some(b) = running.into_iter().next() {
                 break (b.id.0, b.cookie);
             }
@@ -1146,4 +1169,96 @@ fn children_running_in(dir: &Path) -> Vec<u32> {
             })
         })
         .collect()
+}
+
+/// The master's checks on the build it leased to this very worker: the cookie, the order of
+/// messages, messages after the end, and a message the database cannot take, which is
+/// refused alone while the build goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lease_holders_bad_messages_are_refused_one_by_one_and_its_build_goes_on() {
+    use runtime::protocol::{BuildEvent, BuildRef, ToWorker};
+    let farm = Farm::new(&format!("{}{}", workers(&["w1"], false), slow("1")));
+    let mut farm = farm;
+    farm.start_master();
+    let (mut ws, welcome) = liar::connect(farm.port, "w1", "t-w1").await;
+    assert!(matches!(welcome, ToWorker::Welcome { .. }), "{welcome:?}");
+    let port = farm.port;
+    let request = tokio::task::spawn_blocking(move || {
+        Farm::attach(port).force("force", json!({"parameters": {}}))
+    })
+    .await
+    .unwrap();
+    let job = loop {
+        match liar::next(&mut ws).await {
+            ToWorker::Start(job) => break job,
+            ToWorker::Scan { .. } => continue,
+            other => panic!("{other:?}"),
+        }
+    };
+    let build = job.build.clone();
+    let refused = |answer: ToWorker, what: &str| match answer {
+        ToWorker::Error { message } => assert!(message.contains(what), "{message}"),
+        other => panic!("expected a refusal ({what}), got {other:?}"),
+    };
+    let start = |name: &str| BuildEvent::StepStarted {
+        step: 0,
+        name: name.into(),
+    };
+    // The right build, the wrong cookie.
+    let forged = BuildRef {
+        id: build.id,
+        cookie: "0".repeat(32),
+    };
+    refused(
+        liar::send(&mut ws, &forged, 1, start("x")).await,
+        "wrong or stale cookie",
+    );
+    // Out of order.
+    refused(
+        liar::send(&mut ws, &build, 2, start("x")).await,
+        "does not follow",
+    );
+    // In order, but about a step that never started: acknowledged, refused, and skipped.
+    let log = BuildEvent::Log {
+        step: 7,
+        log: "stdio".into(),
+        channel: runtime::Channel::Stdout,
+        text: "from nowhere\n".into(),
+    };
+    let answer = liar::send(&mut ws, &build, 1, log).await;
+    assert_eq!(
+        answer,
+        ToWorker::Ack {
+            build: build.clone(),
+            seq: 1
+        }
+    );
+    refused(liar::next(&mut ws).await, "could not be stored");
+    // The stream goes on: a step, its end, the build's end.
+    let answer = liar::send(&mut ws, &build, 2, start("real")).await;
+    assert!(matches!(answer, ToWorker::Ack { seq: 2, .. }), "{answer:?}");
+    let finished = BuildEvent::Finished {
+        result: runtime::Outcome::Success,
+        message: None,
+        properties: Default::default(),
+    };
+    let answer = liar::send(&mut ws, &build, 3, finished.clone()).await;
+    assert!(matches!(answer, ToWorker::Ack { seq: 3, .. }), "{answer:?}");
+    // After the end, nothing more is taken.
+    refused(
+        liar::send(&mut ws, &build, 4, finished).await,
+        "not leased to worker w1",
+    );
+    let b = tokio::task::spawn_blocking(move || {
+        Farm::attach(port).finished_build(request, 0, Duration::from_secs(10))
+    })
+    .await
+    .unwrap();
+    assert_eq!(b["results"], SUCCESS, "{b:#}");
+    assert_eq!(b["steps"].as_array().unwrap().len(), 1, "{b:#}");
+    assert_eq!(b["steps"][0]["name"], "real", "{b:#}");
+    let metrics = tokio::task::spawn_blocking(move || Farm::attach(port).metrics())
+        .await
+        .unwrap();
+    assert_eq!(metric(&metrics, "kiln_worker_messages_refused_total"), 4.0);
 }
