@@ -279,11 +279,17 @@ async fn builds(
     State(m): State<Arc<Master>>,
     axum::extract::Query(q): axum::extract::Query<BuildsQuery>,
 ) -> ApiResult {
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=10_000).contains(&limit) {
+        return Err(ApiError::BadRequest(format!(
+            "limit={limit}: give 1 to 10000"
+        )));
+    }
     let mut conn = m.db.pool().acquire().await?;
     let rows = db::builds(
         &mut conn,
         q.buildrequestid.map(crate::model::BuildRequestId),
-        q.limit.unwrap_or(100).clamp(1, 10_000),
+        limit,
     )
     .await?;
     let builds: Vec<Value> = rows.iter().map(build_json).collect();

@@ -412,6 +412,10 @@ builders = ["app"]
         build["properties"]["got_revision"][1], "Step git",
         "{build:#}"
     );
+    // A limit out of range is a bad request, saying what to give.
+    let (status, body) = farm.api("GET", "/api/v2/builds?limit=0", "");
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"], "limit=0: give 1 to 10000");
     // The request completed, and the worker is healthy and idle.
     let (_, workers) = farm.api("GET", "/api/v2/workers", "");
     assert_eq!(workers["workers"][0]["connected"], true);
