@@ -381,6 +381,7 @@ fn skipped(why: String) -> StepOutcome {
         urls: Vec::new(),
         logs: Default::default(),
         elapsed: Default::default(),
+        resources: None,
     }
 }
 

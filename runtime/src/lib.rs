@@ -41,7 +41,7 @@ pub use engine::{
 };
 pub use grant::{Grant, Limits};
 pub use logs::{Channel, LogLimits, NoEvents, ReportEvent, StepEvents};
-pub use outcome::{LogStats, Outcome, StepOutcome, Url};
+pub use outcome::{LogStats, Outcome, StepOutcome, StepResources, Url};
 pub use policy::PolicyComponent;
 pub use props::{Properties, Property};
 pub use run::{CancelToken, ObserverSpec, StepRun, human_duration};

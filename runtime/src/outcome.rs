@@ -109,6 +109,26 @@ pub struct LogStats {
     pub dropped_bytes: u64,
 }
 
+/// What a step run used, as its worker measured it. Commands count with the descendants they
+/// waited for; what they left running is killed with their process group, uncounted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepResources {
+    /// Commands the step ran to their end.
+    pub commands: u32,
+    /// CPU time (user plus system) of those commands, in milliseconds.
+    pub cpu_ms: u64,
+    /// Peak resident memory of the largest of those commands, in bytes (`None`: no command
+    /// ran). Exact when it is above the worker's own peak; below that, Linux's figure may be
+    /// the worker's (a spawned child inherits the spawner's peak), so it is the command's own
+    /// peak as sampled while it ran, which may miss its children and its last moments.
+    pub peak_rss_bytes: Option<u64>,
+    /// The most linear memory the step's guest held at once, in bytes.
+    pub guest_memory_bytes: u64,
+    /// The same for the largest of its observers, in bytes (`None`: no observers). Kept apart
+    /// from the step's because the memory limit applies to each guest on its own.
+    pub observer_memory_bytes: Option<u64>,
+}
+
 /// Everything a step run produced.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StepOutcome {
@@ -130,6 +150,9 @@ pub struct StepOutcome {
     pub logs: BTreeMap<String, LogStats>,
     /// Wall-clock time of the run.
     pub elapsed: Duration,
+    /// What the run used (`None`: the step's guest never ran, or an older worker did not say).
+    #[serde(default)]
+    pub resources: Option<StepResources>,
 }
 
 impl StepOutcome {
@@ -144,6 +167,7 @@ impl StepOutcome {
             urls: Vec::new(),
             logs: BTreeMap::new(),
             elapsed,
+            resources: None,
         }
     }
 }

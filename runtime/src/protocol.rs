@@ -157,8 +157,8 @@ pub enum BuildEvent {
     StepFinished {
         /// Its index.
         step: u32,
-        /// How it went.
-        record: StepRecord,
+        /// How it went (boxed: by far the largest event).
+        record: Box<StepRecord>,
     },
     /// The build finished; nothing follows.
     Finished {
@@ -391,5 +391,42 @@ mod tests {
         assert!(text.contains(r#""type":"build""#), "{text}");
         assert!(text.contains(r#""kind":"log""#), "{text}");
         assert_eq!(serde_json::from_str::<ToMaster>(&text).unwrap(), m);
+    }
+
+    #[test]
+    fn a_step_end_from_an_older_worker_has_no_resources() {
+        let record = StepRecord {
+            name: "compile".into(),
+            ran: true,
+            hidden: false,
+            outcome: crate::StepOutcome {
+                resources: Some(crate::StepResources {
+                    commands: 2,
+                    cpu_ms: 1500,
+                    peak_rss_bytes: Some(200 << 20),
+                    guest_memory_bytes: 2 << 20,
+                    observer_memory_bytes: None,
+                }),
+                ..crate::StepOutcome::exception("m".into(), std::time::Duration::ZERO)
+            },
+        };
+        let event = BuildEvent::StepFinished {
+            step: 1,
+            record: Box::new(record),
+        };
+        let mut json = serde_json::to_value(&event).unwrap();
+        assert_eq!(json["record"]["outcome"]["resources"]["cpu_ms"], 1500);
+        assert_eq!(
+            serde_json::from_value::<BuildEvent>(json.clone()).unwrap(),
+            event
+        );
+        json["record"]["outcome"]
+            .as_object_mut()
+            .unwrap()
+            .remove("resources");
+        let BuildEvent::StepFinished { record, .. } = serde_json::from_value(json).unwrap() else {
+            panic!("a step end")
+        };
+        assert_eq!(record.outcome.resources, None);
     }
 }

@@ -17,7 +17,7 @@ use crate::host::{
     limit_store,
 };
 use crate::logs::{Channel, Logs, StepEvents};
-use crate::outcome::{Outcome, StepOutcome};
+use crate::outcome::{Outcome, StepOutcome, StepResources};
 use crate::props::{Properties, interpolate};
 use crate::redact::Redactor;
 
@@ -164,6 +164,7 @@ impl Runtime {
                 guest_stdout,
                 guest_stderr,
                 tmpdir: None,
+                usage: Default::default(),
             },
         };
         let mut store = Store::new(&self.engine, state);
@@ -202,7 +203,10 @@ impl Runtime {
         state.ctx.finish_logs();
 
         let StepState {
-            report, mut ctx, ..
+            report,
+            mut ctx,
+            limiter,
+            ..
         } = store.into_data();
         let mut outcome = StepOutcome {
             result,
@@ -214,6 +218,15 @@ impl Runtime {
             urls: report.urls,
             logs: Default::default(),
             elapsed: Duration::ZERO,
+            resources: None,
+        };
+        let commands = ctx.usage;
+        let mut resources = StepResources {
+            commands: commands.commands,
+            cpu_ms: commands.cpu.as_millis() as u64,
+            peak_rss_bytes: (commands.commands > 0).then_some(commands.peak_rss),
+            guest_memory_bytes: limiter.memory_peak(),
+            observer_memory_bytes: None,
         };
         let observers = std::mem::take(&mut ctx.observers);
         for end in observers.into_iter().map(ObserverRun::finish) {
@@ -223,7 +236,10 @@ impl Runtime {
                 report,
                 logs,
                 failed,
+                memory_peak,
             } = end;
+            resources.observer_memory_bytes =
+                resources.observer_memory_bytes.max(Some(memory_peak));
             for (log, channel, text) in logs {
                 ctx.logs
                     .write(&log, channel, text.as_bytes(), &mut |_, _, _| {});
@@ -257,13 +273,21 @@ impl Runtime {
         // Observers' last lines may have left unfinished lines in their logs.
         ctx.finish_logs();
         outcome.logs = ctx.logs.stats();
+        outcome.resources = Some(resources);
         outcome.result = result;
         if outcome.summary.is_none() {
             outcome.summary = message.clone();
         }
         outcome.message = message;
         outcome.elapsed = started.elapsed();
-        tracing::info!(result = %outcome.result, elapsed_ms = outcome.elapsed.as_millis() as u64, "step finished");
+        tracing::info!(
+            result = %outcome.result,
+            elapsed_ms = outcome.elapsed.as_millis() as u64,
+            cpu_ms = resources.cpu_ms,
+            peak_rss_bytes = resources.peak_rss_bytes,
+            guest_memory_bytes = resources.guest_memory_bytes,
+            "step finished"
+        );
         outcome
     }
 }

@@ -18,6 +18,7 @@ use crate::confine::Policy;
 use crate::files;
 use crate::host::ContextState;
 use crate::host::context::check_log_name;
+use crate::host::usage::{RssWatch, SAMPLE_EVERY, wait_with_usage};
 use crate::logs::Channel;
 use crate::run::human_duration;
 
@@ -211,6 +212,8 @@ impl ContextState {
         })?;
         let pid = Pid::from_child(&child);
         let pidfd = rustix::process::pidfd_open(pid, PidfdFlags::empty()).ok();
+        let mut rss = RssWatch::start(pid);
+        let mut next_sample = Instant::now() + SAMPLE_EVERY;
         let feeder = match (child.stdin.take(), stdin) {
             (Some(mut pipe), Some(text)) => Some(std::thread::spawn(move || {
                 // A command that exits without reading its input breaks the pipe; that is fine.
@@ -284,6 +287,10 @@ impl ContextState {
                 self.tail(&mut followed, &mut buf);
                 next_tail = now + TAIL_EVERY;
             }
+            if !exited && now >= next_sample {
+                rss.sample();
+                next_sample = now + SAMPLE_EVERY;
+            }
             for w in ready {
                 match w {
                     0 | 1 => {
@@ -326,9 +333,10 @@ impl ContextState {
             }
         }
         self.tail(&mut followed, &mut buf);
-        let status = child
-            .wait()
+        // Reaped here rather than by `child.wait()`, for what the command used.
+        let (status, usage) = wait_with_usage(pid)
             .map_err(|e| HostError::Io(format!("waiting for the command: {e}")))?;
+        self.usage.add(&rss.finish(&usage));
         let _ = rustix::process::kill_process_group(pid, Signal::KILL);
         if let Some(f) = feeder {
             let _ = f.join();

@@ -12,6 +12,7 @@ use crate::bindings::step::kiln::step::logs;
 use crate::bindings::{HostError, WitChannel};
 use crate::files;
 use crate::grant::Grant;
+use crate::host::usage::CommandTotals;
 use crate::host::{GuestOutput, HostLimit, ObserverRun};
 use crate::logs::{Channel, Logs};
 use crate::run::CancelToken;
@@ -32,6 +33,8 @@ pub(crate) struct ContextState {
     pub guest_stderr: GuestOutput,
     /// Sandbox mode's private temporary directory for commands (TMPDIR).
     pub tmpdir: Option<tempfile::TempDir>,
+    /// What the commands run so far used.
+    pub usage: CommandTotals,
 }
 
 impl ContextState {

@@ -7,6 +7,7 @@ mod context;
 pub(crate) mod observers;
 mod output;
 mod report;
+mod usage;
 
 use std::time::{Duration, Instant};
 
@@ -123,10 +124,17 @@ pub(crate) enum Interrupt {
 #[error("{0}")]
 pub(crate) struct HostLimit(pub String);
 
-/// Memory and table limits of one store, remembering which limit was hit.
+/// Memory and table limits of one store, remembering which limit was hit and the most linear
+/// memory the store's guest held at once.
 pub(crate) struct Limiter {
     memory_bytes: usize,
     pub memory_exceeded: Option<usize>,
+    /// Linear memory of all the store's memories now, in bytes.
+    memory_now: usize,
+    /// The most `memory_now` has been.
+    memory_peak: usize,
+    /// The growth last allowed and the peak before it, restored if the growth then failed.
+    undo: (usize, usize),
 }
 
 /// Most table elements a guest may have; tables hold function references, so real guests stay
@@ -138,7 +146,17 @@ impl Limiter {
         Limiter {
             memory_bytes,
             memory_exceeded: None,
+            memory_now: 0,
+            memory_peak: 0,
+            undo: (0, 0),
         }
+    }
+
+    /// The most linear memory the store's guest held at once, in bytes: its memories'
+    /// sizes as created and grown (the limit applies to each memory; a component usually has
+    /// one).
+    pub fn memory_peak(&self) -> u64 {
+        self.memory_peak as u64
     }
 }
 
@@ -154,7 +172,7 @@ pub(crate) fn memory_message(limit: usize, asked: usize) -> String {
 impl wasmtime::ResourceLimiter for Limiter {
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
@@ -165,7 +183,19 @@ impl wasmtime::ResourceLimiter for Limiter {
                 desired,
             ))));
         }
+        // Called with `current` 0 when a memory is created, so this counts every memory whole.
+        let growth = desired.saturating_sub(current);
+        self.undo = (growth, self.memory_peak);
+        self.memory_now += growth;
+        self.memory_peak = self.memory_peak.max(self.memory_now);
         Ok(true)
+    }
+
+    fn memory_grow_failed(&mut self, _error: wasmtime::Error) -> wasmtime::Result<()> {
+        let (growth, peak) = std::mem::take(&mut self.undo);
+        self.memory_now -= growth;
+        self.memory_peak = peak;
+        Ok(())
     }
 
     fn table_growing(

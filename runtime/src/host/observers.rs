@@ -87,6 +87,8 @@ pub(crate) struct ObserverEnd {
     pub report: ReportState,
     pub logs: Vec<(String, Channel, String)>,
     pub failed: Option<String>,
+    /// The most linear memory the observer held at once, in bytes.
+    pub memory_peak: u64,
 }
 
 /// What starting an observer needs.
@@ -215,6 +217,7 @@ impl ObserverRun {
             report: data.report,
             logs: data.logs.pending,
             failed: self.failed,
+            memory_peak: data.limiter.memory_peak(),
         }
     }
 }

@@ -301,7 +301,7 @@ impl BuildProgress for Progress {
             self.build,
             BuildEvent::StepFinished {
                 step: index as u32,
-                record: record.clone(),
+                record: Box::new(record.clone()),
             },
         );
     }

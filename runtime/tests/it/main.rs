@@ -6,6 +6,7 @@ mod harness;
 mod limits;
 mod logs;
 mod policy;
+mod resources;
 mod sandbox;
 mod steps;
 mod trigger;
