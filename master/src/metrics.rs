@@ -30,6 +30,7 @@ struct State {
 }
 
 type Durations = Family<Builder, Histogram, fn() -> Histogram>;
+type Sizes = Durations;
 
 fn build_buckets() -> Histogram {
     // 0.1 s to about 7 hours.
@@ -41,6 +42,11 @@ fn step_buckets() -> Histogram {
     Histogram::new(exponential_buckets(0.01, 3.5, 11))
 }
 
+fn memory_buckets() -> Histogram {
+    // 256 KiB to 64 GiB.
+    Histogram::new(exponential_buckets(f64::from(256 << 10), 4.0, 10))
+}
+
 /// The master's metrics.
 pub struct Metrics {
     registry: Registry,
@@ -48,6 +54,9 @@ pub struct Metrics {
     builds_finished: Family<BuilderResult, Counter>,
     build_seconds: Durations,
     step_seconds: Durations,
+    step_cpu_seconds: Durations,
+    step_peak_rss: Sizes,
+    step_guest_memory: Sizes,
     queue_depth: Family<Builder, Gauge>,
     queue_oldest: Family<Builder, Gauge<f64, std::sync::atomic::AtomicU64>>,
     workers: Family<State, Gauge>,
@@ -68,6 +77,9 @@ impl Default for Metrics {
             builds_finished: Family::default(),
             build_seconds: Family::new_with_constructor(build_buckets),
             step_seconds: Family::new_with_constructor(step_buckets),
+            step_cpu_seconds: Family::new_with_constructor(step_buckets),
+            step_peak_rss: Family::new_with_constructor(memory_buckets),
+            step_guest_memory: Family::new_with_constructor(memory_buckets),
             queue_depth: Family::default(),
             queue_oldest: Family::default(),
             workers: Family::default(),
@@ -93,6 +105,21 @@ impl Default for Metrics {
             "step_duration_seconds",
             "Steps' wall-clock time, as their workers measured it",
             m.step_seconds.clone(),
+        );
+        registry.register(
+            "step_cpu_seconds",
+            "CPU time (user and system) of the commands a step ran, as its worker measured it",
+            m.step_cpu_seconds.clone(),
+        );
+        registry.register(
+            "step_peak_rss_bytes",
+            "Peak resident memory of the largest command a step ran (steps that ran commands)",
+            m.step_peak_rss.clone(),
+        );
+        registry.register(
+            "step_guest_memory_bytes",
+            "Peak linear memory of a step's own WebAssembly guest",
+            m.step_guest_memory.clone(),
         );
         registry.register(
             "queue_depth",
@@ -154,6 +181,22 @@ impl Metrics {
             .observe(took.as_secs_f64());
     }
 
+    /// A step that ran reported what it used.
+    pub fn step_resources(&self, builder: &str, r: &runtime::StepResources) {
+        let label = Builder {
+            builder: builder.to_owned(),
+        };
+        self.step_cpu_seconds
+            .get_or_create(&label)
+            .observe(r.cpu_ms as f64 / 1000.0);
+        if let Some(rss) = r.peak_rss_bytes {
+            self.step_peak_rss.get_or_create(&label).observe(rss as f64);
+        }
+        self.step_guest_memory
+            .get_or_create(&label)
+            .observe(r.guest_memory_bytes as f64);
+    }
+
     /// Worker messages were refused.
     pub fn refused(&self, n: usize) {
         self.refused.inc_by(n as u64);
@@ -207,6 +250,23 @@ mod tests {
         m.build_started("linux");
         m.build_finished("linux", Results::Success, Some(Duration::from_millis(1500)));
         m.step_finished("linux", Duration::from_millis(20));
+        m.step_resources(
+            "linux",
+            &runtime::StepResources {
+                commands: 1,
+                cpu_ms: 1500,
+                peak_rss_bytes: Some(100 << 20),
+                guest_memory_bytes: 2 << 20,
+                observer_memory_bytes: None,
+            },
+        );
+        m.step_resources(
+            "linux",
+            &runtime::StepResources {
+                guest_memory_bytes: 1 << 20,
+                ..Default::default()
+            },
+        );
         m.refused(2);
         let text = m
             .encode(&[("linux".into(), 3, 12.5)], &["idle", "busy", "busy"])
@@ -217,6 +277,14 @@ mod tests {
             "kiln_build_duration_seconds_count{builder=\"linux\"} 1",
             "kiln_build_duration_seconds_sum{builder=\"linux\"} 1.5",
             "kiln_step_duration_seconds_count{builder=\"linux\"} 1",
+            "kiln_step_cpu_seconds_count{builder=\"linux\"} 2",
+            "kiln_step_cpu_seconds_sum{builder=\"linux\"} 1.5",
+            // Only steps that ran commands have a peak resident memory.
+            "kiln_step_peak_rss_bytes_count{builder=\"linux\"} 1",
+            "kiln_step_peak_rss_bytes_bucket{le=\"268435456.0\",builder=\"linux\"} 1",
+            "kiln_step_peak_rss_bytes_bucket{le=\"67108864.0\",builder=\"linux\"} 0",
+            "kiln_step_guest_memory_bytes_count{builder=\"linux\"} 2",
+            "kiln_step_guest_memory_bytes_sum{builder=\"linux\"} 3145728.0",
             "kiln_queue_depth{builder=\"linux\"} 3",
             "kiln_queue_oldest_age_seconds{builder=\"linux\"} 12.5",
             "kiln_workers{state=\"busy\"} 2",

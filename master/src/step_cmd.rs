@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use runtime::{
     CancelToken, Channel, Confinement, DirStore, Grant, Helper, Loaded, ObserverSpec, Outcome,
-    Properties, Runtime, RuntimeConfig, StepEvents, StepOutcome, StepRun,
+    Properties, Runtime, RuntimeConfig, StepEvents, StepOutcome, StepResources, StepRun,
 };
 use serde_json::Value;
 
@@ -359,5 +359,69 @@ fn print_outcome(o: &StepOutcome, color: bool) {
         "elapsed:    {}\n",
         runtime::human_duration(o.elapsed)
     ));
+    if let Some(r) = &o.resources {
+        out.push_str(&resource_lines(r));
+    }
     let _ = std::io::stdout().lock().write_all(out.as_bytes());
+}
+
+/// "cpu:        1.5 s in 2 commands" and "memory:     commands 130.0 MiB, guest 1.1 MiB".
+fn resource_lines(r: &StepResources) -> String {
+    let plural = if r.commands == 1 { "" } else { "s" };
+    let mut out = format!(
+        "cpu:        {} in {} command{plural}\n",
+        runtime::human_duration(std::time::Duration::from_millis(r.cpu_ms)),
+        r.commands
+    );
+    out.push_str("memory:     ");
+    if let Some(rss) = r.peak_rss_bytes {
+        out.push_str(&format!("commands {}, ", human_bytes(rss)));
+    }
+    out.push_str(&format!("guest {}", human_bytes(r.guest_memory_bytes)));
+    if let Some(m) = r.observer_memory_bytes {
+        out.push_str(&format!(", observers {}", human_bytes(m)));
+    }
+    out.push('\n');
+    out
+}
+
+/// "512 KiB", "130.0 MiB", "2.1 GiB".
+pub(crate) fn human_bytes(n: u64) -> String {
+    const KIB: u64 = 1 << 10;
+    const MIB: u64 = 1 << 20;
+    const GIB: u64 = 1 << 30;
+    match n {
+        n if n < MIB => format!("{} KiB", n.div_ceil(KIB)),
+        n if n < GIB => format!("{:.1} MiB", n as f64 / MIB as f64),
+        n => format!("{:.1} GiB", n as f64 / GIB as f64),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resources_read_in_units_people_use() {
+        let r = StepResources {
+            commands: 2,
+            cpu_ms: 1500,
+            peak_rss_bytes: Some(130 << 20),
+            guest_memory_bytes: 1_114_112,
+            observer_memory_bytes: Some(512 << 10),
+        };
+        assert_eq!(
+            resource_lines(&r),
+            "cpu:        1.5 s in 2 commands\nmemory:     commands 130.0 MiB, guest 1.1 MiB, observers 512 KiB\n"
+        );
+        let none = StepResources {
+            commands: 0,
+            guest_memory_bytes: 3 << 30,
+            ..StepResources::default()
+        };
+        assert_eq!(
+            resource_lines(&none),
+            "cpu:        0 ms in 0 commands\nmemory:     guest 3.0 GiB\n"
+        );
+    }
 }

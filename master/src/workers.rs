@@ -105,8 +105,9 @@ struct Batch {
     appends: std::collections::BTreeMap<i64, String>,
     /// The batch's time.
     now: i64,
-    /// Steps that ended, by builder, with their duration (counted once the batch commits).
-    steps_ended: Vec<(String, Duration)>,
+    /// Steps that ended, by builder, with their duration and what they used (counted once the
+    /// batch commits).
+    steps_ended: Vec<(String, Duration, Option<runtime::StepResources>)>,
 }
 
 #[derive(Default)]
@@ -859,8 +860,11 @@ impl Master {
                 }
             }
         }
-        for (builder, took) in &batch.steps_ended {
+        for (builder, took, resources) in &batch.steps_ended {
             self.metrics.step_finished(builder, *took);
+            if let Some(r) = resources {
+                self.metrics.step_resources(builder, r);
+            }
         }
         self.metrics.refused(refusals.len());
         for (build, seq) in acks.into_values() {
@@ -963,7 +967,9 @@ impl Master {
                 };
                 let o = &record.outcome;
                 if record.ran {
-                    batch.steps_ended.push((lease.builder.clone(), o.elapsed));
+                    batch
+                        .steps_ended
+                        .push((lease.builder.clone(), o.elapsed, o.resources));
                 }
                 let state = o
                     .summary
@@ -979,6 +985,7 @@ impl Master {
                         hidden: record.hidden,
                         urls: &serde_json::to_value(&o.urls)?,
                         statistics: &serde_json::to_value(&o.statistics)?,
+                        resources: o.resources,
                     },
                     batch.now,
                 )

@@ -1752,6 +1752,9 @@ pub struct StepEnd<'a> {
     pub urls: &'a Value,
     /// Statistics, as JSON.
     pub statistics: &'a Value,
+    /// What it used, as its worker measured it (`None`: it did not run, or the worker did not
+    /// say).
+    pub resources: Option<runtime::StepResources>,
 }
 
 /// Finishes a step and completes its logs.
@@ -1761,9 +1764,12 @@ pub async fn finish_step(
     end: &StepEnd<'_>,
     now: i64,
 ) -> Result<()> {
+    let r = end.resources;
+    let figure = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
     sqlx::query(
         "UPDATE steps SET complete_at = $1, results = $2, state_string = $3, hidden = $4,
-                urls = $5, statistics = $6
+                urls = $5, statistics = $6, cpu_ms = $8, peak_rss_bytes = $9,
+                guest_memory_bytes = $10, observer_memory_bytes = $11
          WHERE id = $7",
     )
     .bind(now)
@@ -1773,6 +1779,10 @@ pub async fn finish_step(
     .bind(json_text(end.urls))
     .bind(json_text(end.statistics))
     .bind(step)
+    .bind(r.map(|r| figure(r.cpu_ms)))
+    .bind(r.and_then(|r| r.peak_rss_bytes).map(figure))
+    .bind(r.map(|r| figure(r.guest_memory_bytes)))
+    .bind(r.and_then(|r| r.observer_memory_bytes).map(figure))
     .execute(&mut *conn)
     .await?;
     sqlx::query("UPDATE logs SET complete = 1 WHERE step_id = $1")

@@ -17,6 +17,7 @@ on_both_databases!(
     events_are_read_in_order,
     builds_are_numbered_per_builder,
     logs_are_stored_compressed_and_read_by_line_range,
+    finished_steps_keep_what_they_used,
     modules_are_registered_once_per_version,
     workers_are_synced_from_the_configuration,
     failing_workers_are_quarantined_and_recover,
@@ -555,6 +556,55 @@ async fn logs_are_stored_compressed_and_read_by_line_range(t: TestDb) {
             .await
             .unwrap();
     assert!(stored < big.len() as i64 / 3, "compressed: {stored} bytes");
+}
+
+async fn finished_steps_keep_what_they_used(t: TestDb) {
+    let db = &t.db;
+    let mut c = conn(db).await;
+    let m = db::register_master(&mut c, "m", 1).await.unwrap();
+    let (_, r) = add_buildset(db, &buildset("s", None, &[("a", 0)]), 1)
+        .await
+        .unwrap();
+    let (build, _) = db::insert_build(&mut c, r[0].0, None, m, "k", 2)
+        .await
+        .unwrap();
+    let used = runtime::StepResources {
+        commands: 3,
+        cpu_ms: 1500,
+        peak_rss_bytes: Some(5 << 30),
+        guest_memory_bytes: 2 << 20,
+        observer_memory_bytes: None,
+    };
+    for (number, resources) in [(0, Some(used)), (1, None)] {
+        let step = db::insert_step(&mut c, build, number, "compile", 3)
+            .await
+            .unwrap();
+        let end = db::StepEnd {
+            results: Results::Success,
+            state: "ok",
+            hidden: false,
+            urls: &json!([]),
+            statistics: &json!({}),
+            resources,
+        };
+        db::finish_step(&mut c, step, &end, 4).await.unwrap();
+    }
+    type Figures = (Option<i64>, Option<i64>, Option<i64>, Option<i64>);
+    let rows: Vec<Figures> = sqlx::query_as(
+        "SELECT cpu_ms, peak_rss_bytes, guest_memory_bytes, observer_memory_bytes FROM steps
+         WHERE build_id = $1 ORDER BY number",
+    )
+    .bind(build.0)
+    .fetch_all(&mut *c)
+    .await
+    .unwrap();
+    assert_eq!(
+        rows,
+        vec![
+            (Some(1500), Some(5 << 30), Some(2 << 20), None),
+            (None, None, None, None)
+        ]
+    );
 }
 
 async fn modules_are_registered_once_per_version(t: TestDb) {

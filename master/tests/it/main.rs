@@ -82,6 +82,46 @@ fn a_step_runs_with_live_channels_and_an_outcome() {
 }
 
 #[test]
+fn a_step_run_shows_what_its_commands_used() {
+    let d = dir();
+    let w = d.workdir.to_str().unwrap();
+    let burn = "i=0; while [ $i -lt 200000 ]; do i=$((i+1)); done";
+    let args = serde_json::json!({"action": "run", "argv": ["sh", "-c", burn]}).to_string();
+    let run = |json: bool| {
+        let mut argv = vec![
+            "step",
+            "run",
+            probe(),
+            "--workdir",
+            w,
+            "--allow-program",
+            "sh",
+            "--args",
+            &args,
+        ];
+        if json {
+            argv.push("--json");
+        }
+        let out = kiln(&argv, &d.workdir);
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        stdout(&out)
+    };
+    let text = run(false);
+    let cpu = text.lines().find(|l| l.starts_with("cpu:")).expect(&text);
+    assert!(cpu.ends_with(" in 1 command"), "{text}");
+    assert!(text.contains("\nmemory:     commands "), "{text}");
+    // The log lines come first, then the JSON outcome.
+    let text = run(true);
+    let at = text.find("\n{\n").expect(&text) + 1;
+    let outcome: serde_json::Value = serde_json::from_str(&text[at..]).unwrap();
+    let r = &outcome["resources"];
+    assert_eq!(r["commands"], 1, "{outcome}");
+    assert!(r["cpu_ms"].as_u64().unwrap() >= 50, "{outcome}");
+    assert!(r["peak_rss_bytes"].as_u64().unwrap() > 0, "{outcome}");
+    assert!(r["guest_memory_bytes"].as_u64().unwrap() > 0, "{outcome}");
+}
+
+#[test]
 fn exit_status_follows_the_result() {
     let d = dir();
     let w = d.workdir.to_str().unwrap();
