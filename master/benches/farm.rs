@@ -28,7 +28,7 @@ const WORKERS: usize = 4;
 
 fn config(port: u16) -> String {
     let mut t = format!(
-        "[master]\nname = \"bench\"\nlisten = \"127.0.0.1:{port}\"\nheartbeat = \"5s\"\n\n"
+        "[master]\nname = \"bench\"\nlisten = \"127.0.0.1:{port}\"\nheartbeat = \"5s\"\nanonymous = \"force\"\n\n"
     );
     for i in 0..WORKERS {
         t += &format!("[[workers]]\nname = \"w{i}\"\ntoken = \"t{i}\"\n\n");

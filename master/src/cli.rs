@@ -36,6 +36,9 @@ enum Command {
     /// Run a builder's steps from the configuration locally, exactly as a worker would.
     #[command(subcommand)]
     Build(crate::build_cmd::BuildCommand),
+    /// Make, list and revoke API tokens (on the master's machine: it opens the database).
+    #[command(subcommand)]
+    Token(crate::token_cmd::TokenCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -142,5 +145,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Sendchange(args) => crate::master_cmd::sendchange(*args),
         Command::Force(args) => crate::master_cmd::force(*args),
         Command::Build(command) => crate::build_cmd::run(command),
+        Command::Token(command) => crate::token_cmd::run(command),
     }
 }

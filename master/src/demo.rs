@@ -172,6 +172,9 @@ listen = "{listen}"
 database = "kiln.sqlite"
 title = "Kiln demo"
 heartbeat = "2s"
+# The demo listens on 127.0.0.1 only: anyone who can reach it may force and stop builds
+# from the web UI without a token (pages of other sites still cannot).
+anonymous = "force"
 
 [properties]
 project = "greet"

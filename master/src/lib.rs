@@ -2,6 +2,7 @@
 //! schedulers, workers and dispatch, API) and the `kiln` command line.
 
 pub mod api;
+pub mod auth;
 mod build_cmd;
 pub mod changes;
 pub mod cli;
@@ -23,4 +24,6 @@ pub mod secrets;
 pub mod server;
 pub mod step_cmd;
 pub mod tls;
+pub mod ui;
+mod token_cmd;
 pub mod workers;

@@ -284,7 +284,7 @@ fn diff_line(diff: &config::ConfigDiff) -> String {
     }
 }
 
-async fn open_farm(args: &FarmArgs) -> anyhow::Result<(config::Config, crate::db::Db)> {
+pub(crate) async fn open_farm(args: &FarmArgs) -> anyhow::Result<(config::Config, crate::db::Db)> {
     let cfg = load_config(&args.config)?;
     let url = args
         .db

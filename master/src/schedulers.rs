@@ -801,6 +801,61 @@ pub async fn force(
     Ok(Ok(submitted))
 }
 
+/// Builds a build again, as Buildbot's rebuild does: a new buildset with the same source
+/// stamps and properties, on the same builder, with the same request priority. The
+/// buildset keeps its scheduler, so what follows a build of that scheduler follows this one.
+pub async fn rebuild(
+    env: &Env<'_>,
+    build: BuildId,
+    owner: &str,
+    now: i64,
+) -> anyhow::Result<Result<Submitted, RequestError>> {
+    let mut conn = env.db.pool().acquire().await?;
+    let Some(row) = db::get_build(&mut conn, build).await? else {
+        return Ok(Err(RequestError::NoScheduler(format!("no build {build}"))));
+    };
+    if !env.builders.contains_key(&row.builder) {
+        return Ok(Err(RequestError::Invalid(format!(
+            "builder {:?} is no longer in the configuration",
+            row.builder
+        ))));
+    }
+    let (request, ..) = db::get_request(&mut conn, row.request)
+        .await?
+        .context("a build's request is missing")?;
+    let original = db::get_buildset(&mut conn, request.buildset)
+        .await?
+        .context("a request's buildset is missing")?;
+    let sourcestamps = db::buildset_sourcestamps(&mut conn, request.buildset).await?;
+    let mut properties = db::buildset_properties(&mut conn, request.buildset).await?;
+    drop(conn);
+    properties.retain(|p| p.name != "owner");
+    properties.push(SourcedProperty {
+        name: "owner".into(),
+        value: Value::String(owner.into()),
+        source: "Rebuild".into(),
+    });
+    let bs = NewBuildset {
+        scheduler: original.scheduler.unwrap_or_else(|| "rebuild".into()),
+        reason: format!(
+            "Rebuild of {} #{} by '{owner}' ({})",
+            row.builder, row.number, original.reason
+        ),
+        external_id: None,
+        sourcestamps,
+        properties,
+        builders: vec![(row.builder.clone(), request.priority)],
+        trusted: original.trusted,
+        parent_build: None,
+    };
+    let mut tx = env.db.begin().await?;
+    let submitted = submit(env, &mut tx, &bs, now)
+        .await?
+        .context("a rebuild has no idempotency key, so it cannot be a duplicate")?;
+    tx.commit().await?;
+    Ok(Ok(submitted))
+}
+
 /// A trigger step's request to a triggerable scheduler.
 #[derive(Debug, Clone, Default)]
 pub struct TriggerRequest {

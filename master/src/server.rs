@@ -66,7 +66,7 @@ pub fn queueing(config: &Config) -> BTreeMap<String, BuilderQueueing> {
 }
 
 /// Every policy the configuration names (hooks and schedulers' change filters).
-fn policy_refs(config: &Config) -> Vec<PolicyRef> {
+pub(crate) fn policy_refs(config: &Config) -> Vec<PolicyRef> {
     let h = &config.hooks;
     let mut refs = Vec::new();
     let mut add = |r: Option<&PolicyRef>| {
@@ -202,6 +202,8 @@ pub struct Master {
     pub latent: crate::latent::LatentWorkers,
     /// What `GET /metrics` reports.
     pub metrics: crate::metrics::Metrics,
+    /// Live updates for `GET /api/v2/events`.
+    pub live: crate::api::Live,
     dispatch: Notify,
     address: std::sync::OnceLock<std::net::SocketAddr>,
 }
@@ -248,6 +250,7 @@ impl Master {
             workers: Default::default(),
             latent: Default::default(),
             metrics: Default::default(),
+            live: Default::default(),
             dispatch: Notify::new(),
             address: Default::default(),
         });
@@ -345,6 +348,16 @@ impl Master {
     /// queued).
     pub fn wake_dispatch(&self) {
         self.dispatch.notify_one();
+    }
+
+    /// The component runtime (to check uploaded modules).
+    pub fn runtime(&self) -> &Arc<runtime::Runtime> {
+        &self.runtime
+    }
+
+    /// Asks for a scheduler pass soon (a buildset completed, a change arrived).
+    pub fn wake_schedulers(&self) {
+        self.wake.notify_one();
     }
 
     /// Adds a change through the one internal interface and wakes the schedulers.

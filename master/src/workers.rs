@@ -108,6 +108,8 @@ struct Batch {
     /// Steps that ended, by builder, with their duration and what they used (counted once the
     /// batch commits).
     steps_ended: Vec<(String, Duration, Option<runtime::StepResources>)>,
+    /// Steps that started, changed or ended, for live updates (kept only when someone listens).
+    live_steps: Vec<i64>,
 }
 
 #[derive(Default)]
@@ -387,6 +389,8 @@ impl Master {
         {
             tracing::warn!(worker = %name, %error, "cannot record a worker's state");
         }
+        self.live
+            .send("worker", || json!({"name": name, "connected": true}));
         tracing::info!(
             worker = %name, arch = %caps.arch, sandbox = caps.sandbox,
             landlock_abi = caps.landlock_abi, adopted = adopted.len(), "worker connected"
@@ -495,6 +499,10 @@ impl Master {
                 false
             }
         };
+        if gone {
+            self.live
+                .send("worker", || json!({"name": name, "connected": false}));
+        }
         if gone
             && let Ok(mut conn) = self.db.pool().acquire().await
             && let Err(error) =
@@ -511,6 +519,25 @@ impl Master {
             .conns
             .get(name)
             .is_some_and(|c| c.tx.send(message).is_ok())
+    }
+
+    /// Asks a connected worker to shut down gracefully; it gets no new builds meanwhile.
+    /// False if it is not connected.
+    pub fn shutdown_worker(&self, name: &str) -> bool {
+        let mut inner = self.workers.lock();
+        let Some(c) = inner.conns.get_mut(name) else {
+            return false;
+        };
+        c.draining = true;
+        c.tx.send(ToWorker::Shutdown {
+            reason: "asked through the API".into(),
+        })
+        .is_ok()
+    }
+
+    /// Drops the cached health table, so a pause or unpause counts at the next dispatch.
+    pub fn forget_worker_health(&self) {
+        self.workers.lock().health = None;
     }
 
     /// Handles a batch of messages from a worker's connection.
@@ -752,6 +779,7 @@ impl Master {
             appends: Default::default(),
             now,
             steps_ended: Vec::new(),
+            live_steps: Vec::new(),
         };
         let mut tx = self.db.begin().await?;
         for (i, (build, seq, event)) in events.iter().enumerate() {
@@ -840,10 +868,22 @@ impl Master {
             acks.insert(build.id, (build.clone(), seq));
             work.insert(build.id, lease);
         }
+        let mut live_logs = Vec::new();
         for (log_id, text) in &batch.appends {
-            db::append_log(&mut tx, *log_id, text).await?;
+            let end = db::append_log(&mut tx, *log_id, text).await?;
+            if self.live.wanted() {
+                live_logs.push((*log_id, end - text.lines().count() as i64));
+            }
         }
         tx.commit().await?;
+        if self.live.wanted() {
+            for (log_id, offset) in live_logs {
+                let text = &batch.appends[&log_id];
+                self.live.send_log(log_id, || crate::api::log_event(log_id, offset, text));
+            }
+            let ended: Vec<i64> = finished.iter().map(|(id, ..)| *id).collect();
+            crate::api::publish(self, &batch.live_steps, &ended).await;
+        }
         {
             let mut inner = self.workers.lock();
             for (id, lease) in work {
@@ -902,6 +942,7 @@ impl Master {
                 let id = db::insert_step(&mut *tx, build, i64::from(step), name, batch.now).await?;
                 lease.steps.insert(step, (id, name.clone()));
                 lease.fresh.insert(step);
+                batch.live_steps.push(id);
             }
             BuildEvent::Log {
                 step,
@@ -946,6 +987,7 @@ impl Master {
                 {
                     let step_id = self.step_of(tx, lease, build, step).await?;
                     db::set_step_state(&mut *tx, step_id, text).await?;
+                    batch.live_steps.push(step_id);
                 }
             }
             BuildEvent::StepFinished { step, ref record } => {
@@ -976,6 +1018,7 @@ impl Master {
                     .clone()
                     .or_else(|| o.message.clone())
                     .unwrap_or_default();
+                batch.live_steps.push(step_id);
                 db::finish_step(
                     &mut *tx,
                     step_id,
@@ -1397,6 +1440,7 @@ impl Master {
             },
         );
         self.metrics.build_started(&builder.name);
+        crate::api::publish(self, &[], &[build_id.0]).await;
         tracing::info!(build = build_id.0, builder = %builder.name, number, worker = %a.worker, "build dispatched");
         if !self.send_to(&a.worker, ToWorker::Start(Box::new(job))) {
             // Gone between the claim and now: the scan retries it.

@@ -225,6 +225,11 @@ pub enum ToWorker {
         /// The scan's number.
         scan: u64,
     },
+    /// Shut down gracefully: take no new builds, finish and report the running ones, leave.
+    Shutdown {
+        /// Why, for the worker's log.
+        reason: String,
+    },
     /// A message of the worker's was refused; the worker logs it.
     Error {
         /// What was wrong.

@@ -1,32 +1,55 @@
-//! The master's HTTP API, modeled on Buildbot's `/api/v2`: for now the parts the master's
-//! brain needs from outside (its masters and queue, forcing a build, recording a change,
-//! reloading the configuration). Every endpoint answers JSON; errors are one type that picks
-//! the status code and never shows internals.
+//! The master's HTTP API, modeled on Buildbot's `/api/v2` so its users feel at home. Every
+//! answer is JSON (errors too: `{"error": "..."}`, including axum's own rejections), reads are
+//! filtered, ordered and paged in SQL (`db::views`), and actions check the caller's role.
+//!
+//! - `read`: the collections and items (builders, builds, logs, requests, ...).
+//! - `control`: actions (force, stop, cancel, rebuild, priority, workers, reconfig).
+//! - `modules`: step module upload, listing and deletion.
+//! - `events`: the live event stream (Server-Sent Events).
+//! - `openapi`: the OpenAPI document of all of the above.
+
+mod control;
+mod events;
+mod modules;
+mod openapi;
+mod read;
 
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::extract::{Request, State};
+use axum::http::{Method, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{Value, json};
 
+pub use events::{Live, LiveEvent, log_event, publish};
+
+use crate::auth::{self, AuthError, Caller, Role};
 use crate::db;
-use crate::model::{BuildId, NewChange, now_ms};
-use crate::schedulers::{self, ForceRequest, RequestError};
+use crate::model::now_ms;
 use crate::server::Master;
 
-/// Largest request body accepted.
+/// Largest request body accepted, but for module uploads.
 const MAX_BODY: usize = 4 << 20;
+
+/// Largest step module accepted.
+pub const MAX_MODULE: usize = 64 << 20;
 
 /// An API error: a status and a message a person can act on.
 #[derive(Debug)]
 pub enum ApiError {
     /// The request is wrong; the message says how.
     BadRequest(String),
+    /// The request needs credentials it does not carry (or carries bad ones).
+    Unauthorized(String),
+    /// The caller's role does not allow this.
+    Forbidden(String),
     /// No such thing.
     NotFound(String),
+    /// The thing is not in a state that allows this (a started request cannot be cancelled).
+    Conflict(String),
     /// Something failed inside the master; logged, not shown.
     Internal(anyhow::Error),
 }
@@ -43,11 +66,23 @@ impl From<sqlx::Error> for ApiError {
     }
 }
 
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> Self {
+        match e {
+            AuthError::CrossSite => ApiError::Forbidden(e.to_string()),
+            AuthError::Malformed | AuthError::Unknown => ApiError::Unauthorized(e.to_string()),
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, message) = match self {
             ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, m),
+            ApiError::Unauthorized(m) => (StatusCode::UNAUTHORIZED, m),
+            ApiError::Forbidden(m) => (StatusCode::FORBIDDEN, m),
             ApiError::NotFound(m) => (StatusCode::NOT_FOUND, m),
+            ApiError::Conflict(m) => (StatusCode::CONFLICT, m),
             ApiError::Internal(e) => {
                 tracing::error!(error = format!("{e:#}"), "API request failed");
                 (
@@ -56,57 +91,161 @@ impl IntoResponse for ApiError {
                 )
             }
         };
-        (status, Json(json!({ "error": message }))).into_response()
+        let mut response = (status, Json(json!({ "error": message }))).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer realm=\"kiln\""),
+            );
+        }
+        response
     }
 }
 
 type ApiResult = Result<Json<Value>, ApiError>;
 
+impl Caller {
+    /// Refuses the request unless the caller's role includes `needed`.
+    pub fn require(&self, needed: Role, what: &str) -> Result<(), ApiError> {
+        if self.may(needed) {
+            return Ok(());
+        }
+        Err(match &self.name {
+            None => ApiError::Unauthorized(format!(
+                "{what} needs an API token with the {needed} role: send `Authorization: Bearer TOKEN` (make one with `kiln token create NAME --role {needed}`)"
+            )),
+            Some(name) => ApiError::Forbidden(format!(
+                "{what} needs the {needed} role; token {name:?} has the {} role",
+                self.role.map_or("none", Role::name)
+            )),
+        })
+    }
+}
+
+/// Who is asking: the token's name and role, or the anonymous role. Refuses a bad token, and
+/// an anonymous action that a browser says comes from another site.
+async fn caller(m: &Master, method: &Method, headers: &header::HeaderMap) -> Result<Caller, ApiError> {
+    match auth::bearer(headers)? {
+        Some(token) => {
+            let mut conn = m.db.pool().acquire().await?;
+            let (name, role) = db::token_by_hash(&mut conn, &auth::token_hash(token))
+                .await?
+                .ok_or(AuthError::Unknown)?;
+            Ok(Caller {
+                name: Some(name),
+                // A role name the database holds that this master does not know gives nothing.
+                role: Role::parse(&role).ok(),
+            })
+        }
+        None => {
+            auth::check_same_site(method, headers)?;
+            Ok(Caller {
+                name: None,
+                role: m.state().config.master.anonymous,
+            })
+        }
+    }
+}
+
+/// Resolves the caller of every API request (reads need the read role) and makes every
+/// error an answer in JSON, whoever produced it.
+async fn api_layer(State(m): State<Arc<Master>>, mut request: Request, next: Next) -> Response {
+    let path = request.uri().path().to_owned();
+    let method = request.method().clone();
+    if path.starts_with("/api/") || path == "/metrics" {
+        match caller(&m, &method, request.headers()).await {
+            Ok(c) => {
+                if matches!(method, Method::GET | Method::HEAD)
+                    && let Err(e) = c.require(Role::Read, "reading the API")
+                {
+                    return e.into_response();
+                }
+                request.extensions_mut().insert(c);
+            }
+            Err(e) => return e.into_response(),
+        }
+    }
+    let response = next.run(request).await;
+    json_errors(response, &method, &path).await
+}
+
+/// Gives error answers that are not JSON (axum's rejections of a bad path or query, a body
+/// over the limit, a method a route lacks) the API's JSON shape and a useful message.
+async fn json_errors(response: Response, method: &Method, path: &str) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let allow = response
+        .headers()
+        .get(header::ALLOW)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let (parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 64 << 10)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
+        .unwrap_or_default();
+    let message = match status {
+        StatusCode::METHOD_NOT_ALLOWED => format!(
+            "{method} is not allowed on {path}{}",
+            allow.map_or(String::new(), |a| format!("; use {a}"))
+        ),
+        StatusCode::PAYLOAD_TOO_LARGE => format!(
+            "the request body is too large: {path} takes at most {} MiB",
+            if path.starts_with("/api/v2/stepmodules") { MAX_MODULE } else { MAX_BODY } >> 20
+        ),
+        StatusCode::NOT_FOUND if text.is_empty() => {
+            format!("no such page or API endpoint: {path} (the API is described at /api/v2/openapi.json)")
+        }
+        _ if text.is_empty() => status
+            .canonical_reason()
+            .unwrap_or("error")
+            .to_lowercase(),
+        _ => text,
+    };
+    let mut response = (status, Json(json!({ "error": message }))).into_response();
+    for (name, value) in parts.headers.iter() {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            response.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    response
+}
+
 /// The API's routes.
 pub fn router(master: Arc<Master>) -> Router {
     Router::new()
-        .route("/api/v2/masters", get(masters))
-        .route("/api/v2/buildrequests", get(queue))
-        .route("/api/v2/changes", post(add_change))
-        .route("/api/v2/forceschedulers/{name}", post(force))
-        .route("/api/v2/control/reconfig", post(reconfig))
-        .route("/api/v2/workers", get(workers))
+        .merge(read::routes())
+        .merge(control::routes())
+        .merge(modules::routes())
+        .merge(crate::ui::router())
+        .route("/api/v2/events", get(events::stream))
+        .route("/api/v2/openapi.json", get(openapi::document))
+        .route("/api/v2/auth", get(whoami))
         .route("/metrics", get(metrics))
-        .route("/api/v2/builds", get(builds))
-        .route("/api/v2/builds/{id}", get(build))
-        .route("/api/v2/builds/{id}/stop", post(stop_build))
-        .route("/api/v2/builds/{id}/steps/{number}/stop", post(stop_step))
-        .route("/api/v2/logs/{id}/raw", get(log_raw))
         .route(
             runtime::protocol::CONNECT_PATH,
             get(crate::workers::connect),
         )
         .route(crate::filecache::ROUTE, get(crate::filecache::serve))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn_with_state(master.clone(), api_layer))
         .with_state(master)
 }
 
-async fn masters(State(m): State<Arc<Master>>) -> ApiResult {
-    let mut conn = m.db.pool().acquire().await?;
-    let masters: Vec<Value> = db::masters(&mut conn)
-        .await?
-        .into_iter()
-        .map(|(id, name, active, last_active)| {
-            json!({"masterid": id, "name": name, "active": active, "last_active": last_active})
-        })
-        .collect();
-    Ok(Json(
-        json!({"masters": masters, "meta": {"total": masters.len()}}),
-    ))
-}
-
-async fn queue(State(m): State<Arc<Master>>) -> ApiResult {
-    let mut conn = m.db.pool().acquire().await?;
-    let requests = db::queued_requests(&mut conn, None, 1000, 0).await?;
-    let total = requests.len();
-    Ok(Json(
-        json!({"buildrequests": requests, "meta": {"total": total}}),
-    ))
+/// `GET /api/v2/auth`: who the caller is and what they may do.
+async fn whoami(axum::Extension(c): axum::Extension<Caller>) -> Json<Value> {
+    Json(json!({
+        "name": c.name,
+        "role": c.role.map_or("none", Role::name),
+        "anonymous": c.name.is_none(),
+    }))
 }
 
 fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
@@ -114,59 +253,8 @@ fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError
         .map_err(|e| ApiError::BadRequest(format!("the body is not a valid request: {e}")))
 }
 
-async fn add_change(State(m): State<Arc<Master>>, body: axum::body::Bytes) -> ApiResult {
-    let mut change: NewChange = parse_body(&body)?;
-    if change.source.is_empty() {
-        change.source = "api".into();
-    }
-    match m.add_change(&change).await? {
-        Ok(Some(id)) => Ok(Json(json!({"changeid": id}))),
-        Ok(None) => Ok(Json(json!({"changeid": null, "duplicate": true}))),
-        Err(e) => Err(ApiError::BadRequest(e.to_string())),
-    }
-}
-
-async fn force(
-    State(m): State<Arc<Master>>,
-    Path(name): Path<String>,
-    body: axum::body::Bytes,
-) -> ApiResult {
-    let request: ForceRequest = parse_body(&body)?;
-    let result = m
-        .with_env(async |env| schedulers::force(env, &name, &request, now_ms()).await)
-        .await?;
-    match result {
-        Ok(s) => {
-            m.wake_dispatch();
-            Ok(Json(json!({
-                "buildsetid": s.buildset,
-                "buildrequests": s.requests.iter().map(|(id, b)| json!({"buildrequestid": id, "builder": b})).collect::<Vec<_>>(),
-            })))
-        }
-        Err(RequestError::NoScheduler(msg)) => Err(ApiError::NotFound(msg)),
-        Err(RequestError::Invalid(msg)) => Err(ApiError::BadRequest(msg)),
-    }
-}
-
-async fn reconfig(State(m): State<Arc<Master>>) -> ApiResult {
-    match m.reload().await {
-        Ok(diff) => Ok(Json(json!({"reloaded": true, "changes": diff.to_string()}))),
-        Err(e) => Err(ApiError::BadRequest(format!(
-            "the configuration was not reloaded; the old one stays: {e:#}"
-        ))),
-    }
-}
-
-/// Configured workers with their connection and health.
-async fn workers(State(m): State<Arc<Master>>) -> ApiResult {
-    let workers = worker_list(&m).await?;
-    Ok(Json(
-        json!({"workers": workers, "meta": {"total": workers.len()}}),
-    ))
-}
-
 /// Every configured worker: connection, builds, health, latent state.
-async fn worker_list(m: &Master) -> Result<Vec<Value>, ApiError> {
+pub(super) async fn worker_list(m: &Master) -> Result<Vec<Value>, ApiError> {
     let connected = crate::workers::describe(m);
     let mut conn = m.db.pool().acquire().await?;
     let health = db::worker_health(&mut conn).await?;
@@ -185,6 +273,9 @@ async fn worker_list(m: &Master) -> Result<Vec<Value>, ApiError> {
                 "sandbox": w.sandbox,
                 "builds": live.map(|c| c["builds"].clone()).unwrap_or(json!([])),
                 "draining": live.map(|c| c["draining"].clone()).unwrap_or(json!(false)),
+                "info": live.map(|c| json!({
+                    "arch": c["arch"], "os": c["os"], "tags": c["tags"], "max_builds": c["max_builds"],
+                })),
                 "health": h.map(|h| h.health.clone()),
                 "failure_count": h.map(|h| h.failure_count),
                 "quarantine_until": h.and_then(|h| h.quarantine_until),
@@ -259,133 +350,3 @@ async fn metrics(State(m): State<Arc<Master>>) -> Result<Response, ApiError> {
         .into_response())
 }
 
-fn build_json(b: &db::BuildRow) -> Value {
-    json!({
-        "buildid": b.id, "builder": b.builder, "number": b.number,
-        "buildrequestid": b.request, "worker": b.worker, "started_at": b.started_at,
-        "complete_at": b.complete_at, "complete": b.complete_at.is_some(),
-        "state_string": b.state, "results": b.results,
-    })
-}
-
-/// Query of `GET /api/v2/builds`.
-#[derive(Debug, serde::Deserialize)]
-struct BuildsQuery {
-    buildrequestid: Option<i64>,
-    limit: Option<i64>,
-}
-
-async fn builds(
-    State(m): State<Arc<Master>>,
-    axum::extract::Query(q): axum::extract::Query<BuildsQuery>,
-) -> ApiResult {
-    let limit = q.limit.unwrap_or(100);
-    if !(1..=10_000).contains(&limit) {
-        return Err(ApiError::BadRequest(format!(
-            "limit={limit}: give 1 to 10000"
-        )));
-    }
-    let mut conn = m.db.pool().acquire().await?;
-    let rows = db::builds(
-        &mut conn,
-        q.buildrequestid.map(crate::model::BuildRequestId),
-        limit,
-    )
-    .await?;
-    let builds: Vec<Value> = rows.iter().map(build_json).collect();
-    Ok(Json(
-        json!({"builds": builds, "meta": {"total": builds.len()}}),
-    ))
-}
-
-/// A build with its steps, their logs, and its properties: one request for a build page.
-async fn build(State(m): State<Arc<Master>>, Path(id): Path<i64>) -> ApiResult {
-    let mut conn = m.db.pool().acquire().await?;
-    let row = db::get_build(&mut conn, BuildId(id))
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("no build {id}")))?;
-    let mut steps = Vec::new();
-    for (step_id, number, name, results, state) in db::build_steps(&mut conn, row.id).await? {
-        let logs: Vec<Value> = db::step_logs(&mut conn, step_id)
-            .await?
-            .into_iter()
-            .map(|(log_id, name, lines)| json!({"logid": log_id, "name": name, "num_lines": lines}))
-            .collect();
-        steps.push(json!({
-            "stepid": step_id, "number": number, "name": name, "results": results,
-            "state_string": state, "logs": logs,
-        }));
-    }
-    let properties: serde_json::Map<String, Value> = db::build_properties(&mut conn, row.id)
-        .await?
-        .into_iter()
-        .map(|p| (p.name, json!([p.value, p.source])))
-        .collect();
-    let mut b = build_json(&row);
-    b["steps"] = Value::Array(steps);
-    b["properties"] = Value::Object(properties);
-    Ok(Json(b))
-}
-
-/// Body of `POST /api/v2/builds/{id}/stop`.
-#[derive(Debug, Default, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct StopRequest {
-    #[serde(default)]
-    reason: Option<String>,
-}
-
-/// The reason in a stop request's body (which may be empty).
-fn stop_reason(body: &[u8]) -> Result<String, ApiError> {
-    let request: StopRequest = if body.is_empty() {
-        StopRequest::default()
-    } else {
-        parse_body(body)?
-    };
-    Ok(request
-        .reason
-        .unwrap_or_else(|| "stopped through the API".into()))
-}
-
-async fn stop_build(
-    State(m): State<Arc<Master>>,
-    Path(id): Path<i64>,
-    body: axum::body::Bytes,
-) -> ApiResult {
-    let reason = stop_reason(&body)?;
-    if m.stop_build(id, &reason) {
-        Ok(Json(json!({"stopping": true})))
-    } else {
-        Err(ApiError::NotFound(format!(
-            "build {id} is not running on a worker of this master"
-        )))
-    }
-}
-
-async fn stop_step(
-    State(m): State<Arc<Master>>,
-    Path((id, number)): Path<(i64, u32)>,
-    body: axum::body::Bytes,
-) -> ApiResult {
-    let reason = stop_reason(&body)?;
-    if m.stop_step(id, number, &reason) {
-        Ok(Json(json!({"stopping": true})))
-    } else {
-        Err(ApiError::NotFound(format!(
-            "build {id} is not running on a worker of this master"
-        )))
-    }
-}
-
-/// A log's text: one line per line, without the channel tags.
-async fn log_raw(State(m): State<Arc<Master>>, Path(id): Path<i64>) -> Result<String, ApiError> {
-    let mut conn = m.db.pool().acquire().await?;
-    let lines = db::log_lines(&mut conn, id, 0, i64::MAX).await?;
-    let mut out = String::new();
-    for line in lines {
-        // Stream logs tag each line with its channel (o, e, h).
-        out.push_str(line.get(1..).unwrap_or_default());
-        out.push('\n');
-    }
-    Ok(out)
-}

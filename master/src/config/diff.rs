@@ -60,7 +60,7 @@ pub struct ConfigDiff {
     /// Whether any hook changed.
     pub hooks: bool,
     /// `[master]` settings that changed (`name`, `database`, `listen`, `url`, `title`,
-    /// `heartbeat`, `tls`). `name`, `database`, `listen` and `tls` take effect only after a
+    /// `heartbeat`, `tls`, `anonymous`). `name`, `database`, `listen` and `tls` take effect only after a
     /// restart.
     pub master: Vec<&'static str>,
 }
@@ -79,6 +79,7 @@ impl ConfigDiff {
             ("title", a.title != b.title),
             ("heartbeat", a.heartbeat != b.heartbeat),
             ("tls", a.tls != b.tls),
+            ("anonymous", a.anonymous != b.anonymous),
         ]
         .into_iter()
         .filter_map(|(k, changed)| changed.then_some(k))

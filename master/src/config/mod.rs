@@ -104,6 +104,8 @@ pub struct MasterConfig {
     pub heartbeat: Duration,
     /// HTTPS: the certificate chain and key files, checked to load.
     pub tls: Option<TlsFiles>,
+    /// What requests without an API token may do (None: nothing, not even read).
+    pub anonymous: Option<crate::auth::Role>,
 }
 
 /// The files of `[master] tls_cert` and `tls_key`, absolute.
@@ -673,6 +675,17 @@ fn resolve_master(ctx: &mut Ctx, m: schema::MasterSection) -> MasterConfig {
         (Some(_), Some(rest)) if !url_given => format!("https://{rest}"),
         _ => url,
     };
+    let anonymous = match m.anonymous.as_deref() {
+        None => Some(crate::auth::Role::Read),
+        Some("none") => None,
+        Some(text) => ctx.check(
+            "master.anonymous",
+            crate::auth::Role::parse(text).map(Some).map_err(|e| {
+                format!("{e}, or \"none\" to refuse requests without a token")
+            }),
+        )
+        .flatten(),
+    };
     MasterConfig {
         name,
         database,
@@ -681,6 +694,7 @@ fn resolve_master(ctx: &mut Ctx, m: schema::MasterSection) -> MasterConfig {
         title: m.title.unwrap_or_else(|| "Kiln".to_owned()),
         heartbeat,
         tls,
+        anonymous,
     }
 }
 

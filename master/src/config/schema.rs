@@ -72,6 +72,9 @@ pub struct MasterSection {
     pub tls_cert: Option<String>,
     /// The PEM file holding the private key of `tls_cert`.
     pub tls_key: Option<String>,
+    /// What requests without an API token may do: `"read"` (the default), `"none"`, or a role
+    /// (`"force"`, `"upload"`, `"admin"`) for a farm only trusted people can reach.
+    pub anonymous: Option<String>,
 }
 
 /// `[secrets]`: secrets are looked up by name, first in the directory, then in the

@@ -11,13 +11,17 @@
 //! - On SQLite, write transactions start with `BEGIN IMMEDIATE`: the write lock is taken up
 //!   front, so two writers queue on the busy timeout instead of failing on lock upgrade.
 
+mod control;
 mod queries;
+pub mod views;
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{Any, AnyPool, Connection, Executor, Transaction};
 use std::str::FromStr;
 
+pub use control::*;
 pub use queries::*;
+pub use views::{Listing, View};
 
 /// Which database server is behind the pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

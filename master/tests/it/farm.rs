@@ -24,6 +24,8 @@ pub(crate) struct Farm {
     workers: HashMap<String, Child>,
     /// Set when the master serves HTTPS: the client side, trusting the farm's private CA.
     tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    /// An admin API token, made when the master first starts; `api` sends it.
+    pub(crate) token: Option<String>,
 }
 
 fn free_port() -> u16 {
@@ -50,6 +52,7 @@ impl Farm {
             master: None,
             workers: HashMap::new(),
             tls: None,
+            token: None,
         }
     }
 
@@ -104,13 +107,14 @@ impl Farm {
     }
 
     /// A handle on a running farm's API only (for blocking calls from async tests).
-    pub(crate) fn attach(port: u16) -> Farm {
+    pub(crate) fn attach(port: u16, token: Option<String>) -> Farm {
         Farm {
             dir: tempfile::tempdir().unwrap(),
             port,
             master: None,
             workers: HashMap::new(),
             tls: None,
+            token,
         }
     }
 
@@ -149,6 +153,24 @@ impl Farm {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+        if self.token.is_none() {
+            self.token = Some(self.make_token("farm", "admin"));
+        }
+    }
+
+    /// Makes an API token with `kiln token create`, as an administrator would.
+    pub(crate) fn make_token(&self, name: &str, role: &str) -> String {
+        let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(["token", "create", name, "--role", role])
+            .current_dir(self.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "kiln token create: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
     }
 
     pub(crate) fn kill_master(&mut self) {
@@ -228,6 +250,23 @@ impl Farm {
     }
 
     pub(crate) fn api(&self, method: &str, path: &str, body: &str) -> (u16, Value) {
+        let auth = self
+            .token
+            .as_ref()
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        self.request(method, path, &auth, body)
+    }
+
+    /// A request with the given extra header lines (each ending in CRLF), no token unless
+    /// they carry one.
+    pub(crate) fn request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &str,
+        body: &str,
+    ) -> (u16, Value) {
         use std::io::Read;
         let tcp = std::net::TcpStream::connect(("127.0.0.1", self.port)).unwrap();
         let mut s: Box<dyn ReadWrite> = match &self.tls {
@@ -240,7 +279,7 @@ impl Farm {
         };
         write!(
             s,
-            "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
             body.len()
         )
         .unwrap();
@@ -565,7 +604,7 @@ builders = ["pr"]
         farm.builds_of(request).is_empty(),
         "it ran on a trusted worker"
     );
-    let (_, queue) = farm.api("GET", "/api/v2/buildrequests", "");
+    let (_, queue) = farm.api("GET", "/api/v2/buildrequests?complete=false", "");
     assert_eq!(
         queue["buildrequests"].as_array().unwrap().len(),
         1,
@@ -962,8 +1001,9 @@ async fn a_build_the_worker_forgot_is_found_by_the_scan_and_retried() {
     let (mut ws, welcome) = liar::connect(farm.port, "w1", "t-w1").await;
     assert!(matches!(welcome, ToWorker::Welcome { .. }), "{welcome:?}");
     let port = farm.port;
+    let token = farm.token.clone();
     let request = tokio::task::spawn_blocking(move || {
-        let f = Farm::attach(port);
+        let f = Farm::attach(port, token.clone());
         f.force("force", json!({"parameters": {}}))
     })
     .await
@@ -994,7 +1034,8 @@ async fn a_build_the_worker_forgot_is_found_by_the_scan_and_retried() {
         retried.build, first,
         "the retry is a new build with a new cookie"
     );
-    let builds = tokio::task::spawn_blocking(move || Farm::attach(port).builds_of(request))
+    let token = farm.token.clone();
+    let builds = tokio::task::spawn_blocking(move || Farm::attach(port, token.clone()).builds_of(request))
         .await
         .unwrap();
     assert_eq!(builds[0]["buildid"], first.id);
@@ -1187,8 +1228,9 @@ async fn the_lease_holders_bad_messages_are_refused_one_by_one_and_its_build_goe
     let (mut ws, welcome) = liar::connect(farm.port, "w1", "t-w1").await;
     assert!(matches!(welcome, ToWorker::Welcome { .. }), "{welcome:?}");
     let port = farm.port;
+    let token = farm.token.clone();
     let request = tokio::task::spawn_blocking(move || {
-        Farm::attach(port).force("force", json!({"parameters": {}}))
+        Farm::attach(port, token.clone()).force("force", json!({"parameters": {}}))
     })
     .await
     .unwrap();
@@ -1253,15 +1295,17 @@ async fn the_lease_holders_bad_messages_are_refused_one_by_one_and_its_build_goe
         liar::send(&mut ws, &build, 4, finished).await,
         "not leased to worker w1",
     );
+    let token = farm.token.clone();
     let b = tokio::task::spawn_blocking(move || {
-        Farm::attach(port).finished_build(request, 0, Duration::from_secs(10))
+        Farm::attach(port, token.clone()).finished_build(request, 0, Duration::from_secs(10))
     })
     .await
     .unwrap();
     assert_eq!(b["results"], SUCCESS, "{b:#}");
     assert_eq!(b["steps"].as_array().unwrap().len(), 1, "{b:#}");
     assert_eq!(b["steps"][0]["name"], "real", "{b:#}");
-    let metrics = tokio::task::spawn_blocking(move || Farm::attach(port).metrics())
+    let token = farm.token.clone();
+    let metrics = tokio::task::spawn_blocking(move || Farm::attach(port, token.clone()).metrics())
         .await
         .unwrap();
     assert_eq!(metric(&metrics, "kiln_worker_messages_refused_total"), 4.0);

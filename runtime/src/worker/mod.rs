@@ -147,6 +147,8 @@ struct Shared {
     modules: Mutex<HashMap<crate::protocol::ModuleSpec, Loaded>>,
     /// One build per workdir at a time.
     workdirs: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// The master asked this worker to shut down gracefully (as a first signal does).
+    shutdown_asked: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -253,6 +255,7 @@ pub async fn run(
         active: Mutex::new(HashMap::new()),
         modules: Mutex::new(HashMap::new()),
         workdirs: Mutex::new(HashMap::new()),
+        shutdown_asked: Default::default(),
     });
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -365,7 +368,12 @@ async fn serve(shared: &Arc<Shared>, phase: &mut watch::Receiver<Phase>) -> anyh
     let mut last_heard = Instant::now();
     let mut told_draining = false;
     loop {
-        let now_phase = *phase.borrow();
+        let asked = shared.shutdown_asked.load(std::sync::atomic::Ordering::Relaxed);
+        let now_phase = (*phase.borrow()).max(if asked {
+            Phase::Draining
+        } else {
+            Phase::Running
+        });
         if now_phase > Phase::Running && !told_draining {
             sink.send(Message::text(serde_json::to_string(&ToMaster::Draining)?))
                 .await?;
@@ -491,6 +499,13 @@ fn handle(shared: &Arc<Shared>, message: ToWorker, phase: Phase) -> Option<ToMas
         }),
         ToWorker::Error { message } => {
             tracing::warn!(%message, "the master refused a message from this worker");
+            None
+        }
+        ToWorker::Shutdown { reason } => {
+            tracing::info!(%reason, "the master asked this worker to shut down; finishing running builds");
+            shared
+                .shutdown_asked
+                .store(true, std::sync::atomic::Ordering::Relaxed);
             None
         }
         ToWorker::Welcome { .. } | ToWorker::Refused { .. } => None,

@@ -1,0 +1,241 @@
+//! Who may do what through the API: roles, API tokens, and the checks every request passes.
+//!
+//! A token is `kiln_` and 32 random bytes in hex, shown once when it is made (`kiln token
+//! create`); the database keeps its SHA-256 only. A token is high-entropy, so one SHA-256
+//! suffices (no password stretching), and looking it up by its hash leaks nothing about the
+//! secret. Requests without a token get the `[master] anonymous` role (`read` by default).
+//!
+//! Cross-site requests: the API takes credentials only from the `Authorization` header,
+//! which a browser never adds on its own, so a page on another site cannot act with a user's
+//! token. Where anonymous requests may act (`anonymous = "force"`, as in the demo), a request
+//! that a browser marks as coming from another site (`Sec-Fetch-Site: cross-site`, or an
+//! `Origin` that is not this master) is refused.
+
+use std::fmt;
+
+use axum::http::{HeaderMap, Method, header};
+use sha2::Digest;
+
+/// What a caller may do; each role includes the ones before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Role {
+    /// Read everything the API shows.
+    Read,
+    /// Force, stop, cancel and rebuild builds; set request priorities; send changes.
+    Force,
+    /// Upload step modules.
+    Upload,
+    /// Everything: delete modules, pause and stop workers, reload the configuration.
+    Admin,
+}
+
+/// The roles, lowest first, as configuration and tokens spell them.
+pub const ROLES: &[(&str, Role)] = &[
+    ("read", Role::Read),
+    ("force", Role::Force),
+    ("upload", Role::Upload),
+    ("admin", Role::Admin),
+];
+
+impl Role {
+    /// Parses a role's name.
+    pub fn parse(text: &str) -> Result<Role, String> {
+        ROLES
+            .iter()
+            .find(|(name, _)| *name == text)
+            .map(|(_, r)| *r)
+            .ok_or_else(|| {
+                format!(
+                    "{text:?} is not a role; the roles are read, force, upload and admin (each includes the ones before it)"
+                )
+            })
+    }
+
+    /// The role's name.
+    pub fn name(self) -> &'static str {
+        ROLES
+            .iter()
+            .find(|(_, r)| *r == self)
+            .map_or("read", |(n, _)| n)
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The prefix of every token, so a leaked one is recognisable (and scanners can find it).
+pub const TOKEN_PREFIX: &str = "kiln_";
+
+/// A new random token.
+pub fn new_token() -> String {
+    let bytes: [u8; 32] = rand::random();
+    format!("{TOKEN_PREFIX}{}", hex::encode(bytes))
+}
+
+/// What the database keeps of a token.
+pub fn token_hash(token: &str) -> String {
+    hex::encode(sha2::Sha256::digest(token.as_bytes()))
+}
+
+/// Whether a token is shaped like one of ours (checked before any lookup).
+pub fn is_token(text: &str) -> bool {
+    text.strip_prefix(TOKEN_PREFIX)
+        .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// Who is asking.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// The token's name; None for an anonymous request.
+    pub name: Option<String>,
+    /// What they may do; None when anonymous requests may do nothing.
+    pub role: Option<Role>,
+}
+
+impl Caller {
+    /// Whether the caller may do what `needed` allows.
+    pub fn may(&self, needed: Role) -> bool {
+        self.role.is_some_and(|r| r >= needed)
+    }
+
+    /// Who they are, for logs and records (`token "ci"`, `anonymous`).
+    pub fn label(&self) -> String {
+        match &self.name {
+            Some(n) => format!("token {n:?}"),
+            None => "anonymous".into(),
+        }
+    }
+}
+
+/// Why a request's credentials were not accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// The Authorization header is not `Bearer kiln_...`.
+    #[error(
+        "the Authorization header must be \"Bearer \" and a Kiln API token (kiln_ and 64 hex digits); make one with `kiln token create`"
+    )]
+    Malformed,
+    /// No such token (revoked, or never made).
+    #[error("this API token is not known to the master (revoked, or made for another farm)")]
+    Unknown,
+    /// The request came from another site's page.
+    #[error(
+        "cross-site request refused: actions come from the master's own pages or a client with an API token"
+    )]
+    CrossSite,
+}
+
+/// The bearer token of a request, if it carries one.
+pub fn bearer(headers: &HeaderMap) -> Result<Option<&str>, AuthError> {
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return Ok(None);
+    };
+    let text = value.to_str().map_err(|_| AuthError::Malformed)?;
+    let token = text
+        .strip_prefix("Bearer ")
+        .or_else(|| text.strip_prefix("bearer "))
+        .map(str::trim)
+        .ok_or(AuthError::Malformed)?;
+    if !is_token(token) {
+        return Err(AuthError::Malformed);
+    }
+    Ok(Some(token))
+}
+
+/// Refuses a state-changing request that a browser says came from another site. Requests with
+/// a token are not affected (a browser never sends one by itself), nor are safe methods.
+pub fn check_same_site(method: &Method, headers: &HeaderMap) -> Result<(), AuthError> {
+    if matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS) {
+        return Ok(());
+    }
+    if headers
+        .get("sec-fetch-site")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|s| s == "cross-site")
+    {
+        return Err(AuthError::CrossSite);
+    }
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        let origin = origin.to_str().unwrap_or("");
+        let host = headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("");
+        // "http://host:port" must name the host the request was sent to.
+        let origin_host = origin.split_once("://").map_or("", |(_, h)| h);
+        if origin == "null" || origin_host != host {
+            return Err(AuthError::CrossSite);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    #[test]
+    fn roles_include_the_ones_before() {
+        assert!(Role::Admin > Role::Upload && Role::Upload > Role::Force && Role::Force > Role::Read);
+        let c = Caller {
+            name: None,
+            role: Some(Role::Force),
+        };
+        assert!(c.may(Role::Read) && c.may(Role::Force) && !c.may(Role::Upload));
+        assert!(
+            !Caller {
+                name: None,
+                role: None
+            }
+            .may(Role::Read)
+        );
+        assert_eq!(Role::parse("upload"), Ok(Role::Upload));
+        assert!(Role::parse("root").unwrap_err().contains("read, force, upload and admin"));
+    }
+
+    #[test]
+    fn tokens_are_random_shaped_and_hashed() {
+        let (a, b) = (new_token(), new_token());
+        assert_ne!(a, b);
+        assert!(is_token(&a), "{a}");
+        assert!(!is_token("kiln_123") && !is_token(&a.replace("kiln_", "kiin_")));
+        assert_eq!(token_hash(&a).len(), 64);
+        assert_ne!(token_hash(&a), token_hash(&b));
+    }
+
+    #[test]
+    fn bearer_headers_are_checked() {
+        let mut h = HeaderMap::new();
+        assert_eq!(bearer(&h), Ok(None));
+        let t = new_token();
+        h.insert(header::AUTHORIZATION, format!("Bearer {t}").parse().unwrap());
+        assert_eq!(bearer(&h), Ok(Some(t.as_str())));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic dXNlcjpwdw=="));
+        assert_eq!(bearer(&h), Err(AuthError::Malformed));
+    }
+
+    #[test]
+    fn cross_site_actions_are_refused() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("127.0.0.1:8010"));
+        assert!(check_same_site(&Method::POST, &h).is_ok(), "curl sends no Origin");
+        h.insert(header::ORIGIN, HeaderValue::from_static("http://127.0.0.1:8010"));
+        assert!(check_same_site(&Method::POST, &h).is_ok());
+        h.insert(header::ORIGIN, HeaderValue::from_static("http://evil.example"));
+        assert_eq!(
+            check_same_site(&Method::POST, &h),
+            Err(AuthError::CrossSite)
+        );
+        assert!(check_same_site(&Method::GET, &h).is_ok());
+        h.remove(header::ORIGIN);
+        h.insert("sec-fetch-site", HeaderValue::from_static("cross-site"));
+        assert_eq!(
+            check_same_site(&Method::DELETE, &h),
+            Err(AuthError::CrossSite)
+        );
+    }
+}
