@@ -385,10 +385,10 @@ impl Drop for Farm {
 }
 
 /// Results as the API gives them.
-const SUCCESS: &str = "SUCCESS";
+pub(crate) const SUCCESS: &str = "SUCCESS";
 const RETRY: &str = "RETRY";
 
-fn workers(names: &[&str], sandbox: bool) -> String {
+pub(crate) fn workers(names: &[&str], sandbox: bool) -> String {
     names
         .iter()
         .map(|n| format!("[[workers]]\nname = \"{n}\"\ntoken = \"t-{n}\"\nsandbox = {sandbox}\nmax_builds = 2\n\n"))
@@ -478,7 +478,7 @@ type = "force"
 builders = ["slow"]
 "#;
 
-fn slow(sleep: &str) -> String {
+pub(crate) fn slow(sleep: &str) -> String {
     SLOW_BUILDER.replace("${SLEEP}", sleep)
 }
 
@@ -1035,9 +1035,10 @@ async fn a_build_the_worker_forgot_is_found_by_the_scan_and_retried() {
         "the retry is a new build with a new cookie"
     );
     let token = farm.token.clone();
-    let builds = tokio::task::spawn_blocking(move || Farm::attach(port, token.clone()).builds_of(request))
-        .await
-        .unwrap();
+    let builds =
+        tokio::task::spawn_blocking(move || Farm::attach(port, token.clone()).builds_of(request))
+            .await
+            .unwrap();
     assert_eq!(builds[0]["buildid"], first.id);
     assert_eq!(builds[0]["results"], RETRY);
     assert_eq!(builds[0]["state_string"], "worker w1 forgot it");
