@@ -180,7 +180,9 @@ mod tests {
 
     #[test]
     fn roles_include_the_ones_before() {
-        assert!(Role::Admin > Role::Upload && Role::Upload > Role::Force && Role::Force > Role::Read);
+        assert!(
+            Role::Admin > Role::Upload && Role::Upload > Role::Force && Role::Force > Role::Read
+        );
         let c = Caller {
             name: None,
             role: Some(Role::Force),
@@ -194,7 +196,11 @@ mod tests {
             .may(Role::Read)
         );
         assert_eq!(Role::parse("upload"), Ok(Role::Upload));
-        assert!(Role::parse("root").unwrap_err().contains("read, force, upload and admin"));
+        assert!(
+            Role::parse("root")
+                .unwrap_err()
+                .contains("read, force, upload and admin")
+        );
     }
 
     #[test]
@@ -212,9 +218,15 @@ mod tests {
         let mut h = HeaderMap::new();
         assert_eq!(bearer(&h), Ok(None));
         let t = new_token();
-        h.insert(header::AUTHORIZATION, format!("Bearer {t}").parse().unwrap());
+        h.insert(
+            header::AUTHORIZATION,
+            format!("Bearer {t}").parse().unwrap(),
+        );
         assert_eq!(bearer(&h), Ok(Some(t.as_str())));
-        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic dXNlcjpwdw=="));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Basic dXNlcjpwdw=="),
+        );
         assert_eq!(bearer(&h), Err(AuthError::Malformed));
     }
 
@@ -222,10 +234,19 @@ mod tests {
     fn cross_site_actions_are_refused() {
         let mut h = HeaderMap::new();
         h.insert(header::HOST, HeaderValue::from_static("127.0.0.1:8010"));
-        assert!(check_same_site(&Method::POST, &h).is_ok(), "curl sends no Origin");
-        h.insert(header::ORIGIN, HeaderValue::from_static("http://127.0.0.1:8010"));
+        assert!(
+            check_same_site(&Method::POST, &h).is_ok(),
+            "curl sends no Origin"
+        );
+        h.insert(
+            header::ORIGIN,
+            HeaderValue::from_static("http://127.0.0.1:8010"),
+        );
         assert!(check_same_site(&Method::POST, &h).is_ok());
-        h.insert(header::ORIGIN, HeaderValue::from_static("http://evil.example"));
+        h.insert(
+            header::ORIGIN,
+            HeaderValue::from_static("http://evil.example"),
+        );
         assert_eq!(
             check_same_site(&Method::POST, &h),
             Err(AuthError::CrossSite)

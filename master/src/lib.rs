@@ -24,6 +24,5 @@ pub mod secrets;
 pub mod server;
 pub mod step_cmd;
 pub mod tls;
-pub mod ui;
 mod token_cmd;
 pub mod workers;

@@ -879,7 +879,8 @@ impl Master {
         if self.live.wanted() {
             for (log_id, offset) in live_logs {
                 let text = &batch.appends[&log_id];
-                self.live.send_log(log_id, || crate::api::log_event(log_id, offset, text));
+                self.live
+                    .send_log(log_id, || crate::api::log_event(log_id, offset, text));
             }
             let ended: Vec<i64> = finished.iter().map(|(id, ..)| *id).collect();
             crate::api::publish(self, &batch.live_steps, &ended).await;

@@ -204,17 +204,23 @@ async fn cancel_request(
         tx.rollback().await?;
         return Err(not_pending(&m, id, complete).await?);
     }
-    let completed =
-        crate::requests::finish_requests(&m.db, &mut tx, m.id, &[(id, Results::Cancelled, None)], now)
-            .await?;
+    let completed = crate::requests::finish_requests(
+        &m.db,
+        &mut tx,
+        m.id,
+        &[(id, Results::Cancelled, None)],
+        now,
+    )
+    .await?;
     tx.commit().await?;
     tracing::info!(request = %id, by = %c.label(), "build request cancelled");
     if !completed.is_empty() {
         m.wake_schedulers();
     }
-    m.live.send("request", || {
-        json!({"buildrequestid": id, "complete": true, "results": Results::Cancelled.code()})
-    });
+    m.live.send(
+        "request",
+        || json!({"buildrequestid": id, "complete": true, "results": Results::Cancelled.code()}),
+    );
     Ok(Json(json!({"cancelled": true})))
 }
 
@@ -243,14 +249,21 @@ async fn set_priority(
         return Err(not_pending(&m, id, complete).await?);
     }
     m.wake_dispatch();
-    m.live.send("request", || json!({"buildrequestid": id, "priority": priority}));
+    m.live.send(
+        "request",
+        || json!({"buildrequestid": id, "priority": priority}),
+    );
     Ok(Json(json!({"buildrequestid": id, "priority": priority})))
 }
 
 async fn set_paused(m: &Master, c: &Caller, name: &str, paused: bool) -> ApiResult {
     c.require(
         Role::Admin,
-        if paused { "pausing a worker" } else { "unpausing a worker" },
+        if paused {
+            "pausing a worker"
+        } else {
+            "unpausing a worker"
+        },
     )?;
     let mut conn = m.db.pool().acquire().await?;
     if !db::set_worker_paused(&mut conn, name, paused).await? {
@@ -262,7 +275,8 @@ async fn set_paused(m: &Master, c: &Caller, name: &str, paused: bool) -> ApiResu
         m.wake_dispatch();
     }
     tracing::info!(worker = %name, paused, by = %c.label(), "worker pause changed");
-    m.live.send("worker", || json!({"name": name, "paused": paused}));
+    m.live
+        .send("worker", || json!({"name": name, "paused": paused}));
     Ok(Json(json!({"name": name, "paused": paused})))
 }
 

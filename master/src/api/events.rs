@@ -124,12 +124,16 @@ pub async fn stream(
             .split(',')
             .filter(|s| !s.is_empty())
             .map(|k| {
-                KINDS.iter().copied().find(|known| *known == k).ok_or_else(|| {
-                    ApiError::BadRequest(format!(
-                        "kinds={text}: {k:?} is not a kind of event; the kinds are {}",
-                        KINDS.join(", ")
-                    ))
-                })
+                KINDS
+                    .iter()
+                    .copied()
+                    .find(|known| *known == k)
+                    .ok_or_else(|| {
+                        ApiError::BadRequest(format!(
+                            "kinds={text}: {k:?} is not a kind of event; the kinds are {}",
+                            KINDS.join(", ")
+                        ))
+                    })
             })
             .collect::<Result<_, _>>()?,
     };
@@ -198,11 +202,14 @@ pub async fn publish(m: &Master, steps: &[i64], builds: &[i64]) {
             }
         }
         for &id in builds {
-            if let Some(build) = crate::db::views::get(&mut conn, &crate::db::views::BUILDS, id).await? {
+            if let Some(build) =
+                crate::db::views::get(&mut conn, &crate::db::views::BUILDS, id).await?
+            {
                 let request = build["buildrequestid"].as_i64().unwrap_or_default();
                 m.live.send("build", || build);
                 if let Some(r) =
-                    crate::db::views::get(&mut conn, &crate::db::views::BUILDREQUESTS, request).await?
+                    crate::db::views::get(&mut conn, &crate::db::views::BUILDREQUESTS, request)
+                        .await?
                 {
                     m.live.send("request", || r);
                 }

@@ -124,7 +124,11 @@ impl Caller {
 
 /// Who is asking: the token's name and role, or the anonymous role. Refuses a bad token, and
 /// an anonymous action that a browser says comes from another site.
-async fn caller(m: &Master, method: &Method, headers: &header::HeaderMap) -> Result<Caller, ApiError> {
+async fn caller(
+    m: &Master,
+    method: &Method,
+    headers: &header::HeaderMap,
+) -> Result<Caller, ApiError> {
     match auth::bearer(headers)? {
         Some(token) => {
             let mut conn = m.db.pool().acquire().await?;
@@ -198,15 +202,18 @@ async fn json_errors(response: Response, method: &Method, path: &str) -> Respons
         ),
         StatusCode::PAYLOAD_TOO_LARGE => format!(
             "the request body is too large: {path} takes at most {} MiB",
-            if path.starts_with("/api/v2/stepmodules") { MAX_MODULE } else { MAX_BODY } >> 20
+            if path.starts_with("/api/v2/stepmodules") {
+                MAX_MODULE
+            } else {
+                MAX_BODY
+            } >> 20
         ),
         StatusCode::NOT_FOUND if text.is_empty() => {
-            format!("no such page or API endpoint: {path} (the API is described at /api/v2/openapi.json)")
+            format!(
+                "no such page or API endpoint: {path} (the API is described at /api/v2/openapi.json)"
+            )
         }
-        _ if text.is_empty() => status
-            .canonical_reason()
-            .unwrap_or("error")
-            .to_lowercase(),
+        _ if text.is_empty() => status.canonical_reason().unwrap_or("error").to_lowercase(),
         _ => text,
     };
     let mut response = (status, Json(json!({ "error": message }))).into_response();
@@ -235,7 +242,10 @@ pub fn router(master: Arc<Master>) -> Router {
         )
         .route(crate::filecache::ROUTE, get(crate::filecache::serve))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
-        .layer(axum::middleware::from_fn_with_state(master.clone(), api_layer))
+        .layer(axum::middleware::from_fn_with_state(
+            master.clone(),
+            api_layer,
+        ))
         .with_state(master)
 }
 
@@ -349,4 +359,3 @@ async fn metrics(State(m): State<Arc<Master>>) -> Result<Response, ApiError> {
     )
         .into_response())
 }
-

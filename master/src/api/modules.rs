@@ -97,7 +97,11 @@ async fn latest(conn: &mut sqlx::AnyConnection, name: &str) -> Result<String, Ap
 }
 
 /// Adds `used_by` and `in_use` to module items.
-async fn with_uses(m: &Master, conn: &mut sqlx::AnyConnection, items: &mut [Value]) -> Result<(), ApiError> {
+async fn with_uses(
+    m: &Master,
+    conn: &mut sqlx::AnyConnection,
+    items: &mut [Value],
+) -> Result<(), ApiError> {
     let uses = uses(&m.state().config);
     for item in items.iter_mut() {
         let name = item["name"].as_str().unwrap_or_default().to_owned();
@@ -116,14 +120,19 @@ async fn list(State(m): State<Arc<Master>>, Query(q): Pairs) -> ApiResult {
     let mut conn = m.db.pool().acquire().await?;
     let (mut items, total) = listing.fetch(&mut conn).await?;
     with_uses(&m, &mut conn, &mut items).await?;
-    Ok(Json(json!({"stepmodules": items, "meta": {"total": total}})))
+    Ok(Json(
+        json!({"stepmodules": items, "meta": {"total": total}}),
+    ))
 }
 
 async fn versions(State(m): State<Arc<Master>>, Path(name): Path<String>) -> ApiResult {
     let mut conn = m.db.pool().acquire().await?;
     let (mut items, total) = db::Listing::parse(
         &views::STEPMODULES,
-        &[("name".into(), name.clone()), ("order".into(), "-uploaded_at".into())],
+        &[
+            ("name".into(), name.clone()),
+            ("order".into(), "-uploaded_at".into()),
+        ],
         views::MAX_LIMIT,
         &[],
     )
@@ -131,16 +140,27 @@ async fn versions(State(m): State<Arc<Master>>, Path(name): Path<String>) -> Api
     .fetch(&mut conn)
     .await?;
     if items.is_empty() {
-        return Err(ApiError::NotFound(format!("no module {name:?} has been uploaded")));
+        return Err(ApiError::NotFound(format!(
+            "no module {name:?} has been uploaded"
+        )));
     }
     with_uses(&m, &mut conn, &mut items).await?;
-    Ok(Json(json!({"stepmodules": items, "meta": {"total": total}})))
+    Ok(Json(
+        json!({"stepmodules": items, "meta": {"total": total}}),
+    ))
 }
 
-async fn find(conn: &mut sqlx::AnyConnection, name: &str, version: &str) -> Result<Value, ApiError> {
+async fn find(
+    conn: &mut sqlx::AnyConnection,
+    name: &str,
+    version: &str,
+) -> Result<Value, ApiError> {
     let (mut items, _) = db::Listing::parse(
         &views::STEPMODULES,
-        &[("name".into(), name.to_owned()), ("version".into(), version.to_owned())],
+        &[
+            ("name".into(), name.to_owned()),
+            ("version".into(), version.to_owned()),
+        ],
         1,
         &[],
     )
@@ -152,7 +172,10 @@ async fn find(conn: &mut sqlx::AnyConnection, name: &str, version: &str) -> Resu
         .ok_or_else(|| ApiError::NotFound(format!("no module {name}@{version} has been uploaded")))
 }
 
-async fn show(State(m): State<Arc<Master>>, Path((name, version)): Path<(String, String)>) -> ApiResult {
+async fn show(
+    State(m): State<Arc<Master>>,
+    Path((name, version)): Path<(String, String)>,
+) -> ApiResult {
     let mut conn = m.db.pool().acquire().await?;
     let mut items = vec![find(&mut conn, &name, &version).await?];
     with_uses(&m, &mut conn, &mut items).await?;
@@ -189,12 +212,14 @@ async fn upload(
             "the body is empty; send the .wasm file as the request body".into(),
         ));
     }
-    let digests = crate::filecache::digests(&body).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let digests =
+        crate::filecache::digests(&body).map_err(|e| ApiError::BadRequest(e.to_string()))?;
     let version = q
         .version
         .clone()
         .unwrap_or_else(|| digests.sha256[..12].to_owned());
-    let module = ModuleRef::parse(&format!("{}@{version}", q.name)).map_err(ApiError::BadRequest)?;
+    let module =
+        ModuleRef::parse(&format!("{}@{version}", q.name)).map_err(ApiError::BadRequest)?;
     if module.version == ModuleVersion::Latest {
         return Err(ApiError::BadRequest(
             "\"latest\" is not a version one can upload; it names the newest upload".into(),
@@ -268,5 +293,7 @@ async fn delete(
     db::delete_step_module(&mut tx, &name, &version).await?;
     tx.commit().await?;
     tracing::info!(module = %name, %version, by = %c.label(), "step module deleted");
-    Ok(Json(json!({"deleted": true, "name": name, "version": version})))
+    Ok(Json(
+        json!({"deleted": true, "name": name, "version": version}),
+    ))
 }

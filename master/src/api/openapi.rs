@@ -17,7 +17,12 @@ struct Op {
     body: Option<&'static str>,
 }
 
-const fn op(method: &'static str, path: &'static str, summary: &'static str, role: &'static str) -> Op {
+const fn op(
+    method: &'static str,
+    path: &'static str,
+    summary: &'static str,
+    role: &'static str,
+) -> Op {
     Op {
         method,
         path,
@@ -45,47 +50,238 @@ const fn with_body(mut o: Op, body: &'static str) -> Op {
 }
 
 static OPS: &[Op] = &[
-    op("get", "/api/v2/auth", "Who the caller is: token name and role", "read"),
-    listing("/api/v2/masters", "Masters sharing the database", &views::MASTERS),
-    listing("/api/v2/builders", "Builders, with pending and running counts and the last build", &views::BUILDERS),
-    op("get", "/api/v2/builders/{builder}", "One builder, by id or name", "read"),
-    listing("/api/v2/builders/{builder}/builds", "A builder's builds", &views::BUILDS),
+    op(
+        "get",
+        "/api/v2/auth",
+        "Who the caller is: token name and role",
+        "read",
+    ),
+    listing(
+        "/api/v2/masters",
+        "Masters sharing the database",
+        &views::MASTERS,
+    ),
+    listing(
+        "/api/v2/builders",
+        "Builders, with pending and running counts and the last build",
+        &views::BUILDERS,
+    ),
+    op(
+        "get",
+        "/api/v2/builders/{builder}",
+        "One builder, by id or name",
+        "read",
+    ),
+    listing(
+        "/api/v2/builders/{builder}/builds",
+        "A builder's builds",
+        &views::BUILDS,
+    ),
     listing("/api/v2/builds", "Builds", &views::BUILDS),
-    op("get", "/api/v2/builds/{id}", "A build with its steps, logs, properties, buildset and changes", "read"),
-    with_body(op("post", "/api/v2/builds/{id}/stop", "Stop a running build", "force"), "{\"reason\": \"...\"} (optional)"),
-    with_body(op("post", "/api/v2/builds/{id}/steps/{number}/stop", "Stop one step of a running build", "force"), "{\"reason\": \"...\"} (optional)"),
-    op("post", "/api/v2/builds/{id}/rebuild", "Build again: same source stamps and properties, same builder", "force"),
+    op(
+        "get",
+        "/api/v2/builds/{id}",
+        "A build with its steps, logs, properties, buildset and changes",
+        "read",
+    ),
+    with_body(
+        op(
+            "post",
+            "/api/v2/builds/{id}/stop",
+            "Stop a running build",
+            "force",
+        ),
+        "{\"reason\": \"...\"} (optional)",
+    ),
+    with_body(
+        op(
+            "post",
+            "/api/v2/builds/{id}/steps/{number}/stop",
+            "Stop one step of a running build",
+            "force",
+        ),
+        "{\"reason\": \"...\"} (optional)",
+    ),
+    op(
+        "post",
+        "/api/v2/builds/{id}/rebuild",
+        "Build again: same source stamps and properties, same builder",
+        "force",
+    ),
     op("get", "/api/v2/logs/{id}", "A log's metadata", "read"),
-    op("get", "/api/v2/logs/{id}/contents", "Lines of a log: ?offset=N&limit=M, as [channel, text] pairs (o stdout, e stderr, h header)", "read"),
-    op("get", "/api/v2/logs/{id}/raw", "A log as a text file", "read"),
-    listing("/api/v2/buildrequests", "Build requests, with estimated start and finish of pending ones", &views::BUILDREQUESTS),
-    op("get", "/api/v2/buildrequests/{id}", "One build request", "read"),
-    op("post", "/api/v2/buildrequests/{id}/cancel", "Cancel a pending build request", "force"),
-    with_body(op("post", "/api/v2/buildrequests/{id}/priority", "Set a pending request's priority (higher first)", "force"), "{\"priority\": 10}"),
+    op(
+        "get",
+        "/api/v2/logs/{id}/contents",
+        "Lines of a log: ?offset=N&limit=M, as [channel, text] pairs (o stdout, e stderr, h header)",
+        "read",
+    ),
+    op(
+        "get",
+        "/api/v2/logs/{id}/raw",
+        "A log as a text file",
+        "read",
+    ),
+    listing(
+        "/api/v2/buildrequests",
+        "Build requests, with estimated start and finish of pending ones",
+        &views::BUILDREQUESTS,
+    ),
+    op(
+        "get",
+        "/api/v2/buildrequests/{id}",
+        "One build request",
+        "read",
+    ),
+    op(
+        "post",
+        "/api/v2/buildrequests/{id}/cancel",
+        "Cancel a pending build request",
+        "force",
+    ),
+    with_body(
+        op(
+            "post",
+            "/api/v2/buildrequests/{id}/priority",
+            "Set a pending request's priority (higher first)",
+            "force",
+        ),
+        "{\"priority\": 10}",
+    ),
     listing("/api/v2/buildsets", "Buildsets", &views::BUILDSETS),
-    op("get", "/api/v2/buildsets/{id}", "A buildset with its source stamps, properties and requests", "read"),
-    listing("/api/v2/changes", "Changes, with their files", &views::CHANGES),
-    with_body(op("post", "/api/v2/changes", "Record a change for the schedulers", "force"), "{\"author\": \"...\", \"branch\": \"...\", \"revision\": \"...\", \"files\": [...], \"comments\": \"...\", \"repository\": \"...\", \"project\": \"...\"}"),
+    op(
+        "get",
+        "/api/v2/buildsets/{id}",
+        "A buildset with its source stamps, properties and requests",
+        "read",
+    ),
+    listing(
+        "/api/v2/changes",
+        "Changes, with their files",
+        &views::CHANGES,
+    ),
+    with_body(
+        op(
+            "post",
+            "/api/v2/changes",
+            "Record a change for the schedulers",
+            "force",
+        ),
+        "{\"author\": \"...\", \"branch\": \"...\", \"revision\": \"...\", \"files\": [...], \"comments\": \"...\", \"repository\": \"...\", \"project\": \"...\"}",
+    ),
     op("get", "/api/v2/changes/{id}", "One change", "read"),
-    listing("/api/v2/sourcestamps", "Source stamps", &views::SOURCESTAMPS),
-    op("get", "/api/v2/sourcestamps/{id}", "One source stamp", "read"),
-    op("get", "/api/v2/schedulers", "Schedulers of the configuration in force", "read"),
-    op("get", "/api/v2/forceschedulers", "Force schedulers with their typed parameters", "read"),
-    op("get", "/api/v2/forceschedulers/{name}", "One force scheduler", "read"),
-    with_body(op("post", "/api/v2/forceschedulers/{name}", "Force a build", "force"), "{\"builders\": [...], \"reason\": \"...\", \"owner\": \"...\", \"branch\": \"...\", \"revision\": \"...\", \"parameters\": {...}, \"priority\": 0}"),
-    op("get", "/api/v2/workers", "Configured workers: connection, builds, health, pause, latent state", "read"),
+    listing(
+        "/api/v2/sourcestamps",
+        "Source stamps",
+        &views::SOURCESTAMPS,
+    ),
+    op(
+        "get",
+        "/api/v2/sourcestamps/{id}",
+        "One source stamp",
+        "read",
+    ),
+    op(
+        "get",
+        "/api/v2/schedulers",
+        "Schedulers of the configuration in force",
+        "read",
+    ),
+    op(
+        "get",
+        "/api/v2/forceschedulers",
+        "Force schedulers with their typed parameters",
+        "read",
+    ),
+    op(
+        "get",
+        "/api/v2/forceschedulers/{name}",
+        "One force scheduler",
+        "read",
+    ),
+    with_body(
+        op(
+            "post",
+            "/api/v2/forceschedulers/{name}",
+            "Force a build",
+            "force",
+        ),
+        "{\"builders\": [...], \"reason\": \"...\", \"owner\": \"...\", \"branch\": \"...\", \"revision\": \"...\", \"parameters\": {...}, \"priority\": 0}",
+    ),
+    op(
+        "get",
+        "/api/v2/workers",
+        "Configured workers: connection, builds, health, pause, latent state",
+        "read",
+    ),
     op("get", "/api/v2/workers/{name}", "One worker", "read"),
-    op("post", "/api/v2/workers/{name}/pause", "Pause a worker (no new builds)", "admin"),
-    op("post", "/api/v2/workers/{name}/unpause", "Unpause a worker", "admin"),
-    op("post", "/api/v2/workers/{name}/stop", "Ask a connected worker to finish its builds and exit", "admin"),
-    listing("/api/v2/stepmodules", "Uploaded step, observer and policy modules, with where the configuration uses them", &views::STEPMODULES),
-    with_body(op("post", "/api/v2/stepmodules", "Upload a module: ?name=NAME&version=V, the .wasm file as the body (application/wasm)", "upload"), "the .wasm component"),
-    op("get", "/api/v2/stepmodules/{name}", "The versions of a module, newest first", "read"),
-    op("get", "/api/v2/stepmodules/{name}/{version}", "One module version", "read"),
-    op("delete", "/api/v2/stepmodules/{name}/{version}", "Delete a module version the configuration does not use", "admin"),
-    op("post", "/api/v2/control/reconfig", "Reload the configuration file", "admin"),
-    op("get", "/api/v2/events", "Server-Sent Events: build, step, request, worker; ?logs=ID,ID adds those logs' lines; ?kinds=build,step narrows", "read"),
-    op("get", "/metrics", "Prometheus metrics (OpenMetrics text)", "read"),
+    op(
+        "post",
+        "/api/v2/workers/{name}/pause",
+        "Pause a worker (no new builds)",
+        "admin",
+    ),
+    op(
+        "post",
+        "/api/v2/workers/{name}/unpause",
+        "Unpause a worker",
+        "admin",
+    ),
+    op(
+        "post",
+        "/api/v2/workers/{name}/stop",
+        "Ask a connected worker to finish its builds and exit",
+        "admin",
+    ),
+    listing(
+        "/api/v2/stepmodules",
+        "Uploaded step, observer and policy modules, with where the configuration uses them",
+        &views::STEPMODULES,
+    ),
+    with_body(
+        op(
+            "post",
+            "/api/v2/stepmodules",
+            "Upload a module: ?name=NAME&version=V, the .wasm file as the body (application/wasm)",
+            "upload",
+        ),
+        "the .wasm component",
+    ),
+    op(
+        "get",
+        "/api/v2/stepmodules/{name}",
+        "The versions of a module, newest first",
+        "read",
+    ),
+    op(
+        "get",
+        "/api/v2/stepmodules/{name}/{version}",
+        "One module version",
+        "read",
+    ),
+    op(
+        "delete",
+        "/api/v2/stepmodules/{name}/{version}",
+        "Delete a module version the configuration does not use",
+        "admin",
+    ),
+    op(
+        "post",
+        "/api/v2/control/reconfig",
+        "Reload the configuration file",
+        "admin",
+    ),
+    op(
+        "get",
+        "/api/v2/events",
+        "Server-Sent Events: build, step, request, worker; ?logs=ID,ID adds those logs' lines; ?kinds=build,step narrows",
+        "read",
+    ),
+    op(
+        "get",
+        "/metrics",
+        "Prometheus metrics (OpenMetrics text)",
+        "read",
+    ),
 ];
 
 fn schema_of(kind: Kind) -> Value {
@@ -94,7 +290,9 @@ fn schema_of(kind: Kind) -> Value {
         Kind::Text => json!({"type": ["string", "null"]}),
         Kind::Bool => json!({"type": ["boolean", "null"]}),
         Kind::Json => json!({}),
-        Kind::Results => json!({"enum": ["SUCCESS", "WARNINGS", "FAILURE", "SKIPPED", "EXCEPTION", "RETRY", "CANCELLED", null]}),
+        Kind::Results => {
+            json!({"enum": ["SUCCESS", "WARNINGS", "FAILURE", "SKIPPED", "EXCEPTION", "RETRY", "CANCELLED", null]})
+        }
     }
 }
 

@@ -75,12 +75,7 @@ pub(super) async fn item(conn: &mut AnyConnection, view: &'static View, id: i64)
     views::get(conn, view, id)
         .await?
         .map(Json)
-        .ok_or_else(|| {
-            ApiError::NotFound(format!(
-                "no {} {id}",
-                view.name.trim_end_matches('s')
-            ))
-        })
+        .ok_or_else(|| ApiError::NotFound(format!("no {} {id}", view.name.trim_end_matches('s'))))
 }
 
 /// Items whose `field` is one of `ids`, in one query.
@@ -93,8 +88,12 @@ async fn by_ids(
     if ids.is_empty() {
         return Ok(Vec::new());
     }
-    let pairs: Vec<(String, String)> = ids.iter().map(|i| (field.to_owned(), i.to_string())).collect();
-    let listing = Listing::parse(view, &pairs, views::MAX_LIMIT, &[]).map_err(ApiError::BadRequest)?;
+    let pairs: Vec<(String, String)> = ids
+        .iter()
+        .map(|i| (field.to_owned(), i.to_string()))
+        .collect();
+    let listing =
+        Listing::parse(view, &pairs, views::MAX_LIMIT, &[]).map_err(ApiError::BadRequest)?;
     Ok(listing.fetch(conn).await?.0)
 }
 
@@ -201,14 +200,22 @@ async fn build(State(m): State<Arc<Master>>, Path(id): Path<i64>) -> ApiResult {
             .collect();
         step["logs"] = Value::Array(own);
     }
-    let properties: serde_json::Map<String, Value> = db::build_properties(&mut conn, crate::model::BuildId(id))
-        .await?
-        .into_iter()
-        .map(|p| (p.name, json!([p.value, p.source])))
-        .collect();
+    let properties: serde_json::Map<String, Value> =
+        db::build_properties(&mut conn, crate::model::BuildId(id))
+            .await?
+            .into_iter()
+            .map(|p| (p.name, json!([p.value, p.source])))
+            .collect();
     let request = b["buildrequestid"].as_i64().unwrap_or_default();
     let buildset = match views::get(&mut conn, &views::BUILDREQUESTS, request).await? {
-        Some(r) => views::get(&mut conn, &views::BUILDSETS, r["buildsetid"].as_i64().unwrap_or_default()).await?,
+        Some(r) => {
+            views::get(
+                &mut conn,
+                &views::BUILDSETS,
+                r["buildsetid"].as_i64().unwrap_or_default(),
+            )
+            .await?
+        }
         None => None,
     };
     let changes = match buildset.as_ref().and_then(|bs| bs["buildsetid"].as_i64()) {
@@ -265,10 +272,7 @@ async fn log_contents(
     let Json(log) = item(&mut conn, &views::LOGS, id).await?;
     let lines = db::log_lines(&mut conn, id, offset, offset + limit - 1).await?;
     let stream = log["type"] == "s";
-    let lines: Vec<Value> = lines
-        .iter()
-        .map(|l| split_channel(l, stream))
-        .collect();
+    let lines: Vec<Value> = lines.iter().map(|l| split_channel(l, stream)).collect();
     Ok(Json(json!({
         "logid": id,
         "offset": offset,
@@ -303,11 +307,16 @@ async fn log_raw(State(m): State<Arc<Master>>, Path(id): Path<i64>) -> Result<Re
     }
     let file = format!(
         "attachment; filename=\"build{}-step{}-{}.txt\"",
-        log["buildid"], log["step_number"], log["slug"].as_str().unwrap_or("log")
+        log["buildid"],
+        log["step_number"],
+        log["slug"].as_str().unwrap_or("log")
     );
     Ok((
         [
-            (axum::http::header::CONTENT_TYPE, "text/plain; charset=utf-8".to_owned()),
+            (
+                axum::http::header::CONTENT_TYPE,
+                "text/plain; charset=utf-8".to_owned(),
+            ),
             (axum::http::header::CONTENT_DISPOSITION, file),
         ],
         out,
@@ -353,7 +362,11 @@ fn slots(m: &Master, builder: &str) -> usize {
 /// Fills `estimated_start_at` and `estimated_finish_at` of pending requests: each builder's
 /// queue is played forward in start order over its slots, taking each build to last as long
 /// as the builder's recent builds did (running builds count from their start).
-async fn estimate(m: &Master, conn: &mut AnyConnection, items: &mut [Value]) -> Result<(), ApiError> {
+async fn estimate(
+    m: &Master,
+    conn: &mut AnyConnection,
+    items: &mut [Value],
+) -> Result<(), ApiError> {
     for r in items.iter_mut() {
         r["estimated_start_at"] = Value::Null;
         r["estimated_finish_at"] = Value::Null;
@@ -380,14 +393,23 @@ async fn estimate(m: &Master, conn: &mut AnyConnection, items: &mut [Value]) -> 
                 .map(|(k, v)| (k.to_owned(), v.to_owned()))
                 .collect()
         };
-        let running = Listing::parse(&views::BUILDS, &pairs(&[("complete", "false")]), views::MAX_LIMIT, &[])
-            .map_err(ApiError::BadRequest)?
-            .fetch(conn)
-            .await?
-            .0;
+        let running = Listing::parse(
+            &views::BUILDS,
+            &pairs(&[("complete", "false")]),
+            views::MAX_LIMIT,
+            &[],
+        )
+        .map_err(ApiError::BadRequest)?
+        .fetch(conn)
+        .await?
+        .0;
         let queue = Listing::parse(
             &views::BUILDREQUESTS,
-            &pairs(&[("complete", "false"), ("claimed", "false"), ("order", "-priority,submitted_at")]),
+            &pairs(&[
+                ("complete", "false"),
+                ("claimed", "false"),
+                ("order", "-priority,submitted_at"),
+            ]),
             views::MAX_LIMIT,
             &[],
         )
@@ -415,7 +437,10 @@ async fn estimate(m: &Master, conn: &mut AnyConnection, items: &mut [Value]) -> 
                 .unwrap_or((0, now));
             let finish = start + took;
             free[slot] = finish;
-            if let Some(item) = items.iter_mut().find(|i| i["buildrequestid"] == r["buildrequestid"]) {
+            if let Some(item) = items
+                .iter_mut()
+                .find(|i| i["buildrequestid"] == r["buildrequestid"])
+            {
                 item["estimated_start_at"] = start.into();
                 item["estimated_finish_at"] = finish.into();
             }
@@ -451,8 +476,14 @@ async fn buildset(State(m): State<Arc<Master>>, Path(id): Path<i64>) -> ApiResul
 }
 
 /// Adds each change's `files`.
-async fn with_files(conn: &mut AnyConnection, mut changes: Vec<Value>) -> Result<Vec<Value>, ApiError> {
-    let ids: Vec<i64> = changes.iter().filter_map(|c| c["changeid"].as_i64()).collect();
+async fn with_files(
+    conn: &mut AnyConnection,
+    mut changes: Vec<Value>,
+) -> Result<Vec<Value>, ApiError> {
+    let ids: Vec<i64> = changes
+        .iter()
+        .filter_map(|c| c["changeid"].as_i64())
+        .collect();
     let files = db::change_files(conn, &ids).await?;
     for c in &mut changes {
         let id = c["changeid"].as_i64();
@@ -476,7 +507,12 @@ async fn changes(State(m): State<Arc<Master>>, Query(q): Pairs) -> ApiResult {
 async fn change(State(m): State<Arc<Master>>, Path(id): Path<i64>) -> ApiResult {
     let mut conn = m.db.pool().acquire().await?;
     let Json(c) = item(&mut conn, &views::CHANGES, id).await?;
-    Ok(Json(with_files(&mut conn, vec![c]).await?.pop().unwrap_or_default()))
+    Ok(Json(
+        with_files(&mut conn, vec![c])
+            .await?
+            .pop()
+            .unwrap_or_default(),
+    ))
 }
 
 async fn sourcestamps(State(m): State<Arc<Master>>, Query(q): Pairs) -> ApiResult {
@@ -497,7 +533,9 @@ async fn schedulers(State(m): State<Arc<Master>>) -> ApiResult {
         .iter()
         .map(|s| json!({"name": s.name, "type": s.kind.type_name(), "builders": s.builders}))
         .collect();
-    Ok(Json(json!({"schedulers": items, "meta": {"total": items.len()}})))
+    Ok(Json(
+        json!({"schedulers": items, "meta": {"total": items.len()}}),
+    ))
 }
 
 /// A force scheduler as the web UI's form needs it.
@@ -542,8 +580,15 @@ fn force_json(s: &config::Scheduler) -> Option<Value> {
 
 async fn forceschedulers(State(m): State<Arc<Master>>) -> ApiResult {
     let state = m.state();
-    let items: Vec<Value> = state.config.schedulers.iter().filter_map(force_json).collect();
-    Ok(Json(json!({"forceschedulers": items, "meta": {"total": items.len()}})))
+    let items: Vec<Value> = state
+        .config
+        .schedulers
+        .iter()
+        .filter_map(force_json)
+        .collect();
+    Ok(Json(
+        json!({"forceschedulers": items, "meta": {"total": items.len()}}),
+    ))
 }
 
 async fn forcescheduler(State(m): State<Arc<Master>>, Path(name): Path<String>) -> ApiResult {
@@ -561,7 +606,9 @@ async fn forcescheduler(State(m): State<Arc<Master>>, Path(name): Path<String>) 
 /// Configured workers with their connection and health.
 async fn workers(State(m): State<Arc<Master>>) -> ApiResult {
     let workers = worker_list(&m).await?;
-    Ok(Json(json!({"workers": workers, "meta": {"total": workers.len()}})))
+    Ok(Json(
+        json!({"workers": workers, "meta": {"total": workers.len()}}),
+    ))
 }
 
 async fn worker(State(m): State<Arc<Master>>, Path(name): Path<String>) -> ApiResult {

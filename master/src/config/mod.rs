@@ -678,13 +678,14 @@ fn resolve_master(ctx: &mut Ctx, m: schema::MasterSection) -> MasterConfig {
     let anonymous = match m.anonymous.as_deref() {
         None => Some(crate::auth::Role::Read),
         Some("none") => None,
-        Some(text) => ctx.check(
-            "master.anonymous",
-            crate::auth::Role::parse(text).map(Some).map_err(|e| {
-                format!("{e}, or \"none\" to refuse requests without a token")
-            }),
-        )
-        .flatten(),
+        Some(text) => ctx
+            .check(
+                "master.anonymous",
+                crate::auth::Role::parse(text)
+                    .map(Some)
+                    .map_err(|e| format!("{e}, or \"none\" to refuse requests without a token")),
+            )
+            .flatten(),
     };
     MasterConfig {
         name,

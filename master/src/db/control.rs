@@ -131,10 +131,7 @@ pub async fn set_worker_paused(conn: &mut AnyConnection, name: &str, paused: boo
 }
 
 /// The files of changes, by change, for a page of changes.
-pub async fn change_files(
-    conn: &mut AnyConnection,
-    changes: &[i64],
-) -> Result<Vec<(i64, String)>> {
+pub async fn change_files(conn: &mut AnyConnection, changes: &[i64]) -> Result<Vec<(i64, String)>> {
     if changes.is_empty() {
         return Ok(Vec::new());
     }

@@ -185,7 +185,8 @@ impl Listing {
                     };
                     let field = listing.field(field, "filter")?;
                     let kind = view.kind(field).unwrap_or(Kind::Text);
-                    let bound = bound(kind, op, value).map_err(|why| format!("{k}={value}: {why}"))?;
+                    let bound =
+                        bound(kind, op, value).map_err(|why| format!("{k}={value}: {why}"))?;
                     // A field given twice with `=` matches any of the values, as in Buildbot.
                     match listing
                         .filters
@@ -361,7 +362,9 @@ pub fn row_json(view: &View, r: &AnyRow) -> Result<Value, sqlx::Error> {
     let mut item = Map::new();
     for (name, kind) in view.columns {
         let value = match kind {
-            Kind::Int => r.try_get::<Option<i64>, _>(*name)?.map_or(Value::Null, Value::from),
+            Kind::Int => r
+                .try_get::<Option<i64>, _>(*name)?
+                .map_or(Value::Null, Value::from),
             Kind::Results => r
                 .try_get::<Option<i64>, _>(*name)?
                 .and_then(crate::model::results_from_code)
@@ -683,7 +686,11 @@ mod tests {
     #[test]
     fn bad_queries_say_what_to_give() {
         let err = |q: &str| Listing::parse(&BUILDS, &pairs(q), 100, &[]).unwrap_err();
-        assert!(err("colour=red").contains("their fields are: buildid"), "{}", err("colour=red"));
+        assert!(
+            err("colour=red").contains("their fields are: buildid"),
+            "{}",
+            err("colour=red")
+        );
         assert!(err("number=abc").contains("whole number"));
         assert!(err("number__near=3").contains("__contains"));
         assert!(err("limit=0").contains("1 to 10000"));

@@ -1,5 +1,6 @@
 //! The `kiln` command line, run as a real process.
 
+mod api;
 mod build_run;
 mod config;
 mod db;
