@@ -374,8 +374,10 @@ fn resource_lines(r: &StepResources) -> String {
         r.commands
     );
     out.push_str("memory:     ");
-    if let Some(rss) = r.peak_rss_bytes {
-        out.push_str(&format!("commands {}, ", human_bytes(rss)));
+    match r.peak_rss_bytes {
+        Some(rss) => out.push_str(&format!("commands {}, ", human_bytes(rss))),
+        None if r.commands > 0 => out.push_str("commands not measured, "),
+        None => {}
     }
     out.push_str(&format!("guest {}", human_bytes(r.guest_memory_bytes)));
     if let Some(m) = r.observer_memory_bytes {
@@ -422,6 +424,14 @@ mod tests {
         assert_eq!(
             resource_lines(&none),
             "cpu:        0 ms in 0 commands\nmemory:     guest 3.0 GiB\n"
+        );
+        let brief = StepResources {
+            commands: 1,
+            ..none
+        };
+        assert_eq!(
+            resource_lines(&brief),
+            "cpu:        0 ms in 1 command\nmemory:     commands not measured, guest 3.0 GiB\n"
         );
     }
 }

@@ -118,9 +118,10 @@ pub struct StepResources {
     /// CPU time (user plus system) of those commands, in milliseconds.
     pub cpu_ms: u64,
     /// Peak resident memory of the largest of those commands, in bytes (`None`: no command
-    /// ran). Exact when it is above the worker's own peak; below that, Linux's figure may be
-    /// the worker's (a spawned child inherits the spawner's peak), so it is the command's own
-    /// peak as sampled while it ran, which may miss its children and its last moments.
+    /// ran, or none could be measured). Exact when it is above the worker's own peak; below
+    /// that, Linux's figure may be the worker's (a spawned child inherits its spawner's peak),
+    /// so it is the command's own peak as sampled while it ran: a lower bound that misses its
+    /// children, and none for a command that ended before its first sample (50 ms).
     pub peak_rss_bytes: Option<u64>,
     /// The most linear memory the step's guest held at once, in bytes.
     pub guest_memory_bytes: u64,

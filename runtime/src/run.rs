@@ -224,7 +224,7 @@ impl Runtime {
         let mut resources = StepResources {
             commands: commands.commands,
             cpu_ms: commands.cpu.as_millis() as u64,
-            peak_rss_bytes: (commands.commands > 0).then_some(commands.peak_rss),
+            peak_rss_bytes: commands.peak_rss,
             guest_memory_bytes: limiter.memory_peak(),
             observer_memory_bytes: None,
         };

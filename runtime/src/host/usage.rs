@@ -4,10 +4,11 @@
 //! Linux charges a spawned child with the peak resident memory of the address space it
 //! replaced at `exec`: with `posix_spawn` (a `vfork`), that is the worker's own. So a
 //! `wait4` figure no larger than the worker's own peak may be the worker's, not the
-//! command's; then the command's own peak as last sampled from `/proc/PID/status` is used
-//! instead, which misses what its children used and growth after the last sample. A figure
-//! above the worker's peak is exact. An exact figure in every case needs a fresh process that
-//! forks the command and waits for it (as Bazel's process-wrapper does); not done yet.
+//! command's. A figure above it is exact; below it, the command's own peak as last sampled
+//! from `/proc/PID/status` is used instead (a lower bound: it misses what its children used
+//! and growth after the last sample), and a command too short to be sampled is not measured.
+//! An exact figure in every case needs a fresh process that forks the command and waits for
+//! it (as Bazel's process-wrapper does); not done yet.
 
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
@@ -15,8 +16,9 @@ use std::time::Duration;
 
 use rustix::process::Pid;
 
-/// How often a running command's own peak memory is sampled.
-pub(crate) const SAMPLE_EVERY: Duration = Duration::from_millis(100);
+/// How often a running command's own peak memory is sampled (the first time after this long:
+/// just after its `exec` it has barely touched any memory).
+pub(crate) const SAMPLE_EVERY: Duration = Duration::from_millis(50);
 
 /// What a step's commands used, summed or maxed over the commands.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -25,8 +27,8 @@ pub(crate) struct CommandTotals {
     pub commands: u32,
     /// User plus system CPU time of the commands and the descendants they waited for.
     pub cpu: Duration,
-    /// The largest peak resident memory of one command, in bytes.
-    pub peak_rss: u64,
+    /// The largest peak resident memory of one command, in bytes, of those measured.
+    pub peak_rss: Option<u64>,
 }
 
 impl CommandTotals {
@@ -43,8 +45,8 @@ impl CommandTotals {
 pub(crate) struct CommandUsage {
     /// User plus system CPU time.
     pub cpu: Duration,
-    /// Peak resident memory, in bytes.
-    pub peak_rss: u64,
+    /// Peak resident memory, in bytes (`None`: not measured).
+    pub peak_rss: Option<u64>,
 }
 
 /// Follows one command's memory while it runs.
@@ -55,25 +57,23 @@ pub(crate) struct RssWatch {
     /// owe to the address space it replaced.
     inherited: u64,
     /// The command's own peak, as last sampled.
-    seen: u64,
+    seen: Option<u64>,
 }
 
 impl RssWatch {
     /// Starts following `pid`, which has been spawned (so its `exec` has happened).
     pub fn start(pid: Pid) -> Self {
-        let mut watch = RssWatch {
+        RssWatch {
             pid,
             inherited: peak_rss(None).unwrap_or(u64::MAX),
-            seen: 0,
-        };
-        watch.sample();
-        watch
+            seen: None,
+        }
     }
 
     /// Reads the command's own peak now.
     pub fn sample(&mut self) {
         if let Some(now) = peak_rss(Some(self.pid)) {
-            self.seen = self.seen.max(now);
+            self.seen = self.seen.max(Some(now));
         }
     }
 
@@ -86,11 +86,11 @@ impl RssWatch {
     }
 
     /// The command's peak, given the figure `wait4` reported.
-    fn peak(&self, reported: u64) -> u64 {
+    fn peak(&self, reported: u64) -> Option<u64> {
         if reported > self.inherited {
-            reported
+            Some(reported)
         } else {
-            self.seen.min(reported)
+            self.seen.map(|seen| seen.min(reported))
         }
     }
 }
@@ -142,14 +142,18 @@ mod tests {
 
     #[test]
     fn a_figure_the_worker_may_have_caused_falls_back_to_the_sample() {
-        let watch = RssWatch {
+        let mut watch = RssWatch {
             pid: Pid::from_raw(1).unwrap(),
             inherited: 300 << 20,
-            seen: 2 << 20,
+            seen: Some(2 << 20),
         };
-        assert_eq!(watch.peak(301 << 20), 301 << 20);
-        assert_eq!(watch.peak(300 << 20), 2 << 20);
-        assert_eq!(watch.peak(1 << 20), 1 << 20);
+        assert_eq!(watch.peak(301 << 20), Some(301 << 20));
+        assert_eq!(watch.peak(300 << 20), Some(2 << 20));
+        assert_eq!(watch.peak(1 << 20), Some(1 << 20));
+        // A command too short to be sampled is not measured, unless its figure is exact.
+        watch.seen = None;
+        assert_eq!(watch.peak(300 << 20), None);
+        assert_eq!(watch.peak(301 << 20), Some(301 << 20));
     }
 
     #[test]

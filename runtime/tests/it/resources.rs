@@ -58,7 +58,8 @@ fn a_command_is_not_charged_with_the_workers_memory() {
     assert_eq!(out.result, Outcome::Success, "{}", rec.all("stdio"));
     let r = out.resources.unwrap();
     assert_eq!(r.commands, 1);
-    assert!(r.peak_rss_bytes.unwrap() < 64 << 20, "{r:?}");
+    // Too brief to be sampled, and below the worker's peak: not measured, rather than wrong.
+    assert!(r.peak_rss_bytes.is_none_or(|b| b < 64 << 20), "{r:?}");
 
     // Below the worker's peak, a command's own memory is still seen while it runs.
     let hold = "x=$(head -c 67108864 /dev/zero | tr '\\0' a); sleep 0.5; echo ${#x}";
