@@ -457,6 +457,8 @@ impl Master {
                 _ = tokio::time::sleep_until(next_pass) => {
                     let wait = match self.scheduler_pass().await {
                         Ok(pass) => {
+                            let made: Vec<i64> = pass.buildsets.iter().map(|(_, b)| b.0).collect();
+                            crate::api::publish_buildsets(&self, &made).await;
                             let until_timer = pass.next_timer_ms.map(|t| {
                                 Duration::from_millis((t - now_ms()).max(0) as u64)
                             });

@@ -51,13 +51,9 @@ async fn add_change(
 }
 
 /// The answer to a request that made a buildset.
-fn submitted(m: &Master, s: &Submitted) -> Json<Value> {
+async fn submitted(m: &Master, s: &Submitted) -> Json<Value> {
     m.wake_dispatch();
-    for (id, builder) in &s.requests {
-        m.live.send("request", || {
-            json!({"buildrequestid": id, "buildsetid": s.buildset, "builder": builder, "complete": false, "claimed": false})
-        });
-    }
+    super::publish_buildsets(m, &[s.buildset.0]).await;
     Json(json!({
         "buildsetid": s.buildset,
         "buildrequests": s.requests.iter().map(|(id, b)| json!({"buildrequestid": id, "builder": b})).collect::<Vec<_>>(),
@@ -87,7 +83,7 @@ async fn force(
     let result = m
         .with_env(async |env| schedulers::force(env, &name, &request, now_ms()).await)
         .await?;
-    Ok(submitted(&m, &result.map_err(refused)?))
+    Ok(submitted(&m, &result.map_err(refused)?).await)
 }
 
 async fn rebuild(
@@ -100,7 +96,7 @@ async fn rebuild(
     let result = m
         .with_env(async |env| schedulers::rebuild(env, BuildId(id), &owner, now_ms()).await)
         .await?;
-    Ok(submitted(&m, &result.map_err(refused)?))
+    Ok(submitted(&m, &result.map_err(refused)?).await)
 }
 
 async fn reconfig(State(m): State<Arc<Master>>, Extension(c): Extension<Caller>) -> ApiResult {
@@ -217,11 +213,20 @@ async fn cancel_request(
     if !completed.is_empty() {
         m.wake_schedulers();
     }
-    m.live.send(
-        "request",
-        || json!({"buildrequestid": id, "complete": true, "results": Results::Cancelled.code()}),
-    );
+    publish_request(&m, id).await;
     Ok(Json(json!({"cancelled": true})))
+}
+
+/// Sends a request as it is now to live update listeners.
+async fn publish_request(m: &Master, id: BuildRequestId) {
+    if !m.live.wanted() {
+        return;
+    }
+    if let Ok(mut conn) = m.db.pool().acquire().await
+        && let Ok(Some(r)) = db::views::get(&mut conn, &db::views::BUILDREQUESTS, id.0).await
+    {
+        m.live.send("request", || r);
+    }
 }
 
 /// Body of `POST /api/v2/buildrequests/{id}/priority`.
@@ -249,10 +254,7 @@ async fn set_priority(
         return Err(not_pending(&m, id, complete).await?);
     }
     m.wake_dispatch();
-    m.live.send(
-        "request",
-        || json!({"buildrequestid": id, "priority": priority}),
-    );
+    publish_request(&m, id).await;
     Ok(Json(json!({"buildrequestid": id, "priority": priority})))
 }
 

@@ -222,3 +222,30 @@ pub async fn publish(m: &Master, steps: &[i64], builds: &[i64]) {
         tracing::warn!(%error, "cannot read what to send to live update listeners");
     }
 }
+
+/// Sends a `request` event for each request of new buildsets (a scheduler's), if anyone
+/// listens.
+pub async fn publish_buildsets(m: &Master, buildsets: &[i64]) {
+    if !m.live.wanted() || buildsets.is_empty() {
+        return;
+    }
+    let pairs: Vec<(String, String)> = buildsets
+        .iter()
+        .map(|id| ("buildsetid".to_owned(), id.to_string()))
+        .collect();
+    let result: Result<(), sqlx::Error> = async {
+        let mut conn = m.db.pool().acquire().await?;
+        if let Ok(listing) =
+            crate::db::Listing::parse(&crate::db::views::BUILDREQUESTS, &pairs, 10_000, &[])
+        {
+            for r in listing.fetch(&mut conn).await?.0 {
+                m.live.send("request", || r);
+            }
+        }
+        Ok(())
+    }
+    .await;
+    if let Err(error) = result {
+        tracing::warn!(%error, "cannot read what to send to live update listeners");
+    }
+}

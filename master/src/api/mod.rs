@@ -24,7 +24,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{Value, json};
 
-pub use events::{Live, LiveEvent, log_event, publish};
+pub use events::{Live, LiveEvent, log_event, publish, publish_buildsets};
 
 use crate::auth::{self, AuthError, Caller, Role};
 use crate::db;

@@ -523,6 +523,15 @@ builders = ["probe"]
             .contains("kiln:step/xeport@0.1.0"),
         "{body}"
     );
+    // Bigger than other requests may be, and still checked as a module.
+    let (status, body) = upload(&farm, &uploader, "name=big", &vec![0u8; 5 << 20]);
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("not a WebAssembly file")
+    );
     let (status, body) = upload(&farm, &uploader, "name=bad%20name", &probe);
     assert_eq!(status, 400, "{body}");
     let (status, body) = upload(&farm, &uploader, "version=1", &probe);
