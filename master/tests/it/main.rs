@@ -11,6 +11,7 @@ mod master_cli;
 mod reliability;
 mod schedulers;
 mod standard_steps;
+mod step_resources;
 mod support;
 
 use std::path::Path;
