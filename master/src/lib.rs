@@ -25,4 +25,5 @@ pub mod server;
 pub mod step_cmd;
 pub mod tls;
 mod token_cmd;
+pub mod ui;
 pub mod workers;

@@ -1,0 +1,101 @@
+// The live event stream (`GET /api/v2/events`, Server-Sent Events): builds, steps, requests,
+// workers, and the lines of the logs the page is showing.
+//
+// Following a different set of logs means a new stream. The new one opens before the old one
+// closes ("make before break"), so no event falls between them; an event may then arrive
+// twice, which every consumer tolerates (log lines carry their offset).
+
+/** The event names the master sends. */
+const NAMES = ["build", "step", "request", "worker", "log"];
+
+/** How long to wait before opening a stream again after the master refused one. */
+const RETRY_MS = 5000;
+
+export class Events {
+  /**
+   * `handler.event(name, data)` for each event; `handler.open(reconnected)` each time a
+   * stream opens (`reconnected`: events may have been missed, so pages load again);
+   * `handler.state("live" | "connecting" | "offline")` for the indicator.
+   */
+  constructor(handler) {
+    this.handler = handler;
+    this.logs = new Set();
+    this.source = null;
+    this.previous = [];
+    this.waiting = [];
+    this.retry = null;
+  }
+
+  /** Opens the stream; resolves when it is open (or after `timeoutMs`, whichever is first). */
+  start(timeoutMs) {
+    this.open(false);
+    return Promise.race([this.opened(), new Promise((resolve) => setTimeout(resolve, timeoutMs))]);
+  }
+
+  /** Resolves when the current stream is open. */
+  opened() {
+    if (this.source?.readyState === EventSource.OPEN) return Promise.resolve();
+    return new Promise((resolve) => this.waiting.push(resolve));
+  }
+
+  /** Follows one more log; resolves once its lines are being received. */
+  watch(logid) {
+    if (!this.logs.has(logid)) {
+      this.logs.add(logid);
+      this.open(false);
+    }
+    return this.opened();
+  }
+
+  /** Stops following a log. */
+  unwatch(logid) {
+    if (this.logs.delete(logid)) this.open(false);
+  }
+
+  open(reconnected) {
+    clearTimeout(this.retry);
+    const ids = [...this.logs].sort((a, b) => a - b);
+    const source = new EventSource(ids.length ? `api/v2/events?logs=${ids.join(",")}` : "api/v2/events");
+    if (this.source) this.previous.push(this.source);
+    this.source = source;
+    let wasOpen = false;
+    let missed = reconnected;
+    source.onopen = () => {
+      if (this.source !== source) return;
+      for (const old of this.previous.splice(0)) old.close();
+      this.handler.state("live");
+      this.handler.open(missed);
+      missed = false;
+      wasOpen = true;
+      for (const resolve of this.waiting.splice(0)) resolve();
+    };
+    source.onerror = () => {
+      if (this.source !== source) {
+        source.close();
+        return;
+      }
+      if (wasOpen) missed = true;
+      if (source.readyState === EventSource.CLOSED) {
+        // Refused (not a stream): try again later with a new one.
+        this.handler.state("offline");
+        this.retry = setTimeout(() => this.open(true), RETRY_MS);
+      } else {
+        // The browser reconnects by itself.
+        this.handler.state("connecting");
+      }
+    };
+    // The master dropped events this stream could not take in time: load the page again.
+    source.addEventListener("lagged", () => this.handler.open(true));
+    for (const name of NAMES) {
+      source.addEventListener(name, (e) => {
+        let data;
+        try {
+          data = JSON.parse(e.data);
+        } catch {
+          return;
+        }
+        this.handler.event(name, data);
+      });
+    }
+  }
+}
