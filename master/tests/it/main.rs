@@ -13,6 +13,7 @@ mod schedulers;
 mod standard_steps;
 mod step_resources;
 mod support;
+mod ui;
 
 use std::path::Path;
 use std::process::{Command, Output};
