@@ -76,8 +76,10 @@ export class Events {
       }
       if (wasOpen) missed = true;
       if (source.readyState === EventSource.CLOSED) {
-        // Refused (not a stream): try again later with a new one.
+        // Refused (not a stream): try again later with a new one. Whoever waits for the
+        // stream goes on without it.
         this.handler.state("offline");
+        for (const resolve of this.waiting.splice(0)) resolve();
         this.retry = setTimeout(() => this.open(true), RETRY_MS);
       } else {
         // The browser reconnects by itself.

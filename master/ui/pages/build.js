@@ -68,7 +68,8 @@ class StepView {
     this.cells.number.textContent = String(merged.number ?? "");
     this.cells.name.textContent = merged.name ?? "";
     replace(this.cells.result, started || complete ? resultBadge(merged.results, { complete }) : h("span", { class: "badge r-pending" }, "pending"));
-    this.row.className = ["step", resultClass(merged.results, complete || !started)].join(" ");
+    // The result's colour marks the step's number cell (see style.css).
+    this.row.dataset.result = resultClass(merged.results, complete || !started).slice(2);
     this.cells.summary.textContent = merged.state_string ?? "";
     replace(this.cells.duration, elapsed(merged.started_at, merged.complete_at));
     replace(this.cells.details, statistics(merged), urls(merged), resources(merged));
