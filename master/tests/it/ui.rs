@@ -524,6 +524,17 @@ fn log_content_is_shown_as_text_and_never_runs() {
         "rgb(255, 135, 0)"
     );
     assert!(!lines.concat().contains('\u{1b}'), "{lines:#?}");
+    // A URL from the master (a step's link, a change's revlink) is a link only if it is http(s)
+    // or one of the UI's own routes.
+    let urls = browser.eval(
+        "import(document.querySelector('script[type=module]').src.replace('app.js', 'dom.js'))
+            .then(m => ['javascript:alert(1)', ' JavaScript:alert(1)', 'data:text/html,<b>x</b>',
+                        'https://ci.example/x?a=1', '#/builds/1'].map(m.safeUrl))",
+    );
+    assert_eq!(
+        urls,
+        json!(["#", "#", "#", "https://ci.example/x?a=1", "#/builds/1"])
+    );
     assert_no_errors(&mut browser, "hostile build");
     shoot(&mut browser, "build-hostile");
 }
