@@ -27,7 +27,8 @@ const VIEWPORT: (u32, u32) = (1280, 860);
 
 /// A headless Chromium with one page open.
 pub(crate) struct Browser {
-    child: Child,
+    // Dropped first: Chromium stops before its profile directory goes.
+    _process: Process,
     profile: tempfile::TempDir,
     socket: WebSocket<TcpStream>,
     next_id: u64,
@@ -54,31 +55,33 @@ impl Browser {
     pub(crate) fn launch() -> Browser {
         let profile = tempfile::tempdir().unwrap();
         let stderr = std::fs::File::create(profile.path().join("stderr.log")).unwrap();
-        let mut child = Command::new(chromium())
-            .args([
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--no-default-browser-check",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--disable-extensions",
-                "--remote-debugging-port=0",
-            ])
-            .arg(format!(
-                "--user-data-dir={}",
-                profile.path().join("data").display()
-            ))
-            .arg(format!("--window-size={},{}", VIEWPORT.0, VIEWPORT.1))
-            .arg("about:blank")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", chromium().display()));
+        let mut process = Process(
+            Command::new(chromium())
+                .args([
+                    "--headless",
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--disable-quic",
+                    "--no-first-run",
+                    "--no-default-browser-check",
+                    "--disable-background-networking",
+                    "--disable-component-update",
+                    "--disable-sync",
+                    "--disable-extensions",
+                    "--remote-debugging-port=0",
+                ])
+                .arg(format!(
+                    "--user-data-dir={}",
+                    profile.path().join("data").display()
+                ))
+                .arg(format!("--window-size={},{}", VIEWPORT.0, VIEWPORT.1))
+                .arg("about:blank")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(stderr)
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot start {}: {e}", chromium().display())),
+        );
         // Chromium writes its port and browser endpoint once it listens.
         let active = profile.path().join("data/DevToolsActivePort");
         let start = Instant::now();
@@ -89,7 +92,7 @@ impl Browser {
             {
                 break (port.trim().parse::<u16>().unwrap(), path.trim().to_owned());
             }
-            if let Some(status) = child.try_wait().unwrap() {
+            if let Some(status) = process.0.try_wait().unwrap() {
                 panic!(
                     "Chromium exited ({status}) before listening: {}",
                     log(profile.path())
@@ -112,7 +115,7 @@ impl Browser {
             .set_read_timeout(Some(Duration::from_millis(200)))
             .unwrap();
         let mut browser = Browser {
-            child,
+            _process: process,
             profile,
             socket,
             next_id: 0,
@@ -311,10 +314,13 @@ impl Browser {
     }
 }
 
-impl Drop for Browser {
+/// The browser's process, killed when dropped (also when a test fails while starting it).
+struct Process(Child);
+
+impl Drop for Process {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
