@@ -390,13 +390,25 @@ fn every_page_loads_without_errors_and_shows_the_farm() {
     assert_no_errors(&mut browser, "force");
     shoot(&mut browser, "force");
 
-    // Step modules.
+    // Step modules: one uploaded.
     go(&mut browser, "#/modules");
-    wait_text(&mut browser, "main h1", "Step modules");
-    browser.wait_for(
-        "the modules list",
-        "document.querySelector('table.modules, main p.empty') !== null",
-        Duration::from_secs(30),
+    wait_text(&mut browser, "main", "No modules have been uploaded");
+    let wasm = std::fs::read(steps::guest_path("probe-step").unwrap()).unwrap();
+    let (status, _, body) = request(
+        &farm,
+        "POST",
+        "/api/v2/stepmodules?name=probe&version=1.0",
+        &format!("Authorization: Bearer {token}\r\nContent-Type: application/wasm\r\n"),
+        &wasm,
+    );
+    assert_eq!(status, 201, "{}", String::from_utf8_lossy(&body));
+    go(&mut browser, "#/builders");
+    go(&mut browser, "#/modules");
+    wait_text(&mut browser, "table.modules", "probe");
+    let row = texts(&mut browser, "table.modules tbody tr").concat();
+    assert!(
+        row.contains("1.0") && row.contains("step") && row.contains("latest"),
+        "{row}"
     );
     assert_no_errors(&mut browser, "modules");
     shoot(&mut browser, "modules");
@@ -541,12 +553,25 @@ fn log_content_is_shown_as_text_and_never_runs() {
 
 /// A GET over a plain socket: status, headers (lowercase names) and body.
 fn get(farm: &Farm, path: &str, extra: &str) -> (u16, Vec<(String, String)>, Vec<u8>) {
+    request(farm, "GET", path, extra, b"")
+}
+
+/// A request over a plain socket, with extra header lines and a body of any bytes.
+fn request(
+    farm: &Farm,
+    method: &str,
+    path: &str,
+    extra: &str,
+    body: &[u8],
+) -> (u16, Vec<(String, String)>, Vec<u8>) {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", farm.port)).unwrap();
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\n{extra}Connection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: x\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
     )
     .unwrap();
+    s.write_all(body).unwrap();
     let mut response = Vec::new();
     s.read_to_end(&mut response).unwrap();
     let split = response.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
