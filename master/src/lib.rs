@@ -6,6 +6,7 @@ pub mod auth;
 mod build_cmd;
 pub mod changes;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod db;
 pub mod demo;
