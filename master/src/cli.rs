@@ -29,10 +29,20 @@ enum Command {
     Demo(crate::demo::DemoArgs),
     /// Check a master configuration without starting anything.
     Checkconfig(crate::master_cmd::FarmArgs),
-    /// Record a change, as a change source would, for the schedulers to build.
-    Sendchange(Box<crate::master_cmd::SendchangeArgs>),
-    /// Force a build through a force scheduler.
-    Force(Box<crate::master_cmd::ForceArgs>),
+    /// Record a change, as a change source would, for the schedulers to build (through the
+    /// master's API; with --direct, in the farm's database).
+    Sendchange(Box<crate::client_cmd::SendchangeArgs>),
+    /// Force a build of a builder; with --wait, follow it live and exit with its result.
+    ///
+    /// Exit status with --wait: 0 for SUCCESS or WARNINGS, 1 for FAILURE (or a master that
+    /// cannot be reached), 2 for a refused request, 3 for any other result.
+    Force(Box<crate::client_cmd::ForceArgs>),
+    /// Recent builds, newest first.
+    Builds(crate::client_cmd::BuildsArgs),
+    /// The farm at a glance: builders, workers, the queue.
+    Status(crate::client_cmd::StatusArgs),
+    /// The configured workers: connected or not, busy, paused, quarantined.
+    Workers(crate::client_cmd::WorkersArgs),
     /// Run a builder's steps from the configuration locally, exactly as a worker would.
     #[command(subcommand)]
     Build(crate::build_cmd::BuildCommand),
@@ -48,8 +58,13 @@ enum StepCommand {
     /// Exit status: 0 for SUCCESS or WARNINGS, 1 for FAILURE, 2 for bad input, 3 for any other
     /// result (EXCEPTION, SKIPPED, RETRY, CANCELLED).
     Run(Box<RunArgs>),
-    /// List the steps and observers built into Kiln.
-    List,
+    /// List the steps and observers built into Kiln, and the modules uploaded to the master.
+    List(crate::client_cmd::ListArgs),
+    /// Upload a step, observer or policy component to the master, which checks and stores
+    /// it; builders can use it by name and version at once.
+    Upload(crate::client_cmd::UploadArgs),
+    /// Delete an uploaded module version that the configuration does not use.
+    Delete(crate::client_cmd::DeleteArgs),
 }
 
 /// Arguments of `kiln step run`.
@@ -135,15 +150,17 @@ pub fn init_tracing() {
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Step(StepCommand::Run(args)) => crate::step_cmd::run(*args),
-        Command::Step(StepCommand::List) => {
-            crate::step_cmd::list();
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Step(StepCommand::List(args)) => crate::client_cmd::list(args),
+        Command::Step(StepCommand::Upload(args)) => crate::client_cmd::upload(args),
+        Command::Step(StepCommand::Delete(args)) => crate::client_cmd::delete(args),
         Command::Master(args) => crate::master_cmd::master(args),
         Command::Demo(args) => crate::demo::demo(args),
         Command::Checkconfig(args) => crate::master_cmd::checkconfig(args),
-        Command::Sendchange(args) => crate::master_cmd::sendchange(*args),
-        Command::Force(args) => crate::master_cmd::force(*args),
+        Command::Sendchange(args) => crate::client_cmd::sendchange(*args),
+        Command::Force(args) => crate::client_cmd::force(*args),
+        Command::Builds(args) => crate::client_cmd::builds(args),
+        Command::Status(args) => crate::client_cmd::status(args),
+        Command::Workers(args) => crate::client_cmd::workers(args),
         Command::Build(command) => crate::build_cmd::run(command),
         Command::Token(command) => crate::token_cmd::run(command),
     }

@@ -1,7 +1,7 @@
-//! `kiln master`, `kiln checkconfig`, `kiln sendchange` and `kiln force`: the master's
-//! commands. `sendchange` and `force` write to the farm's database directly (the same
-//! functions the master's API calls), so they work with the master running or not: a running
-//! master picks the new work up on its next pass.
+//! `kiln master` and `kiln checkconfig`: the master's commands; and `kiln sendchange --direct`,
+//! which writes a change into the farm's database (the function the master's API calls), so it
+//! works with the master running or not. The commands that talk to a running master are in
+//! `client_cmd`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -9,12 +9,10 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use serde_json::Value;
 
 use crate::config;
-use crate::model::{NewChange, now_ms};
-use crate::schedulers::{self, ForceRequest};
-use crate::server::{self, Master};
+use crate::model::NewChange;
+use crate::server::Master;
 
 /// Where the farm is: its configuration, and optionally another database.
 #[derive(Debug, Args)]
@@ -43,94 +41,8 @@ pub struct MasterArgs {
     pub poll: f64,
 }
 
-/// Arguments of `kiln sendchange`.
-#[derive(Debug, Args)]
-pub struct SendchangeArgs {
-    #[command(flatten)]
-    pub farm: FarmArgs,
-    /// Who made the change ("Name <email>").
-    #[arg(long, short = 'W')]
-    pub who: String,
-    /// The branch.
-    #[arg(long, short)]
-    pub branch: Option<String>,
-    /// The revision (a commit hash).
-    #[arg(long, short)]
-    pub revision: Option<String>,
-    /// The repository URL.
-    #[arg(long, default_value = "")]
-    pub repository: String,
-    /// The project.
-    #[arg(long, short, default_value = "")]
-    pub project: String,
-    /// The codebase.
-    #[arg(long, default_value = "")]
-    pub codebase: String,
-    /// The commit message.
-    #[arg(long, short = 'm', default_value = "")]
-    pub comments: String,
-    /// A category.
-    #[arg(long, short = 'C')]
-    pub category: Option<String>,
-    /// A link to the revision.
-    #[arg(long)]
-    pub revlink: Option<String>,
-    /// When (seconds since the epoch); now by default.
-    #[arg(long)]
-    pub when: Option<f64>,
-    /// A change property, NAME=VALUE (VALUE read as JSON if it parses).
-    #[arg(long = "property", value_name = "NAME=VALUE")]
-    pub properties: Vec<String>,
-    /// Mark the change untrusted: its builds run only on sandbox workers, without secrets.
-    #[arg(long)]
-    pub untrusted: bool,
-    /// Files touched.
-    pub files: Vec<String>,
-}
-
-/// Arguments of `kiln force`.
-#[derive(Debug, Args)]
-pub struct ForceArgs {
-    #[command(flatten)]
-    pub farm: FarmArgs,
-    /// The force scheduler.
-    pub scheduler: String,
-    /// A builder to build on (repeat for several); all of the scheduler's by default.
-    #[arg(long = "builder")]
-    pub builders: Vec<String>,
-    /// Why.
-    #[arg(long, default_value = "")]
-    pub reason: String,
-    /// Who asks.
-    #[arg(long, env = "USER", default_value = "")]
-    pub owner: String,
-    /// Branch.
-    #[arg(long)]
-    pub branch: Option<String>,
-    /// Revision.
-    #[arg(long)]
-    pub revision: Option<String>,
-    /// Repository.
-    #[arg(long)]
-    pub repository: Option<String>,
-    /// A parameter of the scheduler, NAME=VALUE (converted to the parameter's type).
-    #[arg(long = "param", value_name = "NAME=VALUE")]
-    pub params: Vec<String>,
-    /// Request priority (higher starts first).
-    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
-    pub priority: i64,
-}
-
 fn load_config(path: &std::path::Path) -> anyhow::Result<config::Config> {
     config::load(path).map_err(|e| anyhow::anyhow!("{e}"))
-}
-
-fn name_value(flag: &str, s: &str) -> anyhow::Result<(String, Value)> {
-    let (name, value) = s
-        .split_once('=')
-        .with_context(|| format!("{flag} {s}: write NAME=VALUE"))?;
-    let value = serde_json::from_str(value).unwrap_or_else(|_| Value::String(value.to_owned()));
-    Ok((name.to_owned(), value))
 }
 
 /// The master's runtime: one thread for its async work. The master waits on sockets and
@@ -294,104 +206,14 @@ pub(crate) async fn open_farm(args: &FarmArgs) -> anyhow::Result<(config::Config
     Ok((cfg, db))
 }
 
-/// `kiln sendchange`: records a change, as a change source would.
-pub fn sendchange(args: SendchangeArgs) -> anyhow::Result<ExitCode> {
-    let mut properties = serde_json::Map::new();
-    for p in &args.properties {
-        let (n, v) = name_value("--property", p)?;
-        properties.insert(n, v);
-    }
-    let when_ms = match args.when {
-        Some(s) if s.is_finite() && s >= 0.0 => Some((s * 1000.0) as i64),
-        Some(s) => bail!("--when {s}: give seconds since the epoch"),
-        None => None,
-    };
-    let change = NewChange {
-        author: args.who.clone(),
-        comments: args.comments.clone(),
-        branch: args.branch.clone(),
-        revision: args.revision.clone(),
-        revlink: args.revlink.clone(),
-        when_ms,
-        category: args.category.clone(),
-        repository: args.repository.clone(),
-        codebase: args.codebase.clone(),
-        project: args.project.clone(),
-        files: args.files.clone(),
-        properties,
-        source: "sendchange".into(),
-        source_key: None,
-        trusted: Some(!args.untrusted),
-        committer: None,
-    };
+/// `kiln sendchange --direct`: records a change in the farm's database, as a change source
+/// would, whether a master runs or not (a running master picks it up on its next pass).
+pub fn record_change(farm: &FarmArgs, change: &NewChange) -> anyhow::Result<ExitCode> {
     runtime()?.block_on(async {
-        let (_, db) = open_farm(&args.farm).await?;
-        match crate::changes::add_change(&db, &change).await? {
+        let (_, db) = open_farm(farm).await?;
+        match crate::changes::add_change(&db, change).await? {
             Ok(Some(id)) => println!("change {id} recorded"),
             Ok(None) => println!("change already recorded"),
-            Err(e) => bail!("{e}"),
-        }
-        db.close().await;
-        anyhow::Ok(())
-    })?;
-    Ok(ExitCode::SUCCESS)
-}
-
-/// `kiln force`: forces a build through a force scheduler.
-pub fn force(args: ForceArgs) -> anyhow::Result<ExitCode> {
-    let mut parameters = serde_json::Map::new();
-    for p in &args.params {
-        // Parameters are typed by the scheduler, which converts text as a web form's would.
-        let (n, v) = p
-            .split_once('=')
-            .with_context(|| format!("--param {p}: write NAME=VALUE"))?;
-        parameters.insert(n.to_owned(), Value::String(v.to_owned()));
-    }
-    let request = ForceRequest {
-        builders: args.builders.clone(),
-        reason: args.reason.clone(),
-        owner: args.owner.clone(),
-        branch: args.branch.clone(),
-        revision: args.revision.clone(),
-        repository: args.repository.clone(),
-        project: None,
-        parameters,
-        priority: args.priority,
-    };
-    runtime()?.block_on(async {
-        let (cfg, db) = open_farm(&args.farm).await?;
-        let mut conn = db.pool().acquire().await?;
-        let master_id =
-            crate::db::register_master(&mut conn, &format!("{}-cli", cfg.master.name), now_ms())
-                .await?;
-        crate::db::deactivate_master(&mut conn, master_id).await?;
-        drop(conn);
-        let state = server::build_state(
-            &runtime::Runtime::new(runtime::RuntimeConfig {
-                cache_dir: crate::step_cmd::default_cache_dir(),
-            })?,
-            &db,
-            cfg,
-        )
-        .await?;
-        let env = schedulers::Env {
-            db: &db,
-            master: master_id,
-            config: &state.config,
-            builders: &state.builders,
-            hooks: &state.hooks,
-            policies: &state.policies,
-        };
-        match schedulers::force(&env, &args.scheduler, &request, now_ms()).await? {
-            Ok(s) => {
-                let builders: Vec<&str> = s.requests.iter().map(|(_, b)| b.as_str()).collect();
-                println!(
-                    "buildset {} submitted: {} request(s) on {}",
-                    s.buildset,
-                    s.requests.len(),
-                    builders.join(", ")
-                );
-            }
             Err(e) => bail!("{e}"),
         }
         db.close().await;

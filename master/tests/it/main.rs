@@ -2,6 +2,7 @@
 
 mod api;
 mod build_run;
+mod cli_api;
 mod config;
 mod db;
 mod demo;

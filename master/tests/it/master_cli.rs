@@ -1,5 +1,6 @@
 //! `kiln master`, `kiln checkconfig`, `kiln sendchange` and `kiln force` as a user runs them:
-//! real processes, the default SQLite database next to the configuration, signals.
+//! real processes, the default SQLite database next to the configuration, signals. (The API
+//! client commands against a farm with workers are in `cli_api.rs`.)
 
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
@@ -45,8 +46,37 @@ fn kiln(dir: &Path, args: &[&str]) -> Output {
         .current_dir(dir)
         .env_remove("KILN_CONFIG")
         .env_remove("KILN_DATABASE_URL")
+        .env_remove("KILN_MASTER")
+        .env_remove("KILN_TOKEN")
+        .env("XDG_CONFIG_HOME", dir.join("no-client-config"))
         .output()
         .unwrap()
+}
+
+/// Takes a master's stderr: its address, from the first line ("... API on http://ADDR/api/v2
+/// ..."), and the rest as it is written.
+fn master_stderr(
+    child: &mut std::process::Child,
+) -> (String, std::sync::Arc<std::sync::Mutex<String>>) {
+    use std::io::BufRead;
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    let addr = first
+        .split("API on http://")
+        .nth(1)
+        .and_then(|r| r.split('/').next())
+        .unwrap_or_else(|| panic!("{first}"))
+        .to_string();
+    let rest = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let sink = rest.clone();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            let mut s = sink.lock().unwrap();
+            s.push_str(&line);
+            s.push('\n');
+        }
+    });
+    (addr, rest)
 }
 
 fn text(b: &[u8]) -> String {
@@ -117,6 +147,8 @@ async fn a_master_builds_changes_and_forces_and_reloads_on_sighup() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let (addr, master_log) = master_stderr(&mut child);
+    let master = format!("http://{addr}");
     // The default database: kiln.sqlite next to the configuration.
     let db_path = dir.path().join("kiln.sqlite");
     let start = Instant::now();
@@ -146,6 +178,8 @@ async fn a_master_builds_changes_and_forces_and_reloads_on_sighup() {
         dir.path(),
         &[
             "sendchange",
+            "--master",
+            &master,
             "--who",
             "Ada <ada@x.org>",
             "--branch",
@@ -163,32 +197,74 @@ async fn a_master_builds_changes_and_forces_and_reloads_on_sighup() {
     assert_eq!(text(&sent.stdout), "change 1 recorded\n");
     wait_for(&db, "main", 1).await;
 
+    // A builder, through the force scheduler that has it; no worker, so it stays queued.
     let forced = kiln(
         dir.path(),
         &[
             "force",
-            "force",
-            "--param",
+            "linux",
+            "--master",
+            &master,
+            "--prop",
             "version=1.2",
             "--reason",
             "try it",
         ],
     );
     assert_eq!(forced.status.code(), Some(0), "{}", text(&forced.stderr));
+    let out = text(&forced.stdout);
+    assert!(out.starts_with("request "), "{out}");
     assert!(
-        text(&forced.stdout).ends_with("submitted: 1 request(s) on linux\n"),
+        out.ends_with(&format!(
+            " queued for linux (buildset 2): {master}/#/builds?builder=linux\n"
+        )),
+        "{out}"
+    );
+    // The older form, a force scheduler's name and --param, still forces all its builders.
+    let forced = kiln(
+        dir.path(),
+        &[
+            "force",
+            "force",
+            "--master",
+            &master,
+            "--param",
+            "version=1.3",
+        ],
+    );
+    assert_eq!(forced.status.code(), Some(0), "{}", text(&forced.stderr));
+    assert!(
+        text(&forced.stdout).contains(" queued for linux (buildset 3)"),
         "{}",
         text(&forced.stdout)
     );
-    let refused = kiln(dir.path(), &["force", "force"]);
+    let refused = kiln(dir.path(), &["force", "linux", "--master", &master]);
     assert_eq!(refused.status.code(), Some(2));
     assert_eq!(
         text(&refused.stderr),
-        "kiln: error: parameter \"version\" is required\n"
+        "kiln: error: parameter \"version\" is required (400 Bad Request)\n"
     );
     let bad_change = kiln(
         dir.path(),
-        &["sendchange", "--who", " ", "--branch", "main"],
+        &[
+            "sendchange",
+            "--master",
+            &master,
+            "--who",
+            " ",
+            "--branch",
+            "main",
+        ],
+    );
+    assert_eq!(bad_change.status.code(), Some(2));
+    assert_eq!(
+        text(&bad_change.stderr),
+        "kiln: error: change refused: it has no author; give who made it (\"Name <email>\") (400 Bad Request)\n"
+    );
+    // Written into the database directly, the same change is refused the same way.
+    let bad_change = kiln(
+        dir.path(),
+        &["sendchange", "--direct", "--who", " ", "--branch", "main"],
     );
     assert_eq!(bad_change.status.code(), Some(2));
     assert_eq!(
@@ -222,7 +298,15 @@ async fn a_master_builds_changes_and_forces_and_reloads_on_sighup() {
     }
     let sent = kiln(
         dir.path(),
-        &["sendchange", "--who", "bob", "--branch", "dev"],
+        &[
+            "sendchange",
+            "--master",
+            &master,
+            "--who",
+            "bob",
+            "--branch",
+            "dev",
+        ],
     );
     assert_eq!(sent.status.code(), Some(0), "{}", text(&sent.stderr));
     wait_for(&db, "dev", 1).await;
@@ -236,17 +320,24 @@ async fn a_master_builds_changes_and_forces_and_reloads_on_sighup() {
         "the master died on a bad reload"
     );
     std::fs::write(&config, CONFIG).unwrap();
+    // Written into the database directly: a running master picks it up on its next pass.
     let sent = kiln(
         dir.path(),
-        &["sendchange", "--who", "cy", "--branch", "main"],
+        &["sendchange", "--direct", "--who", "cy", "--branch", "main"],
     );
     assert_eq!(sent.status.code(), Some(0), "{}", text(&sent.stderr));
     wait_for(&db, "main", 2).await;
 
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success());
-    let stderr = text(&out.stderr);
+    assert!(child.wait().unwrap().success());
+    // The reader thread has the rest once the pipe closes.
+    let start = Instant::now();
+    while !master_log.lock().unwrap().contains("NOT reloaded")
+        && start.elapsed() < Duration::from_secs(5)
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let stderr = master_log.lock().unwrap().clone();
     assert!(
         stderr.contains("kiln: configuration reloaded: schedulers +dev"),
         "{stderr}"
@@ -406,7 +497,14 @@ fn a_database_that_cannot_be_used_is_named_with_the_reason() {
     );
     let out = kiln(
         dir.path(),
-        &["sendchange", "--who", "a", "--db", "mysql://db/kiln"],
+        &[
+            "sendchange",
+            "--direct",
+            "--who",
+            "a",
+            "--db",
+            "mysql://db/kiln",
+        ],
     );
     assert_eq!(out.status.code(), Some(2));
     assert_eq!(
