@@ -300,6 +300,11 @@ pub(super) async fn worker_list(m: &Master) -> Result<Vec<Value>, ApiError> {
             })
         })
         .collect();
+    let now = now_ms();
+    let mut workers = workers;
+    for w in &mut workers {
+        w["state"] = worker_state(w, now).into();
+    }
     Ok(workers)
 }
 

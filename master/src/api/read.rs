@@ -126,7 +126,24 @@ async fn builders(State(m): State<Arc<Master>>, Query(q): Pairs) -> ApiResult {
     let mut conn = m.db.pool().acquire().await?;
     let (mut items, total) = listing.fetch(&mut conn).await?;
     with_last_builds(&mut conn, &mut items).await?;
+    with_steps(&m, &mut items);
     Ok(answer(&views::BUILDERS, items, total))
+}
+
+/// Adds each builder's step names, from the configuration in force (what a progress display
+/// counts against).
+fn with_steps(m: &Master, items: &mut [Value]) {
+    let state = m.state();
+    for item in items.iter_mut() {
+        let steps: Vec<&str> = state
+            .config
+            .builders
+            .iter()
+            .find(|b| item["name"] == b.name.as_str())
+            .map(|b| b.steps.iter().map(|s| s.name.as_str()).collect())
+            .unwrap_or_default();
+        item["steps"] = json!(steps);
+    }
 }
 
 /// A builder by id or name.
@@ -152,7 +169,9 @@ async fn builder_id(conn: &mut AnyConnection, builder: &str) -> Result<Value, Ap
 
 async fn builder(State(m): State<Arc<Master>>, Path(builder): Path<String>) -> ApiResult {
     let mut conn = m.db.pool().acquire().await?;
-    Ok(Json(builder_id(&mut conn, &builder).await?))
+    let mut items = vec![builder_id(&mut conn, &builder).await?];
+    with_steps(&m, &mut items);
+    Ok(Json(items.pop().unwrap_or_default()))
 }
 
 async fn builder_builds(

@@ -163,7 +163,11 @@ fn reads_filter_order_and_page_in_one_request_per_page() {
     assert_eq!(beta["name"], "beta");
     assert_eq!(beta["last_build"]["results"], "FAILURE", "{builders:#}");
     assert_eq!(beta["pending"], 0);
-    assert_eq!(get(&farm, "/api/v2/builders/alpha")["name"], "alpha");
+    assert_eq!(beta["steps"], json!(["fail"]));
+    assert_eq!(
+        get(&farm, "/api/v2/builders/alpha")["steps"],
+        json!(["talk"])
+    );
     assert_eq!(
         get(&farm, "/api/v2/builders/alpha/builds?limit=2")["meta"]["total"],
         3
@@ -201,6 +205,7 @@ fn reads_filter_order_and_page_in_one_request_per_page() {
     let w1 = get(&farm, "/api/v2/workers/w1");
     assert_eq!(w1["connected"], true);
     assert!(w1["info"]["arch"].is_string(), "{w1:#}");
+    assert_eq!(w1["state"], "idle", "{w1:#}");
 
     // Every read the OpenAPI document lists answers (those without path parameters).
     let doc = get(&farm, "/api/v2/openapi.json");
