@@ -368,7 +368,9 @@ async fn serve(shared: &Arc<Shared>, phase: &mut watch::Receiver<Phase>) -> anyh
     let mut last_heard = Instant::now();
     let mut told_draining = false;
     loop {
-        let asked = shared.shutdown_asked.load(std::sync::atomic::Ordering::Relaxed);
+        let asked = shared
+            .shutdown_asked
+            .load(std::sync::atomic::Ordering::Relaxed);
         let now_phase = (*phase.borrow()).max(if asked {
             Phase::Draining
         } else {
