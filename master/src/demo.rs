@@ -244,8 +244,9 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
         let (phase_tx, phase_rx) = tokio::sync::watch::channel(runtime::worker::Phase::Running);
         let workers = start_workers(&dir, &url, confinement, phase_rx)?;
         eprintln!("kiln demo: master on {url}/ (farm in {})", dir.display());
-        eprintln!("  builds:   {url}/api/v2/builds");
-        eprintln!("  workers:  {url}/api/v2/workers");
+        eprintln!("  web UI:   {url}/");
+        eprintln!("  API:      {url}/api/v2/builds (all of it: {url}/api/v2/openapi.json)");
+        eprintln!("  CLI:      kiln status --master {url}");
         eprintln!("  config:   {}", config_path.display());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let run = tokio::spawn(master.clone().run(Duration::from_millis(500), async move {
