@@ -259,6 +259,13 @@ fn every_page_loads_without_errors_and_shows_the_farm() {
     go(&mut browser, "#/builds");
     wait_text(&mut browser, "table.builds", "app #1");
     wait_text(&mut browser, "nav.pager", "1–2 of 2");
+    // One builder's builds, from its link on the builders page.
+    go(&mut browser, "#/builds?builder=broken");
+    wait_text(&mut browser, "main h1", "Builds of broken");
+    assert_eq!(
+        texts(&mut browser, "table.builds tbody td:first-child"),
+        ["#1"]
+    );
     assert_no_errors(&mut browser, "builds");
 
     // A build: steps with results, summaries and durations, properties, logs.
@@ -300,6 +307,11 @@ fn every_page_loads_without_errors_and_shows_the_farm() {
     wait_text(&mut browser, ".log-lines .ch-e", "note: 2 files");
     assert_no_errors(&mut browser, "build");
     shoot(&mut browser, "build");
+    // Rebuild: the page follows the new request to its build.
+    click(&mut browser, ".heading button", "Rebuild");
+    wait_text(&mut browser, "h1", "app #2");
+    wait_text(&mut browser, "h1 .badge", "success");
+    assert_no_errors(&mut browser, "rebuilt build");
 
     // The queue: the waiting request, with its estimates and a cancel button that works.
     go(&mut browser, "#/queue");

@@ -266,7 +266,11 @@ class BuildPage {
   }
 
   event(name, data) {
-    if (!this.build) return;
+    if (!this.build) {
+      // The first load may have read the build before this: load again once it is done.
+      if (name !== "log" && data.buildid === this.id) this.reload();
+      return;
+    }
     if (name === "log") {
       // Log events name their log; the page follows only its own.
       for (const step of this.steps.values()) step.logs.get(data.logid)?.add(data.offset, data.lines ?? []);
