@@ -119,7 +119,8 @@ async function showRole() {
     role.textContent = auth.anonymous ? `anonymous · ${auth.role}` : `${auth.name ?? "token"} · ${auth.role}`;
     role.className = auth.role === "none" ? "role bad" : "role";
   } catch (e) {
-    role.textContent = e.status === 401 || e.status === 403 ? "token refused" : "";
+    const refused = e.status === 401 || e.status === 403;
+    role.textContent = refused ? (api.token() ? "token refused" : "token needed") : "";
     role.className = "role bad";
     role.title = e.message;
   }

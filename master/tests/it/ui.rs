@@ -563,6 +563,37 @@ fn log_content_is_shown_as_text_and_never_runs() {
     shoot(&mut browser, "build-hostile");
 }
 
+#[test]
+fn where_anonymous_users_may_not_read_a_pasted_token_opens_the_pages() {
+    let mut farm = Farm::new(FARM);
+    let config = farm.path().join("kiln.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replacen("[master]\n", "[master]\nanonymous = \"none\"\n", 1),
+    )
+    .unwrap();
+    farm.start_master();
+    let mut browser = Browser::launch();
+    browser.navigate(&format!("{}/#/builders", farm.url()));
+    wait_text(&mut browser, "#role", "token needed");
+    wait_text(&mut browser, "main .error", "HTTP 401");
+    let token = admin_token(&farm);
+    browser.eval(&format!(
+        "document.getElementById('token').value = {}; document.querySelector('#auth button[type=submit]').click()",
+        js(&token)
+    ));
+    wait_text(&mut browser, "#role", "ui-test · admin");
+    wait_text(&mut browser, "table.builders", "hostile");
+    // A browser's event stream cannot carry the token: the page says it is not live.
+    wait_text(&mut browser, "#live", "offline");
+    let errors = browser.take_errors();
+    assert!(
+        errors.iter().all(|e| e.contains("401 (Unauthorized)")),
+        "{errors:#?}"
+    );
+}
+
 /// A GET over a plain socket: status, headers (lowercase names) and body.
 fn get(farm: &Farm, path: &str, extra: &str) -> (u16, Vec<(String, String)>, Vec<u8>) {
     request(farm, "GET", path, extra, b"")
