@@ -6,17 +6,22 @@ import { h, table, empty, errorBox } from "../dom.js";
 import { when, fullTime } from "../format.js";
 import { resourcePage, heading } from "../page.js";
 
-/** A worker's state, worst first, as one badge. */
+/** The master's word for a worker's state, and its badge's colour and label. */
+const STATES = {
+  paused: ["r-retry", "paused"],
+  quarantined: ["r-exception", "quarantined"],
+  offline: ["r-cancelled", "offline"],
+  draining: ["r-warnings", "draining"],
+  busy: ["r-running", "building"],
+  idle: ["r-success", "idle"],
+};
+
+/** A worker's state (the master's `state`) as one badge. */
 function state(w) {
-  const now = Date.now();
-  if (w.paused) return h("span", { class: "badge r-retry" }, "paused");
-  if (w.quarantine_until != null && w.quarantine_until > now) {
-    return h("span", { class: "badge r-exception", title: `until ${fullTime(w.quarantine_until)}` }, "quarantined");
-  }
-  if (!w.connected) return h("span", { class: "badge r-cancelled" }, w.latent ? `latent, ${w.latent}` : "offline");
-  if (w.draining) return h("span", { class: "badge r-warnings" }, "draining");
-  if ((w.builds ?? []).length > 0) return h("span", { class: "badge r-running" }, "building");
-  return h("span", { class: "badge r-success" }, "idle");
+  const [colour, label] = STATES[w.state] ?? ["r-unknown", String(w.state ?? "unknown")];
+  const title = w.state === "quarantined" && w.quarantine_until != null ? `until ${fullTime(w.quarantine_until)}` : null;
+  const text = w.state === "offline" && w.latent ? `latent, ${w.latent}` : label;
+  return h("span", { class: ["badge", colour], title }, text);
 }
 
 function health(w) {
