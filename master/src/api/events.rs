@@ -196,7 +196,8 @@ pub async fn publish(m: &Master, steps: &[i64], builds: &[i64]) {
             if let Ok(listing) =
                 crate::db::Listing::parse(&crate::db::views::STEPS, &pairs, 10_000, &[])
             {
-                for step in listing.fetch(&mut conn).await?.0 {
+                for mut step in listing.fetch(&mut conn).await?.0 {
+                    super::read::cpu_in_seconds(&mut step);
                     m.live.send("step", || step);
                 }
             }

@@ -191,6 +191,15 @@ async fn builds(State(m): State<Arc<Master>>, Query(q): Pairs) -> ApiResult {
     collection(&m, &views::BUILDS, &q).await
 }
 
+/// Shows a step's CPU time in seconds, as `cpu_seconds` (null: it did not run, or its
+/// worker did not say), in place of the stored milliseconds.
+pub(super) fn cpu_in_seconds(step: &mut Value) {
+    let cpu_ms = step.as_object_mut().and_then(|s| s.remove("cpu_ms"));
+    step["cpu_seconds"] = cpu_ms
+        .and_then(|ms| ms.as_i64())
+        .map_or(Value::Null, |ms| json!(ms as f64 / 1000.0));
+}
+
 /// A build with its steps, their logs, its properties, buildset and changes: one request for
 /// a build page.
 async fn build(State(m): State<Arc<Master>>, Path(id): Path<i64>) -> ApiResult {
@@ -207,11 +216,7 @@ async fn build(State(m): State<Arc<Master>>, Path(id): Path<i64>) -> ApiResult {
         .fetch(&mut conn)
         .await?;
     for step in &mut steps {
-        // What the step used, as its worker measured it (null: it did not run).
-        let cpu_ms = step.as_object_mut().and_then(|s| s.remove("cpu_ms"));
-        step["cpu_seconds"] = cpu_ms
-            .and_then(|ms| ms.as_i64())
-            .map_or(Value::Null, |ms| json!(ms as f64 / 1000.0));
+        cpu_in_seconds(step);
         let own: Vec<Value> = logs
             .iter()
             .filter(|l| l["stepid"] == step["stepid"])
