@@ -96,18 +96,26 @@ async fn latest(conn: &mut sqlx::AnyConnection, name: &str) -> Result<String, Ap
         .unwrap_or_default())
 }
 
-/// Adds `used_by` and `in_use` to module items.
+/// Adds `used_by`, `in_use` and `latest` to module items: one read of the newest version of
+/// each name on the page, however many versions it shows.
 async fn with_uses(
     m: &Master,
     conn: &mut sqlx::AnyConnection,
     items: &mut [Value],
 ) -> Result<(), ApiError> {
     let uses = uses(&m.state().config);
+    let mut latest_of: std::collections::BTreeMap<String, String> = Default::default();
+    for item in items.iter() {
+        let name = item["name"].as_str().unwrap_or_default();
+        if !latest_of.contains_key(name) {
+            latest_of.insert(name.to_owned(), latest(conn, name).await?);
+        }
+    }
     for item in items.iter_mut() {
         let name = item["name"].as_str().unwrap_or_default().to_owned();
         let version = item["version"].as_str().unwrap_or_default().to_owned();
-        let latest = latest(conn, &name).await?;
-        let by = used_by(&uses, &name, &version, &latest);
+        let latest = latest_of.get(&name).map(String::as_str).unwrap_or_default();
+        let by = used_by(&uses, &name, &version, latest);
         item["in_use"] = Value::Bool(!by.is_empty());
         item["used_by"] = json!(by);
         item["latest"] = Value::Bool(version == latest);

@@ -326,6 +326,10 @@ fn bound(kind: Kind, op: Op, value: &str) -> Result<Bound, String> {
     if value == "null" && matches!(op, Op::Eq | Op::Ne) {
         return Ok(Bound::Null);
     }
+    if op == Op::Contains && kind == Kind::Results {
+        // Results are stored as codes: a text search would silently match nothing.
+        return Err("results are compared, not searched: give =, __ne, __lt, __le, __gt or __ge with a result name".into());
+    }
     if op == Op::Contains {
         // LIKE's own characters match themselves.
         let escaped = value
@@ -697,6 +701,8 @@ mod tests {
         assert!(err("offset=-1").contains("from 0"));
         assert!(err("order=-nope").contains("cannot order builds by \"nope\""));
         assert!(err("complete=maybe").contains("true or false"));
+        assert!(err("results__contains=FAIL").contains("compared, not searched"));
+        assert!(err("results=BROKEN").contains("give a result"));
         assert!(Listing::parse(&BUILDS, &pairs("wait=1"), 100, &["wait"]).is_ok());
     }
 
