@@ -121,6 +121,11 @@ pub enum AuthError {
     /// No such token (revoked, or never made).
     #[error("this API token is not known to the master (revoked, or made for another farm)")]
     Unknown,
+    /// An anonymous request named a host that is not this master's (DNS rebinding).
+    #[error(
+        "the Host header {0:?} is not an address of this master: reach it by IP address, localhost or the host of [master] url, or send an API token"
+    )]
+    UnknownHost(String),
     /// The request came from another site's page.
     #[error(
         "cross-site request refused: actions come from the master's own pages or a client with an API token"
@@ -171,6 +176,43 @@ pub fn check_same_site(method: &Method, headers: &HeaderMap) -> Result<(), AuthE
         }
     }
     Ok(())
+}
+
+/// Refuses an anonymous request whose `Host` is a name other than this master's: a page
+/// of another site that made its own name resolve to this master (DNS rebinding) sends its
+/// name, and would otherwise read the API, or act where anonymous requests may act, through
+/// a visitor's browser. IP addresses cannot be rebound, so they pass, as do `localhost` and
+/// the host of `[master] url` (`master_url`).
+pub fn check_host(headers: &HeaderMap, master_url: &str) -> Result<(), AuthError> {
+    let Some(host) = headers.get(header::HOST) else {
+        // HTTP/1.0 without Host: not a browser.
+        return Ok(());
+    };
+    let host = host.to_str().unwrap_or("").to_ascii_lowercase();
+    // "name:port", "1.2.3.4:port", "[::1]:port", or without the port.
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        rest.split(']').next().unwrap_or("")
+    } else {
+        host.rsplit_once(':').map_or(host.as_str(), |(n, _)| n)
+    };
+    let ours = master_url
+        .split_once("://")
+        .map_or("", |(_, rest)| rest)
+        .split(['/', '?'])
+        .next()
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let ours = if let Some(rest) = ours.strip_prefix('[') {
+        rest.split(']').next().unwrap_or("").to_owned()
+    } else {
+        ours.rsplit_once(':')
+            .map_or(ours.clone(), |(n, _)| n.to_owned())
+    };
+    if name.parse::<std::net::IpAddr>().is_ok() || name == "localhost" || name == ours {
+        Ok(())
+    } else {
+        Err(AuthError::UnknownHost(host))
+    }
 }
 
 #[cfg(test)]
@@ -228,6 +270,30 @@ mod tests {
             HeaderValue::from_static("Basic dXNlcjpwdw=="),
         );
         assert_eq!(bearer(&h), Err(AuthError::Malformed));
+    }
+
+    #[test]
+    fn only_hosts_that_cannot_be_rebound_are_served_anonymously() {
+        let check = |host: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::HOST, host.parse().unwrap());
+            check_host(&h, "https://ci.example.org/")
+        };
+        for ok in [
+            "127.0.0.1:8010",
+            "10.0.0.5",
+            "[::1]:8010",
+            "localhost:8010",
+            "CI.example.org",
+            "ci.example.org:443",
+        ] {
+            assert_eq!(check(ok), Ok(()), "{ok}");
+        }
+        assert_eq!(
+            check("evil.example:8010"),
+            Err(AuthError::UnknownHost("evil.example:8010".into()))
+        );
+        assert!(check("ci.example.org.evil.example").is_err());
     }
 
     #[test]

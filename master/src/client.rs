@@ -162,7 +162,6 @@ impl ClientError {
 }
 
 /// An API client of one master.
-#[derive(Debug)]
 pub struct Client {
     /// The master's URL, without a trailing slash.
     base: String,
@@ -172,6 +171,16 @@ pub struct Client {
     config: Option<PathBuf>,
     /// Whether the master was named (flag, environment or file), not the default.
     named: bool,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the token itself.
+        f.debug_struct("Client")
+            .field("base", &self.base)
+            .field("token", &self.token.as_ref().map(|(_, source)| source))
+            .finish_non_exhaustive()
+    }
 }
 
 impl Client {
@@ -300,7 +309,20 @@ impl Client {
         if let Some((token, _)) = &self.token {
             r = r.bearer_auth(token);
         }
-        let response = r.send().await.map_err(|e| self.unreachable(&e))?;
+        // The stream has no overall timeout, but its answer must come.
+        let response = match tokio::time::timeout(REQUEST_TIMEOUT, r.send()).await {
+            Ok(sent) => sent.map_err(|e| self.unreachable(&e))?,
+            Err(_) => {
+                return Err(ClientError::Unreachable {
+                    url: self.base.clone(),
+                    reason: format!(
+                        "its event stream did not answer within {} s",
+                        REQUEST_TIMEOUT.as_secs()
+                    ),
+                    hint: String::new(),
+                });
+            }
+        };
         if !response.status().is_success() {
             return Err(self.refusal(response).await);
         }

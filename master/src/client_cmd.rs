@@ -291,24 +291,13 @@ pub struct WorkersArgs {
 
 /// A worker's state from its `GET /api/v2/workers` entry, as the master's `kiln_workers`
 /// gauge counts it.
-fn worker_state(w: &Value) -> &'static str {
-    let now = crate::model::now_ms();
-    if w["paused"] == true {
-        "paused"
-    } else if w["quarantine_until"].as_i64().is_some_and(|t| t > now) {
-        "quarantined"
-    } else if w["connected"] != true {
-        match w["latent"].as_str() {
-            Some("starting") => "starting",
-            Some(_) => "latent",
-            None => "offline",
-        }
-    } else if w["draining"] == true {
-        "draining"
-    } else if w["builds"].as_array().is_some_and(|b| !b.is_empty()) {
-        "busy"
-    } else {
-        "idle"
+/// A worker's state as the master reports it (the one `/metrics` counts), with a latent
+/// worker's own state where it is not connected.
+fn worker_state(w: &Value) -> String {
+    let state = w["state"].as_str().unwrap_or("unknown");
+    match (state, w["latent"].as_str()) {
+        ("offline", Some(latent)) => format!("latent ({latent})"),
+        _ => state.to_owned(),
     }
 }
 
@@ -434,7 +423,7 @@ fn workers_table(workers: &[Value]) -> String {
                 .unwrap_or_default();
             vec![
                 text(&w["name"]),
-                worker_state(w).into(),
+                worker_state(w),
                 if w["sandbox"] == true {
                     "sandbox"
                 } else {

@@ -290,10 +290,12 @@ impl Follower<'_> {
             .await?;
         let mut builds = self.builds().await?;
         // A request merged into a newer one (the same build) is followed there.
+        let mut seen = vec![self.request];
         while let Some(into) = request["collapsed_into"]
             .as_i64()
-            .filter(|into| builds.is_empty() && *into != self.request)
+            .filter(|into| builds.is_empty() && !seen.contains(into) && seen.len() < 100)
         {
+            seen.push(into);
             self.out(&format!(
                 "request {} was merged into request {into}, which builds the same; following it\n",
                 self.request

@@ -868,23 +868,15 @@ impl Master {
             acks.insert(build.id, (build.clone(), seq));
             work.insert(build.id, lease);
         }
+        let live = self.live.wanted();
         let mut live_logs = Vec::new();
         for (log_id, text) in &batch.appends {
             let end = db::append_log(&mut tx, *log_id, text).await?;
-            if self.live.wanted() {
+            if live {
                 live_logs.push((*log_id, end - text.lines().count() as i64));
             }
         }
         tx.commit().await?;
-        if self.live.wanted() {
-            for (log_id, offset) in live_logs {
-                let text = &batch.appends[&log_id];
-                self.live
-                    .send_log(log_id, || crate::api::log_event(log_id, offset, text));
-            }
-            let ended: Vec<i64> = finished.iter().map(|(id, ..)| *id).collect();
-            crate::api::publish(self, &batch.live_steps, &ended).await;
-        }
         {
             let mut inner = self.workers.lock();
             for (id, lease) in work {
@@ -926,6 +918,16 @@ impl Master {
         if !finished.is_empty() {
             self.wake_dispatch();
         }
+        // Live updates last: leases, acknowledgements and dispatch do not wait on them.
+        if live {
+            for (log_id, offset) in live_logs {
+                let text = &batch.appends[&log_id];
+                self.live
+                    .send_log(log_id, || crate::api::log_event(log_id, offset, text));
+            }
+            let ended: Vec<i64> = finished.iter().map(|(id, ..)| *id).collect();
+            crate::api::publish(self, &batch.live_steps, &ended).await;
+        }
         Ok(())
     }
 
@@ -962,7 +964,11 @@ impl Master {
                         };
                         let id = match known {
                             Some(id) => id,
-                            None => db::insert_log(&mut *tx, step_id, log, "s").await?,
+                            None => {
+                                // Its step's event tells a build page to show the new log.
+                                batch.live_steps.push(step_id);
+                                db::insert_log(&mut *tx, step_id, log, "s").await?
+                            }
                         };
                         lease.logs.insert((step, log.clone()), id);
                         id
@@ -1441,7 +1447,6 @@ impl Master {
             },
         );
         self.metrics.build_started(&builder.name);
-        crate::api::publish(self, &[], &[build_id.0]).await;
         tracing::info!(build = build_id.0, builder = %builder.name, number, worker = %a.worker, "build dispatched");
         if !self.send_to(&a.worker, ToWorker::Start(Box::new(job))) {
             // Gone between the claim and now: the scan retries it.
@@ -1449,6 +1454,7 @@ impl Master {
                 l.orphaned.get_or_insert(Instant::now());
             }
         }
+        crate::api::publish(self, &[], &[build_id.0]).await;
         Ok(())
     }
 

@@ -61,8 +61,13 @@ export class Events {
     let wasOpen = false;
     let missed = reconnected;
     source.onopen = () => {
-      if (this.source !== source) return;
+      if (this.source !== source) {
+        // A newer stream replaced this one before it opened: it must not hold a connection.
+        source.close();
+        return;
+      }
       for (const old of this.previous.splice(0)) old.close();
+      this.retryMs = 0;
       this.handler.state("live");
       this.handler.open(missed);
       missed = false;
@@ -80,7 +85,10 @@ export class Events {
         // stream goes on without it.
         this.handler.state("offline");
         for (const resolve of this.waiting.splice(0)) resolve();
-        this.retry = setTimeout(() => this.open(true), RETRY_MS);
+        // Backing off: a stream refused for good (no token for streams) is not asked for
+        // every few seconds forever.
+        this.retryMs = Math.min((this.retryMs || RETRY_MS / 2) * 2, 60_000);
+        this.retry = setTimeout(() => this.open(true), this.retryMs);
       } else {
         // The browser reconnects by itself.
         this.handler.state("connecting");

@@ -25,8 +25,8 @@ use crate::outcome::Outcome;
 use crate::props::Properties;
 
 /// The protocol version this build speaks. A master refuses a worker of another version with a
-/// message naming both.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// message naming both. Version 2 added [`ToWorker::Shutdown`].
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// How many build messages a worker may have in flight before it waits for an acknowledgement.
 pub const WINDOW: u64 = 256;

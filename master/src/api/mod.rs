@@ -69,7 +69,7 @@ impl From<sqlx::Error> for ApiError {
 impl From<AuthError> for ApiError {
     fn from(e: AuthError) -> Self {
         match e {
-            AuthError::CrossSite => ApiError::Forbidden(e.to_string()),
+            AuthError::CrossSite | AuthError::UnknownHost(_) => ApiError::Forbidden(e.to_string()),
             AuthError::Malformed | AuthError::Unknown => ApiError::Unauthorized(e.to_string()),
         }
     }
@@ -142,6 +142,8 @@ async fn caller(
             })
         }
         None => {
+            let state = m.state();
+            auth::check_host(headers, &state.config.master.url)?;
             auth::check_same_site(method, headers)?;
             Ok(Caller {
                 name: None,

@@ -294,7 +294,7 @@ async fn log_contents(
     }
     let mut conn = m.db.pool().acquire().await?;
     let Json(log) = item(&mut conn, &views::LOGS, id).await?;
-    let lines = db::log_lines(&mut conn, id, offset, offset + limit - 1).await?;
+    let lines = db::log_lines(&mut conn, id, offset, offset.saturating_add(limit - 1)).await?;
     let stream = log["type"] == "s";
     let lines: Vec<Value> = lines.iter().map(|l| split_channel(l, stream)).collect();
     Ok(Json(json!({

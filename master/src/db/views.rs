@@ -235,6 +235,22 @@ impl Listing {
         let mut clauses = Vec::new();
         for f in &self.filters {
             let mut alternatives = Vec::new();
+            // Several values of one field: one IN list (an OR chain of a thousand would pass
+            // SQLite's expression depth limit).
+            let listed: Vec<&Bound> = f.values.iter().filter(|v| **v != Bound::Null).collect();
+            if f.op == Op::Eq && listed.len() > 1 {
+                let mut places = Vec::new();
+                for v in listed {
+                    binds.push(v.clone());
+                    places.push(format!("${}", binds.len()));
+                }
+                alternatives.push(format!("v.{} IN ({})", f.field, places.join(", ")));
+                if f.values.contains(&Bound::Null) {
+                    alternatives.push(format!("v.{} IS NULL", f.field));
+                }
+                clauses.push(format!("({})", alternatives.join(" OR ")));
+                continue;
+            }
             for v in &f.values {
                 alternatives.push(match (v, f.op) {
                     (Bound::Null, Op::Ne) => format!("v.{} IS NOT NULL", f.field),
@@ -316,7 +332,8 @@ fn bind_all<'q>(
         q = match b {
             Bound::Int(i) => q.bind(*i),
             Bound::Text(s) => q.bind(s.clone()),
-            Bound::Null => q.bind(None::<i64>),
+            // Never bound: a null is written as IS NULL.
+            Bound::Null => q,
         };
     }
     q
@@ -673,7 +690,7 @@ mod tests {
         let mut binds = Vec::new();
         assert_eq!(
             l.where_clause(&mut binds),
-            " WHERE (v.builder = $1 OR v.builder = $2) AND (v.results < $3) AND (v.complete_at IS NULL)"
+            " WHERE (v.builder IN ($1, $2)) AND (v.results < $3) AND (v.complete_at IS NULL)"
         );
         assert_eq!(
             binds,

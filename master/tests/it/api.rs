@@ -301,13 +301,33 @@ fn actions_need_a_token_whose_role_allows_them() {
     assert_eq!(status, 200, "{body}");
     let (status, body) = force("");
     assert_eq!(status, 200, "{body}");
-    let (status, body) = force("Origin: http://x\r\n");
+    let (status, body) = force("Origin: http://127.0.0.1\r\n");
     assert_eq!(status, 200, "the master's own page: {body}");
     let (status, body) = force("Origin: http://evil.example\r\n");
     assert_eq!(status, 403, "{body}");
     assert!(body["error"].as_str().unwrap().contains("cross-site"));
     let (status, _) = force("Sec-Fetch-Site: cross-site\r\n");
     assert_eq!(status, 403);
+    // A page of another site whose name was made to resolve here (DNS rebinding) sends its own
+    // name as Host: refused without a token, for reads too.
+    let (status, body) = farm.request(
+        "GET",
+        "/api/v2/builds",
+        "Host: rebound.evil.example\r\n",
+        "",
+    );
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("Host header"),
+        "{body}"
+    );
+    let (status, _) = farm.request(
+        "GET",
+        "/api/v2/builds",
+        &format!("Host: rebound.evil.example\r\n{}", bearer(&reader)),
+        "",
+    );
+    assert_eq!(status, 200, "a token is never sent by a rebinding page");
     // Admin actions stay admin.
     let (status, _) = farm.request("POST", "/api/v2/control/reconfig", "", "");
     assert_eq!(status, 401);
@@ -458,7 +478,7 @@ fn upload(farm: &Farm, token: &str, query: &str, bytes: &[u8]) -> (u16, Value) {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", farm.port)).unwrap();
     write!(
         s,
-        "POST /api/v2/stepmodules?{query} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Type: application/wasm\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "POST /api/v2/stepmodules?{query} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\nContent-Type: application/wasm\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         bytes.len()
     )
     .unwrap();
@@ -631,7 +651,7 @@ fn read_events(
     let mut s = std::net::TcpStream::connect(("127.0.0.1", farm.port)).unwrap();
     write!(
         s,
-        "GET /api/v2/events{query} HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n"
+        "GET /api/v2/events{query} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n"
     )
     .unwrap();
     s.set_read_timeout(Some(Duration::from_millis(200)))
@@ -641,6 +661,7 @@ fn read_events(
     let mut name = String::new();
     let start = Instant::now();
     let mut primed = false;
+    let mut headers_done = false;
     let mut line = String::new();
     while start.elapsed() < within && !done(&events) {
         // A timeout keeps what was read of a line; the next read goes on with it.
@@ -648,6 +669,8 @@ fn read_events(
             Ok(0) => break,
             Ok(_) if line.ends_with('\n') => {
                 let l = line.trim_end();
+                // The blank line after the headers: the master has subscribed this stream.
+                headers_done |= l.is_empty();
                 if let Some(n) = l.strip_prefix("event:") {
                     name = n.trim().to_owned();
                 } else if let Some(d) = l.strip_prefix("data:") {
@@ -656,7 +679,7 @@ fn read_events(
                 line.clear();
             }
             Ok(_) => {}
-            Err(_) if !primed && line.is_empty() => {
+            Err(_) if !primed && headers_done && line.is_empty() => {
                 // The stream is open and quiet: act.
                 primed = true;
                 meanwhile();

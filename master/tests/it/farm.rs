@@ -279,8 +279,14 @@ impl Farm {
         };
         write!(
             s,
-            "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
+            "{method} {path} HTTP/1.1\r\n{host}Content-Type: application/json\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len(),
+            // The caller's own Host, if it gives one.
+            host = if headers.starts_with("Host:") {
+                ""
+            } else {
+                "Host: 127.0.0.1\r\n"
+            }
         )
         .unwrap();
         let mut response = String::new();
@@ -1135,7 +1141,11 @@ latent = {{ kind = "local", idle_timeout = "60s" }}
     assert_eq!(status, 200, "the API over HTTPS: {body}");
     // Plain HTTP on the TLS port gets no API.
     let mut plain = std::net::TcpStream::connect(("127.0.0.1", farm.port)).unwrap();
-    write!(plain, "GET /api/v2/workers HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    write!(
+        plain,
+        "GET /api/v2/workers HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    )
+    .unwrap();
     plain
         .set_read_timeout(Some(Duration::from_secs(15)))
         .unwrap();
