@@ -20,6 +20,7 @@ mod master_cmd;
 pub mod metrics;
 pub mod model;
 pub mod pgtemp;
+pub mod poller;
 pub mod properties;
 pub mod requests;
 pub mod schedulers;

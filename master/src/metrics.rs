@@ -25,6 +25,12 @@ struct BuilderResult {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SourceResult {
+    source: String,
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct State {
     state: String,
 }
@@ -61,6 +67,7 @@ pub struct Metrics {
     queue_oldest: Family<Builder, Gauge<f64, std::sync::atomic::AtomicU64>>,
     workers: Family<State, Gauge>,
     refused: Counter,
+    polls: Family<SourceResult, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -84,6 +91,7 @@ impl Default for Metrics {
             queue_oldest: Family::default(),
             workers: Family::default(),
             refused: Counter::default(),
+            polls: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -141,6 +149,11 @@ impl Default for Metrics {
             "Worker messages refused (wrong cookie, not the worker's build, out of order)",
             m.refused.clone(),
         );
+        registry.register(
+            "change_source_polls",
+            "Polls of git pollers, by change source and result (ok, error)",
+            m.polls.clone(),
+        );
         Metrics { registry, ..m }
     }
 }
@@ -195,6 +208,16 @@ impl Metrics {
         self.step_guest_memory
             .get_or_create(&label)
             .observe(r.guest_memory_bytes as f64);
+    }
+
+    /// A poll of change source `source` ended, well or not.
+    pub fn poll_finished(&self, source: &str, ok: bool) {
+        self.polls
+            .get_or_create(&SourceResult {
+                source: source.to_owned(),
+                result: if ok { "ok" } else { "error" }.to_owned(),
+            })
+            .inc();
     }
 
     /// Worker messages were refused.

@@ -204,6 +204,8 @@ pub struct Master {
     pub metrics: crate::metrics::Metrics,
     /// Live updates for `GET /api/v2/events`.
     pub live: crate::api::Live,
+    /// The git pollers of the configuration in force.
+    pub pollers: crate::poller::Pollers,
     dispatch: Notify,
     address: std::sync::OnceLock<std::net::SocketAddr>,
 }
@@ -251,6 +253,7 @@ impl Master {
             latent: Default::default(),
             metrics: Default::default(),
             live: Default::default(),
+            pollers: Default::default(),
             dispatch: Notify::new(),
             address: Default::default(),
         });
@@ -328,6 +331,7 @@ impl Master {
         }
         drop(conn);
         *self.state.write().expect("state lock") = Arc::new(state);
+        self.pollers.reconfigured();
         self.sync_tables().await?;
         tracing::info!(?diff, "configuration reloaded");
         self.wake.notify_one();
@@ -430,6 +434,8 @@ impl Master {
         shutdown: impl std::future::Future<Output = ()>,
     ) -> anyhow::Result<()> {
         let mut shutdown = std::pin::pin!(shutdown);
+        // The git pollers run as long as this does.
+        let _pollers = crate::poller::start(&self);
         let mut beat = tokio::time::interval(self.state().config.master.heartbeat);
         beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut next_pass = tokio::time::Instant::now();

@@ -7,7 +7,9 @@
 //! - `modules`: step module upload, listing and deletion.
 //! - `events`: the live event stream (Server-Sent Events).
 //! - `openapi`: the OpenAPI document of all of the above.
+//! - `change_sources`: the change sources and how their polls went.
 
+mod change_sources;
 mod control;
 mod events;
 mod modules;
@@ -233,6 +235,7 @@ pub fn router(master: Arc<Master>) -> Router {
         .merge(read::routes())
         .merge(control::routes())
         .merge(modules::routes())
+        .merge(change_sources::routes())
         .merge(crate::ui::router())
         .route("/api/v2/events", get(events::stream))
         .route("/api/v2/openapi.json", get(openapi::document))

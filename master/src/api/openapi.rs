@@ -265,6 +265,24 @@ static OPS: &[Op] = &[
         "admin",
     ),
     op(
+        "get",
+        "/api/v2/changesources",
+        "Change sources in force; git pollers with their last poll, last error, failures in a row and recorded heads",
+        "read",
+    ),
+    op(
+        "get",
+        "/api/v2/changesources/{name}",
+        "One change source",
+        "read",
+    ),
+    op(
+        "post",
+        "/api/v2/changesources/{name}/poll",
+        "Ask a git poller to poll now",
+        "force",
+    ),
+    op(
         "post",
         "/api/v2/control/reconfig",
         "Reload the configuration file",

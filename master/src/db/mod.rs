@@ -12,6 +12,7 @@
 //!   front, so two writers queue on the busy timeout instead of failing on lock upgrade.
 
 mod control;
+mod poller;
 mod queries;
 pub mod views;
 
@@ -20,6 +21,7 @@ use sqlx::{Any, AnyPool, Connection, Executor, Transaction};
 use std::str::FromStr;
 
 pub use control::*;
+pub use poller::*;
 pub use queries::*;
 pub use views::{Listing, View};
 

@@ -9,6 +9,7 @@ mod demo;
 mod farm;
 mod git_step;
 mod master_cli;
+mod poller;
 mod reliability;
 mod schedulers;
 mod standard_steps;
