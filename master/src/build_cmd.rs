@@ -172,16 +172,33 @@ impl BuildPlan {
 /// arguments merged and its default observers (on `stdio`) before the step's configured
 /// observers; each uploaded module as `uploaded` names it (by content); `%(src:...)s` rendered
 /// from `stamps` in step and observer arguments (`%(prop:...)s` and `%(secret:...)s` are left
-/// for the runtime, which renders them as each step starts).
+/// for the runtime, which renders them as each step starts). The first `git` step whose
+/// arguments name no patch gets the first source stamp's (a try build's), as `{body, level}`.
 pub fn job_steps(
     builder: &Builder,
     stamps: &[SourceStamp],
     uploaded: &dyn Fn(&ModuleRef, &str) -> Result<ModuleSpec, PlanError>,
 ) -> Result<Vec<StepSpec>, PlanError> {
     let mut steps = Vec::with_capacity(builder.steps.len());
+    let mut patch = stamps.first().and_then(|s| s.patch.as_ref());
     for s in &builder.steps {
         let at = format!("step {:?}", s.name);
-        let args = render(&s.args, stamps, &at)?;
+        let mut args = render(&s.args, stamps, &at)?;
+        if let (ModuleSource::Builtin(name), Some(p), Value::Object(map)) =
+            (&s.module, patch, &mut args)
+            && *name == "git"
+            && !map.contains_key("patch")
+        {
+            let body = String::from_utf8(p.body.clone()).map_err(|_| PlanError::Args {
+                at: at.clone(),
+                message: "the try patch is not UTF-8 text".into(),
+            })?;
+            map.insert(
+                "patch".into(),
+                serde_json::json!({"body": body, "level": p.level}),
+            );
+            patch = None;
+        }
         let mut observers = Vec::new();
         let (module, args) = match &s.module {
             ModuleSource::Builtin(name) => {

@@ -37,6 +37,11 @@ enum Command {
     /// Exit status with --wait: 0 for SUCCESS or WARNINGS, 1 for FAILURE (or a master that
     /// cannot be reached), 2 for a refused request, 3 for any other result.
     Force(Box<crate::client_cmd::ForceArgs>),
+    /// Build the local git checkout's uncommitted changes on the farm, as a patch on the
+    /// revision it is based on (`buildbot try`); with --wait, follow the builds.
+    ///
+    /// Exit status with --wait: as `force --wait`, for the worst of the builds.
+    Try(Box<crate::try_cmd::TryArgs>),
     /// Recent builds, newest first.
     Builds(crate::client_cmd::BuildsArgs),
     /// The farm at a glance: builders, workers, the queue.
@@ -158,6 +163,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Checkconfig(args) => crate::master_cmd::checkconfig(args),
         Command::Sendchange(args) => crate::client_cmd::sendchange(*args),
         Command::Force(args) => crate::client_cmd::force(*args),
+        Command::Try(args) => crate::try_cmd::try_build(*args),
         Command::Builds(args) => crate::client_cmd::builds(args),
         Command::Status(args) => crate::client_cmd::status(args),
         Command::Workers(args) => crate::client_cmd::workers(args),

@@ -24,7 +24,9 @@ use crate::step_cmd::{human_bytes, paint};
 
 /// Runs a client command on a runtime of its own; a [`ClientError`] is printed here with
 /// its own exit status (1 or 2), other errors go up as bad input.
-fn block_on(f: impl Future<Output = anyhow::Result<ExitCode>>) -> anyhow::Result<ExitCode> {
+pub(crate) fn block_on(
+    f: impl Future<Output = anyhow::Result<ExitCode>>,
+) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -51,7 +53,7 @@ pub(crate) fn with_query(path: &str, pairs: &[(&str, &str)]) -> String {
 }
 
 /// A path segment, encoded (a builder or module name from the command line).
-fn segment(text: &str) -> String {
+pub(crate) fn segment(text: &str) -> String {
     let mut url = reqwest::Url::parse("http://x/").expect("a fixed URL");
     url.path_segments_mut()
         .expect("an http URL has segments")

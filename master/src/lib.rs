@@ -29,5 +29,6 @@ pub mod server;
 pub mod step_cmd;
 pub mod tls;
 mod token_cmd;
+mod try_cmd;
 pub mod ui;
 pub mod workers;

@@ -899,8 +899,9 @@ pub async fn trigger(
     Ok(Ok(submitted))
 }
 
-/// Largest patch a try request may carry.
-pub const MAX_TRY_PATCH: usize = 16 << 20;
+/// Largest patch a try request may carry: it travels in a JSON request (at most 4 MiB) and,
+/// as the git step's argument, in the job a worker receives (at most 8 MiB).
+pub const MAX_TRY_PATCH: usize = 2 << 20;
 
 /// A `kiln try` request.
 #[derive(Debug, Clone, Default)]

@@ -22,6 +22,7 @@ pub fn routes() -> Router<Arc<Master>> {
     Router::new()
         .route("/api/v2/changes", post(add_change))
         .route("/api/v2/forceschedulers/{name}", post(force))
+        .route("/api/v2/tryschedulers/{name}", post(try_build))
         .route("/api/v2/control/reconfig", post(reconfig))
         .route("/api/v2/builds/{id}/stop", post(stop_build))
         .route("/api/v2/builds/{id}/steps/{number}/stop", post(stop_step))
@@ -82,6 +83,24 @@ async fn force(
     }
     let result = m
         .with_env(async |env| schedulers::force(env, &name, &request, now_ms()).await)
+        .await?;
+    Ok(submitted(&m, &result.map_err(refused)?).await)
+}
+
+/// A try build (`kiln try`): the patch on its base, through a try scheduler, for the caller
+/// (a scheduler's `users` names the tokens it takes).
+async fn try_build(
+    State(m): State<Arc<Master>>,
+    Extension(c): Extension<Caller>,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> ApiResult {
+    c.require(Role::Force, "sending a try build")?;
+    let body: crate::try_cmd::TryBody = parse_body(&body)?;
+    let who = c.name.clone().unwrap_or_else(|| "anonymous".into());
+    let request = body.check(&who).map_err(ApiError::BadRequest)?;
+    let result = m
+        .with_env(async |env| schedulers::try_build(env, &name, &request, now_ms()).await)
         .await?;
     Ok(submitted(&m, &result.map_err(refused)?).await)
 }

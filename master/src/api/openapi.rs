@@ -207,6 +207,15 @@ static OPS: &[Op] = &[
         ),
         "{\"builders\": [...], \"reason\": \"...\", \"owner\": \"...\", \"branch\": \"...\", \"revision\": \"...\", \"parameters\": {...}, \"priority\": 0}",
     ),
+    with_body(
+        op(
+            "post",
+            "/api/v2/tryschedulers/{name}",
+            "Build a patch on its base revision (kiln try); the scheduler's users list names the tokens it takes",
+            "force",
+        ),
+        "{\"baserev\": \"40 hex digits\", \"patch\": \"diff text\", \"patch_level\": 1, \"builders\": [...], \"branch\": \"...\", \"repository\": \"...\", \"comment\": \"...\", \"properties\": {...}}",
+    ),
     op(
         "get",
         "/api/v2/workers",

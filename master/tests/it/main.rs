@@ -15,6 +15,7 @@ mod schedulers;
 mod standard_steps;
 mod step_resources;
 mod support;
+mod try_build;
 mod ui;
 
 use std::path::Path;

@@ -84,6 +84,9 @@ fn default_dest() -> String {
 /// Where the `copy` method keeps its incrementally updated source.
 const COPY_SOURCE: &str = ".kiln-git-source";
 
+/// The file, in the checkout's git directory, a patch is applied from.
+const PATCH_FILE: &str = "kiln-try.patch";
+
 /// Checks what serde cannot, before any command runs.
 fn check(args: &Args) -> Result<Method, Error> {
     if args.repourl.trim().is_empty() {
@@ -133,16 +136,6 @@ impl Git<'_> {
         dir: &str,
         args: &[&str],
     ) -> Result<guest_sdk::CommandResult, Error> {
-        self.run_with(ctx, dir, args, None)
-    }
-
-    fn run_with(
-        &self,
-        ctx: &mut StepContext,
-        dir: &str,
-        args: &[&str],
-        stdin: Option<&str>,
-    ) -> Result<guest_sdk::CommandResult, Error> {
         let mut argv = vec!["git".to_owned()];
         for (k, v) in self.config {
             argv.push("-c".to_owned());
@@ -156,9 +149,6 @@ impl Git<'_> {
             .capture_stdout(4096);
         if let Some(t) = self.timeout {
             cmd = cmd.timeout(guest_sdk::seconds(t, "timeout")?);
-        }
-        if let Some(text) = stdin {
-            cmd = cmd.stdin(text);
         }
         cmd.run()
     }
@@ -314,7 +304,15 @@ fn run(ctx: &mut StepContext) -> StepResult {
             Patch::Leveled { body, level } => (body.as_str(), *level),
         };
         let level = format!("-p{level}");
-        let done = git.run_with(ctx, dest, &["apply", "--index", &level, "-"], Some(body))?;
+        // The patch goes through a file in the checkout's git directory (not its tree, and
+        // not stdin, whose size a command's spawn is limited to).
+        let file = format!("{dest}/.git/{PATCH_FILE}");
+        std::fs::write(&file, body)
+            .map_err(|e| Error::msg(format!("cannot write the patch to {file}: {e}")))?;
+        let path = format!(".git/{PATCH_FILE}");
+        let done = git.run(ctx, dest, &["apply", "--index", &level, &path]);
+        std::fs::remove_file(&file).ok();
+        let done = done?;
         if !done.success() {
             return Err(Error::msg(format!(
                 "the patch does not apply: git apply {}",

@@ -1,0 +1,653 @@
+//! `kiln try`, as `buildbot try`: builds what is in a local git checkout, uncommitted, on the
+//! farm. The base is the merge-base of HEAD with the current branch's upstream (or
+//! `--baserev`); the patch is the diff from it to the working tree (staged or not; untracked
+//! files with `--untracked`), with binary files as git binary patches. The master builds that
+//! source stamp through a try scheduler (`POST /api/v2/tryschedulers/{name}`, the force role;
+//! a scheduler's `users` list names the tokens it takes), whose builders' first git step
+//! applies the patch after its checkout. With `--wait`, each build is followed as
+//! `kiln force --wait` follows one.
+//!
+//! [`TryBody`] is the request, shared by this command and the master, which checks it
+//! ([`TryBody::check`]) before anything is stored.
+
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+use anyhow::{Context, bail};
+use clap::Args;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::client::{Client, ClientArgs};
+use crate::client_cmd::{block_on, segment, text};
+use crate::model::{Patch, SourceStamp};
+use crate::schedulers::{MAX_TRY_PATCH, TryRequest};
+
+/// Highest `-p` level a patch may give.
+const MAX_PATCH_LEVEL: u32 = 32;
+
+/// Largest total size of a try request's properties, as JSON.
+const MAX_PROPERTIES: usize = 64 << 10;
+
+/// The body of `POST /api/v2/tryschedulers/{name}`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TryBody {
+    /// Builders to build on (a subset of the scheduler's); empty for all of them.
+    #[serde(default)]
+    pub builders: Vec<String>,
+    /// The full commit id the patch applies to.
+    pub baserev: String,
+    /// The branch the base is on, if known.
+    #[serde(default)]
+    pub branch: Option<String>,
+    /// The repository the base is in.
+    #[serde(default)]
+    pub repository: String,
+    /// The project.
+    #[serde(default)]
+    pub project: String,
+    /// The patch: a diff git can apply, as text.
+    pub patch: String,
+    /// Its `-p` level.
+    #[serde(default = "default_level")]
+    pub patch_level: u32,
+    /// Why (it goes in the build's reason).
+    #[serde(default)]
+    pub comment: String,
+    /// Properties for the builds (source "Try").
+    #[serde(default)]
+    pub properties: Map<String, Value>,
+}
+
+fn default_level() -> u32 {
+    1
+}
+
+impl TryBody {
+    /// Checks the request and turns it into a try request from `who`; the message says what
+    /// to fix.
+    pub fn check(self, who: &str) -> Result<TryRequest, String> {
+        let rev = &self.baserev;
+        if !(rev.len() == 40 || rev.len() == 64) || !rev.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(format!(
+                "baserev {:?} is not a full commit id (40 or 64 hex digits)",
+                rev.chars().take(80).collect::<String>()
+            ));
+        }
+        for (name, value) in [
+            ("branch", self.branch.as_deref().unwrap_or_default()),
+            ("repository", &self.repository),
+            ("project", &self.project),
+        ] {
+            if value.len() > crate::changes::MAX_FIELD || value.contains('\0') {
+                return Err(format!(
+                    "{name} is longer than {} bytes or contains NUL",
+                    crate::changes::MAX_FIELD
+                ));
+            }
+        }
+        if self.comment.len() > crate::changes::MAX_FIELD {
+            return Err(format!(
+                "the comment is {} bytes; the limit is {}",
+                self.comment.len(),
+                crate::changes::MAX_FIELD
+            ));
+        }
+        if self.patch.trim().is_empty() {
+            return Err("the patch is empty: there is nothing to try".into());
+        }
+        if self.patch.len() > MAX_TRY_PATCH {
+            return Err(format!(
+                "the patch is {} bytes; the limit is {} MiB",
+                self.patch.len(),
+                MAX_TRY_PATCH >> 20
+            ));
+        }
+        // Escaped as JSON (in the job a worker receives), control characters grow sixfold.
+        let escaped = serde_json::to_string(&self.patch).map_or(usize::MAX, |s| s.len());
+        if escaped > MAX_TRY_PATCH * 3 / 2 {
+            return Err(format!(
+                "the patch is {escaped} bytes escaped as JSON (it has many control characters); \
+                 the limit is {} bytes",
+                MAX_TRY_PATCH * 3 / 2
+            ));
+        }
+        if self.patch.contains('\0') {
+            return Err("the patch contains a NUL character; make binary files git binary patches (git diff --binary)".into());
+        }
+        if self.patch_level > MAX_PATCH_LEVEL {
+            return Err(format!(
+                "patch_level {} is more than {MAX_PATCH_LEVEL}",
+                self.patch_level
+            ));
+        }
+        let props = serde_json::to_string(&self.properties).map_or(usize::MAX, |s| s.len());
+        if props > MAX_PROPERTIES {
+            return Err(format!(
+                "the properties are {props} bytes of JSON; the limit is {MAX_PROPERTIES}"
+            ));
+        }
+        for name in self.properties.keys() {
+            runtime::props::check_property_name(name)
+                .map_err(|e| format!("property {name:?}: {e}"))?;
+        }
+        Ok(TryRequest {
+            who: who.to_owned(),
+            builders: self.builders,
+            sourcestamp: SourceStamp {
+                repository: self.repository,
+                branch: self.branch.filter(|b| !b.is_empty()),
+                revision: Some(self.baserev.to_ascii_lowercase()),
+                project: self.project,
+                patch: Some(Patch {
+                    level: i64::from(self.patch_level),
+                    body: self.patch.into_bytes(),
+                    author: Some(who.to_owned()),
+                    comment: Some(self.comment.clone()).filter(|c| !c.is_empty()),
+                    subdir: None,
+                }),
+                ..Default::default()
+            },
+            properties: self.properties,
+            comment: self.comment,
+        })
+    }
+}
+
+/// Arguments of `kiln try`.
+#[derive(Debug, Args)]
+pub struct TryArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// A builder to build on (repeatable); default: all of the try scheduler's builders.
+    #[arg(long = "builder", short = 'b', value_name = "BUILDER")]
+    builders: Vec<String>,
+    /// The try scheduler, when the master has several.
+    #[arg(long, value_name = "NAME")]
+    scheduler: Option<String>,
+    /// Follow the builds (one after the other): their logs as they are written and a table of
+    /// steps; the exit status is the worst result's.
+    #[arg(long)]
+    wait: bool,
+    /// The revision the patch applies to. Default: where HEAD meets the current branch's
+    /// upstream (git merge-base HEAD @{upstream}).
+    #[arg(long, value_name = "REV")]
+    baserev: Option<String>,
+    /// The branch the base is on. Default: the upstream's branch.
+    #[arg(long)]
+    branch: Option<String>,
+    /// The repository. Default: the upstream remote's URL.
+    #[arg(long)]
+    repository: Option<String>,
+    /// Include untracked files (those .gitignore does not ignore) in the patch.
+    #[arg(long)]
+    untracked: bool,
+    /// Send this diff (`-` for stdin) instead of the working tree's; needs --baserev.
+    #[arg(long, value_name = "FILE")]
+    diff: Option<PathBuf>,
+    /// The -p level of --diff.
+    #[arg(long, short = 'p', value_name = "N", default_value_t = 1)]
+    patchlevel: u32,
+    /// Why (shown in the builds' reason).
+    #[arg(long, short = 'm', default_value = "")]
+    comment: String,
+    /// A build property, NAME=VALUE (VALUE read as JSON if it parses).
+    #[arg(long = "property", value_name = "NAME=VALUE")]
+    properties: Vec<String>,
+    /// Print what would be sent (the base, the branch and the patch) and send nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// The git checkout. Default: the current directory.
+    #[arg(long, short = 'C', value_name = "DIR", default_value = ".")]
+    dir: PathBuf,
+}
+
+/// Runs git in `dir`; its stdout, or an error naming the command and what git said.
+fn git(dir: &Path, args: &[&str], env: &[(&str, &Path)]) -> anyhow::Result<Vec<u8>> {
+    let mut cmd = Command::new("git");
+    cmd.args(args).current_dir(dir);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd
+        .output()
+        .context("cannot run git (is it installed and on PATH?)")?;
+    if !out.status.success() {
+        bail!(
+            "git {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(out.stdout)
+}
+
+fn git_text(dir: &Path, args: &[&str]) -> anyhow::Result<String> {
+    Ok(String::from_utf8_lossy(&git(dir, args, &[])?)
+        .trim()
+        .to_owned())
+}
+
+/// What `kiln try` found in the checkout.
+#[derive(Debug)]
+struct Local {
+    baserev: String,
+    branch: Option<String>,
+    repository: String,
+    patch: String,
+}
+
+/// The current branch's upstream: (remote, branch on the remote), if it has one.
+fn upstream(dir: &Path) -> Option<(String, String)> {
+    let current = git_text(dir, &["symbolic-ref", "--quiet", "--short", "HEAD"]).ok()?;
+    let remote = git_text(dir, &["config", &format!("branch.{current}.remote")]).ok()?;
+    let merge = git_text(dir, &["config", &format!("branch.{current}.merge")]).ok()?;
+    let branch = merge
+        .strip_prefix("refs/heads/")
+        .unwrap_or(&merge)
+        .to_owned();
+    Some((remote, branch))
+}
+
+/// The diff from `base` to the working tree, through a copy of the index (so the real one is
+/// untouched): tracked files as they are on disk, untracked ones too if asked.
+fn working_tree_diff(top: &Path, base: &str, untracked: bool) -> anyhow::Result<Vec<u8>> {
+    let index = PathBuf::from(git_text(
+        top,
+        &["rev-parse", "--path-format=absolute", "--git-path", "index"],
+    )?);
+    let scratch = tempfile::tempdir().context("cannot make a temporary directory")?;
+    let copy = scratch.path().join("index");
+    if index.exists() {
+        std::fs::copy(&index, &copy).with_context(|| format!("cannot copy {}", index.display()))?;
+    }
+    let env = [("GIT_INDEX_FILE", copy.as_path())];
+    if !index.exists() {
+        git(top, &["read-tree", "HEAD"], &env)?;
+    }
+    git(
+        top,
+        &[
+            "add",
+            if untracked { "--all" } else { "--update" },
+            "--",
+            ".",
+        ],
+        &env,
+    )?;
+    let diff = |extra: &[&str]| -> anyhow::Result<Vec<u8>> {
+        let mut args = vec![
+            "-c",
+            "diff.noprefix=false",
+            "-c",
+            "diff.mnemonicPrefix=false",
+            "diff",
+            "--cached",
+            "--binary",
+            "--full-index",
+            "--no-color",
+            "--no-ext-diff",
+            "--no-textconv",
+            "--no-renames",
+        ];
+        args.extend(extra);
+        args.extend([base, "--"]);
+        git(top, &args, &env)
+    };
+    let patch = diff(&[])?;
+    if std::str::from_utf8(&patch).is_ok() {
+        return Ok(patch);
+    }
+    // Text in another encoding: send every file as a git binary patch (ASCII) instead.
+    let attributes = scratch.path().join("attributes");
+    std::fs::write(&attributes, "* -diff\n")?;
+    let attr = format!("core.attributesFile={}", attributes.display());
+    let mut args = vec!["-c", attr.as_str()];
+    args.extend([
+        "diff",
+        "--cached",
+        "--binary",
+        "--full-index",
+        "--no-color",
+        "--no-ext-diff",
+        "--no-renames",
+        base,
+        "--",
+    ]);
+    git(top, &args, &env)
+}
+
+/// Works out the base, the branch, the repository and the patch.
+fn local(args: &TryArgs) -> anyhow::Result<Local> {
+    let dir = &args.dir;
+    let top = PathBuf::from(
+        git_text(dir, &["rev-parse", "--show-toplevel"])
+            .with_context(|| format!("{} is not in a git checkout", dir.display()))?,
+    );
+    let upstream = upstream(&top);
+    let baserev = match (&args.baserev, &upstream) {
+        (Some(rev), _) => git_text(
+            &top,
+            &[
+                "rev-parse",
+                "--verify",
+                "--quiet",
+                &format!("{rev}^{{commit}}"),
+            ],
+        )
+        .ok()
+        .filter(|r| !r.is_empty())
+        .with_context(|| format!("--baserev {rev}: no such commit in this checkout"))?,
+        (None, Some(_)) => git_text(&top, &["merge-base", "HEAD", "@{upstream}"])
+            .context("cannot find where HEAD meets its upstream; fetch it, or give --baserev")?,
+        (None, None) => bail!(
+            "the current branch has no upstream to try against; set one (git branch --set-upstream-to origin/main) or give --baserev REV"
+        ),
+    };
+    let branch = args
+        .branch
+        .clone()
+        .or_else(|| upstream.as_ref().map(|(_, b)| b.clone()));
+    let repository = match (&args.repository, &upstream) {
+        (Some(r), _) => r.clone(),
+        (None, Some((remote, _))) if remote != "." => {
+            git_text(&top, &["remote", "get-url", remote]).unwrap_or_default()
+        }
+        _ => String::new(),
+    };
+    let patch = match &args.diff {
+        Some(file) => {
+            if args.baserev.is_none() {
+                bail!(
+                    "--diff sends a patch made elsewhere: give the revision it applies to with --baserev"
+                );
+            }
+            let mut bytes = Vec::new();
+            if file.as_os_str() == "-" {
+                std::io::stdin()
+                    .read_to_end(&mut bytes)
+                    .context("cannot read the patch from stdin")?;
+            } else {
+                bytes = std::fs::read(file)
+                    .with_context(|| format!("cannot read {}", file.display()))?;
+            }
+            bytes
+        }
+        None => working_tree_diff(&top, &baserev, args.untracked)?,
+    };
+    let patch = String::from_utf8(patch).map_err(|_| {
+        anyhow::anyhow!(
+            "the patch is not UTF-8 text; make it with git diff --binary, which encodes other bytes"
+        )
+    })?;
+    if patch.trim().is_empty() {
+        bail!(
+            "nothing to try: the working tree does not differ from {} (use kiln force to build a revision as it is{})",
+            &baserev[..12.min(baserev.len())],
+            if args.untracked {
+                ""
+            } else {
+                "; --untracked adds new files"
+            }
+        );
+    }
+    if patch.len() > MAX_TRY_PATCH {
+        bail!(
+            "the patch is {} bytes; the limit is {} MiB",
+            patch.len(),
+            MAX_TRY_PATCH >> 20
+        );
+    }
+    Ok(Local {
+        baserev,
+        branch,
+        repository,
+        patch,
+    })
+}
+
+/// The try scheduler and builders to use.
+fn pick_scheduler(args: &TryArgs, schedulers: &[Value]) -> anyhow::Result<(String, Vec<String>)> {
+    let tries: Vec<&Value> = schedulers.iter().filter(|s| s["type"] == "try").collect();
+    let names = |list: &[&Value]| {
+        list.iter()
+            .map(|s| text(&s["name"]))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let builders_of = |s: &Value| -> Vec<String> {
+        s["builders"]
+            .as_array()
+            .map(|b| b.iter().map(text).collect())
+            .unwrap_or_default()
+    };
+    if tries.is_empty() {
+        bail!(
+            "the master has no try scheduler; add one to kiln.toml ([[schedulers]] with type = \"try\" and the builders it may build)"
+        );
+    }
+    let fits = |s: &Value| {
+        let has = builders_of(s);
+        args.builders.iter().all(|b| has.contains(b))
+    };
+    let s = match &args.scheduler {
+        Some(name) => {
+            let Some(s) = tries.iter().find(|s| s["name"] == name.as_str()) else {
+                bail!(
+                    "there is no try scheduler {name:?} (defined: {})",
+                    names(&tries)
+                );
+            };
+            if !fits(s) {
+                bail!(
+                    "try scheduler {name:?} does not build {}; its builders: {}",
+                    args.builders
+                        .iter()
+                        .filter(|b| !builders_of(s).contains(b))
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    builders_of(s).join(", ")
+                );
+            }
+            *s
+        }
+        None => {
+            let fitting: Vec<&Value> = tries.iter().copied().filter(|s| fits(s)).collect();
+            match fitting.as_slice() {
+                [s] => *s,
+                [] => {
+                    let mut all: Vec<String> = tries.iter().flat_map(|s| builders_of(s)).collect();
+                    all.sort();
+                    all.dedup();
+                    bail!(
+                        "no try scheduler builds {}; the builders one can try on are: {}",
+                        args.builders.join(", "),
+                        all.join(", ")
+                    );
+                }
+                several => bail!(
+                    "several try schedulers could take this ({}); pick one with --scheduler NAME",
+                    names(several)
+                ),
+            }
+        }
+    };
+    let builders = if args.builders.is_empty() {
+        builders_of(s)
+    } else {
+        args.builders.clone()
+    };
+    Ok((text(&s["name"]), builders))
+}
+
+/// `kiln try`: sends the working tree's diff to the master as a try build.
+pub fn try_build(args: TryArgs) -> anyhow::Result<ExitCode> {
+    if args.diff.is_some() && args.untracked {
+        bail!("--untracked is about the working tree; it does not go with --diff");
+    }
+    let local = local(&args)?;
+    let mut properties = Map::new();
+    for p in &args.properties {
+        let (n, v) = p
+            .split_once('=')
+            .filter(|(n, _)| !n.is_empty())
+            .with_context(|| format!("--property {p}: write NAME=VALUE"))?;
+        let v = serde_json::from_str(v).unwrap_or_else(|_| Value::String(v.to_owned()));
+        properties.insert(n.to_owned(), v);
+    }
+    if args.dry_run {
+        println!("base:       {}", local.baserev);
+        println!("branch:     {}", local.branch.as_deref().unwrap_or("-"));
+        println!(
+            "repository: {}",
+            if local.repository.is_empty() {
+                "-"
+            } else {
+                &local.repository
+            }
+        );
+        println!(
+            "patch:      {} bytes, -p{}",
+            local.patch.len(),
+            args.patchlevel
+        );
+        print!("{}", local.patch);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let client = Client::new(&args.client)?;
+    block_on(async move {
+        let answer = client
+            .get("/api/v2/schedulers")
+            .await
+            .context("reading the schedulers")?;
+        let schedulers = answer["schedulers"].as_array().cloned().unwrap_or_default();
+        let (scheduler, builders) = pick_scheduler(&args, &schedulers)?;
+        let body = TryBody {
+            builders,
+            baserev: local.baserev.clone(),
+            branch: local.branch.clone(),
+            repository: local.repository.clone(),
+            project: String::new(),
+            patch: local.patch,
+            patch_level: args.patchlevel,
+            comment: args.comment.clone(),
+            properties,
+        };
+        let submitted = client
+            .post(
+                &format!("/api/v2/tryschedulers/{}", segment(&scheduler)),
+                &serde_json::to_value(&body)?,
+            )
+            .await?;
+        let buildset = text(&submitted["buildsetid"]);
+        let requests: Vec<(i64, String)> = submitted["buildrequests"]
+            .as_array()
+            .map(|rs| {
+                rs.iter()
+                    .filter_map(|r| Some((r["buildrequestid"].as_i64()?, text(&r["builder"]))))
+                    .collect()
+            })
+            .unwrap_or_default();
+        println!(
+            "try buildset {buildset} on {} (base {}{}):",
+            scheduler,
+            &local.baserev[..12],
+            local
+                .branch
+                .as_deref()
+                .map_or(String::new(), |b| format!(" on {b}"))
+        );
+        for (request, builder) in &requests {
+            println!(
+                "  request {request} for {builder}: {}",
+                client.page(&crate::client_cmd::with_query(
+                    "/builds",
+                    &[("builder", builder)]
+                ))
+            );
+        }
+        if !args.wait {
+            return Ok(ExitCode::SUCCESS);
+        }
+        // Followed one after the other; the worst result decides.
+        let mut worst = ExitCode::SUCCESS;
+        let rank = |c: ExitCode| {
+            [ExitCode::SUCCESS, ExitCode::from(1), ExitCode::from(3)]
+                .iter()
+                .position(|x| *x == c)
+                .unwrap_or(3)
+        };
+        for (request, builder) in &requests {
+            if requests.len() > 1 {
+                println!("== {builder} (request {request})");
+            }
+            let code = crate::follow::follow(&client, *request, builder).await?;
+            if code == ExitCode::from(130) {
+                return Ok(code);
+            }
+            if rank(code) > rank(worst) {
+                worst = code;
+            }
+        }
+        Ok(worst)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body() -> TryBody {
+        TryBody {
+            baserev: "a".repeat(40),
+            patch: "diff --git a/x b/x\n".into(),
+            patch_level: 1,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_try_request_is_checked_before_anything_is_stored() {
+        let r = body().check("ada").unwrap();
+        let ss = &r.sourcestamp;
+        assert_eq!(ss.revision.as_deref(), Some("a".repeat(40).as_str()));
+        let patch = ss.patch.as_ref().unwrap();
+        assert_eq!((patch.level, patch.author.as_deref()), (1, Some("ada")));
+        let bad = |f: &dyn Fn(&mut TryBody)| {
+            let mut b = body();
+            f(&mut b);
+            b.check("ada").unwrap_err()
+        };
+        assert_eq!(
+            bad(&|b| b.baserev = "main".into()),
+            "baserev \"main\" is not a full commit id (40 or 64 hex digits)"
+        );
+        assert_eq!(
+            bad(&|b| b.patch = " \n".into()),
+            "the patch is empty: there is nothing to try"
+        );
+        assert_eq!(
+            bad(&|b| b.patch = "x".repeat(MAX_TRY_PATCH + 1)),
+            format!(
+                "the patch is {} bytes; the limit is 2 MiB",
+                MAX_TRY_PATCH + 1
+            )
+        );
+        assert!(bad(&|b| b.patch = "\u{1}".repeat(MAX_TRY_PATCH / 2)).contains("escaped as JSON"));
+        assert!(bad(&|b| b.patch = "a\0b".into()).contains("NUL"));
+        assert_eq!(
+            bad(&|b| b.patch_level = 99),
+            "patch_level 99 is more than 32"
+        );
+        assert!(
+            bad(&|b| {
+                b.properties.insert("".into(), Value::Null);
+            })
+            .starts_with("property \"\":")
+        );
+        assert!(bad(&|b| b.branch = Some("x".repeat(2000))).starts_with("branch is longer"));
+    }
+}
