@@ -121,3 +121,68 @@ pub async fn add_change(
     }
     Ok(Ok(id))
 }
+
+/// What became of a webhook delivery's changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivered {
+    /// Stored now, with these ids.
+    Added(Vec<ChangeId>),
+    /// The delivery was recorded before (a redelivery): nothing was stored again. The changes
+    /// the first delivery recorded, and when it came.
+    AlreadyReceived {
+        /// The changes it recorded then.
+        changes: Vec<ChangeId>,
+        /// When (ms).
+        received_ms: i64,
+    },
+}
+
+/// Validates and stores the changes of one webhook delivery, and the delivery itself (when
+/// the forge names it), in one transaction: the delivery's unique key decides whether it is
+/// new, so a redelivery stores nothing, and a delivery is never recorded without its changes.
+/// A change that fails validation refuses the whole delivery, which then stores nothing.
+pub async fn add_delivery(
+    db: &Db,
+    delivery: Option<&db::HookDelivery>,
+    changes: &[NewChange],
+) -> anyhow::Result<Result<Delivered, ChangeError>> {
+    for (i, change) in changes.iter().enumerate() {
+        if let Err(e) = validate(change) {
+            return Ok(Err(if changes.len() > 1 {
+                ChangeError(format!("change {} of {}: {}", i + 1, changes.len(), e.0))
+            } else {
+                e
+            }));
+        }
+    }
+    let now = now_ms();
+    let mut tx = db.begin().await?;
+    db.serialize_appends(&mut tx).await?;
+    let row = match delivery {
+        Some(d) => match db::insert_delivery(&mut tx, d, now).await? {
+            Some(row) => Some(row),
+            None => {
+                tx.rollback().await?;
+                let mut conn = db.pool().acquire().await?;
+                let seen = db::get_delivery(&mut conn, &d.source, &d.delivery).await?;
+                return Ok(Ok(Delivered::AlreadyReceived {
+                    changes: seen.as_ref().map(|s| s.changes.clone()).unwrap_or_default(),
+                    received_ms: seen.map_or(now, |s| s.received_ms),
+                }));
+            }
+        },
+        None => None,
+    };
+    let mut ids = Vec::with_capacity(changes.len());
+    for change in changes {
+        // A change whose `source_key` was seen before is a redelivery of that one change.
+        if let Some(id) = db::insert_change(&mut tx, change, now).await? {
+            ids.push(id);
+        }
+    }
+    if let Some(row) = row {
+        db::set_delivery_changes(&mut tx, row, &ids).await?;
+    }
+    tx.commit().await?;
+    Ok(Ok(Delivered::Added(ids)))
+}

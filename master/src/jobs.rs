@@ -104,7 +104,14 @@ impl JobBehaviour for StepsBehaviour {
             steps,
             properties: ctx.properties,
             secrets: ctx.secrets,
-            grant: job_grant(ctx.builder),
+            grant: {
+                // An untrusted build (an untrusted builder, or a change from a fork) never
+                // gets the network, whatever its builder grants; its worker, a sandbox
+                // worker, would withhold it too.
+                let mut grant = job_grant(ctx.builder);
+                grant.network &= ctx.trusted;
+                grant
+            },
             trusted: ctx.trusted,
         })
     }
@@ -216,6 +223,48 @@ mod tests {
         assert!(b.verify(&job(false, &[]), &worker(true)).is_ok());
         assert!(b.verify(&job(false, &[]), &worker(false)).is_err());
         assert!(b.verify(&job(true, &["key"]), &worker(true)).is_err());
+    }
+
+    #[test]
+    fn an_untrusted_build_gets_no_network_whatever_its_builder_grants() {
+        let config = crate::config::parse(
+            r#"
+[[workers]]
+name = "w"
+token = "t"
+
+[[builders]]
+name = "net"
+grant = { programs = ["sh"], network = true }
+[[builders.steps]]
+module = "shell"
+args = { command = ["sh", "-c", "true"] }
+"#,
+            std::path::Path::new("/kiln.toml"),
+        )
+        .unwrap();
+        let builder = config.builder("net").unwrap();
+        let compose = |trusted: bool| {
+            StepsBehaviour
+                .compose(JobContext {
+                    build: BuildRef {
+                        id: 1,
+                        cookie: "c".into(),
+                    },
+                    number: 1,
+                    builder,
+                    stamps: &[],
+                    properties: Default::default(),
+                    secrets: Default::default(),
+                    trusted,
+                    modules: &|_| None,
+                })
+                .unwrap()
+        };
+        assert!(compose(true).grant.network);
+        let untrusted = compose(false);
+        assert!(!untrusted.grant.network);
+        assert!(!untrusted.trusted);
     }
 
     #[test]

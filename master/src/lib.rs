@@ -4,6 +4,7 @@
 pub mod api;
 pub mod auth;
 mod build_cmd;
+pub mod change_hooks;
 pub mod changes;
 pub mod cli;
 pub mod client;

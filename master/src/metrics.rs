@@ -25,6 +25,12 @@ struct BuilderResult {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SourceOutcome {
+    source: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SourceResult {
     source: String,
     result: String,
@@ -68,6 +74,7 @@ pub struct Metrics {
     workers: Family<State, Gauge>,
     refused: Counter,
     polls: Family<SourceResult, Counter>,
+    deliveries: Family<SourceOutcome, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -92,6 +99,7 @@ impl Default for Metrics {
             workers: Family::default(),
             refused: Counter::default(),
             polls: Family::default(),
+            deliveries: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -153,6 +161,12 @@ impl Default for Metrics {
             "change_source_polls",
             "Polls of git pollers, by change source and result (ok, error)",
             m.polls.clone(),
+        );
+        registry.register(
+            "webhook_deliveries",
+            "Webhook deliveries by change source and outcome (accepted, duplicate, ignored, \
+             unauthorized, forbidden, bad_request, too_large, unknown_source, error)",
+            m.deliveries.clone(),
         );
         Metrics { registry, ..m }
     }
@@ -223,6 +237,16 @@ impl Metrics {
     /// Worker messages were refused.
     pub fn refused(&self, n: usize) {
         self.refused.inc_by(n as u64);
+    }
+
+    /// A webhook delivery to change source `source` ended with `outcome`.
+    pub fn delivery(&self, source: &str, outcome: &str) {
+        self.deliveries
+            .get_or_create(&SourceOutcome {
+                source: source.to_owned(),
+                outcome: outcome.to_owned(),
+            })
+            .inc();
     }
 
     /// The text of a scrape, given the queue now (builder, waiting, oldest age in seconds;

@@ -12,6 +12,7 @@
 //!   front, so two writers queue on the busy timeout instead of failing on lock upgrade.
 
 mod control;
+mod hooks;
 mod poller;
 mod queries;
 pub mod views;
@@ -21,6 +22,7 @@ use sqlx::{Any, AnyPool, Connection, Executor, Transaction};
 use std::str::FromStr;
 
 pub use control::*;
+pub use hooks::*;
 pub use poller::*;
 pub use queries::*;
 pub use views::{Listing, View};

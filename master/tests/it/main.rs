@@ -2,6 +2,7 @@
 
 mod api;
 mod build_run;
+mod change_hooks;
 mod cli_api;
 mod config;
 mod db;
