@@ -105,6 +105,7 @@ async fn seed(db: &Db, builds: usize, pending: usize) -> (i64, i64) {
                     hidden: false,
                     urls: &json!([]),
                     statistics: &json!({"lines": 40}),
+                    progress: &json!({"lines": 40}),
                     resources: None,
                 },
                 at + 20_000,

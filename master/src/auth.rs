@@ -110,6 +110,59 @@ impl Caller {
     }
 }
 
+/// How long a stream ticket may be used to open a stream or a download.
+pub const TICKET_LIFETIME: std::time::Duration = std::time::Duration::from_secs(60);
+/// Most tickets outstanding at once (each is a few dozen bytes; older ones go first).
+const MAX_TICKETS: usize = 10_000;
+
+/// Short-lived tickets that stand in for a token where a browser cannot send one: an
+/// `EventSource` and a plain link send no `Authorization` header, so a page whose user has
+/// a token asks `POST /api/v2/auth/ticket` (with the token) for a ticket and puts it in the
+/// URL (`?ticket=`). A ticket carries its token's name and role, opens only the event
+/// stream and raw log downloads (`GET`), and expires after [`TICKET_LIFETIME`], so one left in
+/// a history or a proxy's log is soon worth nothing. Kept in memory (hashed, as tokens are):
+/// a ticket is good on the master that issued it.
+#[derive(Debug, Default)]
+pub struct Tickets {
+    issued: std::sync::Mutex<std::collections::HashMap<String, (Caller, std::time::Instant)>>,
+}
+
+impl Tickets {
+    /// Issues a ticket for `caller`.
+    pub fn issue(&self, caller: &Caller) -> String {
+        let ticket = format!("kilnt_{}", hex::encode(rand::random::<[u8; 24]>()));
+        let now = std::time::Instant::now();
+        let mut issued = self.issued.lock().unwrap_or_else(|e| e.into_inner());
+        issued.retain(|_, (_, at)| now.duration_since(*at) < TICKET_LIFETIME);
+        if issued.len() >= MAX_TICKETS
+            && let Some(oldest) = issued
+                .iter()
+                .min_by_key(|(_, (_, at))| *at)
+                .map(|(k, _)| k.clone())
+        {
+            issued.remove(&oldest);
+        }
+        issued.insert(token_hash(&ticket), (caller.clone(), now));
+        ticket
+    }
+
+    /// Who a ticket stands for, if it is one this master issued and it has not expired.
+    pub fn redeem(&self, ticket: &str) -> Option<Caller> {
+        let issued = self.issued.lock().unwrap_or_else(|e| e.into_inner());
+        let (caller, at) = issued.get(&token_hash(ticket))?;
+        (at.elapsed() < TICKET_LIFETIME).then(|| caller.clone())
+    }
+}
+
+/// Whether a `GET` of `path` may be opened with a ticket: the event stream and raw logs.
+pub fn ticket_opens(path: &str) -> bool {
+    path == "/api/v2/events"
+        || path
+            .strip_prefix("/api/v2/logs/")
+            .and_then(|rest| rest.strip_suffix("/raw"))
+            .is_some_and(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()))
+}
+
 /// Why a request's credentials were not accepted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
@@ -126,6 +179,11 @@ pub enum AuthError {
         "the Host header {0:?} is not an address of this master: reach it by IP address, localhost or the host of [master] url, or send an API token"
     )]
     UnknownHost(String),
+    /// A stream ticket that is unknown, expired, or used for something it does not open.
+    #[error(
+        "this ticket is unknown or expired (tickets last a minute and open only the event stream and raw logs); ask POST /api/v2/auth/ticket for another"
+    )]
+    BadTicket,
     /// The request came from another site's page.
     #[error(
         "cross-site request refused: actions come from the master's own pages or a client with an API token"

@@ -204,6 +204,8 @@ pub struct Master {
     pub metrics: crate::metrics::Metrics,
     /// Live updates for `GET /api/v2/events`.
     pub live: crate::api::Live,
+    /// Stream tickets this master issued.
+    pub tickets: crate::auth::Tickets,
     /// The git pollers of the configuration in force.
     pub pollers: crate::poller::Pollers,
     dispatch: Notify,
@@ -253,6 +255,7 @@ impl Master {
             latent: Default::default(),
             metrics: Default::default(),
             live: Default::default(),
+            tickets: Default::default(),
             pollers: Default::default(),
             dispatch: Notify::new(),
             address: Default::default(),

@@ -92,6 +92,8 @@ struct Lease {
     logs: HashMap<(u32, String), i64>,
     /// Steps this master recorded starting (so their logs are known to be new).
     fresh: HashSet<u32>,
+    /// Running steps' progress metrics at their last value, by step number.
+    progress: HashMap<u32, std::collections::BTreeMap<String, u64>>,
     dispatched: Instant,
     /// When its worker's connection went away.
     orphaned: Option<Instant>,
@@ -110,6 +112,9 @@ struct Batch {
     steps_ended: Vec<(String, Duration, Option<runtime::StepResources>)>,
     /// Steps that started, changed or ended, for live updates (kept only when someone listens).
     live_steps: Vec<i64>,
+    /// Running steps whose progress moved, by step id, with all their metrics: written once
+    /// per batch.
+    progress: std::collections::BTreeMap<i64, serde_json::Value>,
 }
 
 #[derive(Default)]
@@ -468,6 +473,7 @@ impl Master {
                     steps: HashMap::new(),
                     logs: HashMap::new(),
                     fresh: HashSet::new(),
+                    progress: HashMap::new(),
                     dispatched: Instant::now(),
                     orphaned: None,
                 },
@@ -780,6 +786,7 @@ impl Master {
             now,
             steps_ended: Vec::new(),
             live_steps: Vec::new(),
+            progress: Default::default(),
         };
         let mut tx = self.db.begin().await?;
         for (i, (build, seq, event)) in events.iter().enumerate() {
@@ -870,6 +877,9 @@ impl Master {
         }
         let live = self.live.wanted();
         let mut live_logs = Vec::new();
+        for (step_id, progress) in &batch.progress {
+            db::set_step_progress(&mut tx, *step_id, progress).await?;
+        }
         for (log_id, text) in &batch.appends {
             let end = db::append_log(&mut tx, *log_id, text).await?;
             if live {
@@ -989,12 +999,33 @@ impl Master {
                 }
             }
             BuildEvent::Report { step, ref report } => {
-                if let runtime::ReportEvent::Summary { text } = report
-                    && !batch.ending.contains(&(build.0, step))
-                {
-                    let step_id = self.step_of(tx, lease, build, step).await?;
-                    db::set_step_state(&mut *tx, step_id, text).await?;
-                    batch.live_steps.push(step_id);
+                // A step that ends in this batch has its final summary and progress written
+                // as it ends.
+                if batch.ending.contains(&(build.0, step)) {
+                    return Ok(None);
+                }
+                match report {
+                    runtime::ReportEvent::Summary { text } => {
+                        let step_id = self.step_of(tx, lease, build, step).await?;
+                        db::set_step_state(&mut *tx, step_id, text).await?;
+                        batch.live_steps.push(step_id);
+                    }
+                    runtime::ReportEvent::Progress { metric, value } => {
+                        let step_id = self.step_of(tx, lease, build, step).await?;
+                        let metrics = lease.progress.entry(step).or_default();
+                        // A worker's host bounds a step's metrics; a hostile worker is
+                        // bounded here.
+                        if metrics.len() >= runtime::MAX_REPORT_NAMES
+                            && !metrics.contains_key(metric)
+                        {
+                            return Ok(None);
+                        }
+                        metrics.insert(metric.clone(), *value);
+                        batch
+                            .progress
+                            .insert(step_id, serde_json::to_value(&*metrics)?);
+                    }
+                    _ => {}
                 }
             }
             BuildEvent::StepFinished { step, ref record } => {
@@ -1014,6 +1045,7 @@ impl Master {
                         id
                     }
                 };
+                lease.progress.remove(&step);
                 let o = &record.outcome;
                 if record.ran {
                     batch
@@ -1035,6 +1067,7 @@ impl Master {
                         hidden: record.hidden,
                         urls: &serde_json::to_value(&o.urls)?,
                         statistics: &serde_json::to_value(&o.statistics)?,
+                        progress: &serde_json::to_value(&o.progress)?,
                         resources: o.resources,
                     },
                     batch.now,
@@ -1140,6 +1173,7 @@ impl Master {
                 );
             }
             self.wake_dispatch();
+            crate::api::publish(self, &[], &[build]).await;
         }
         Ok(ended)
     }
@@ -1425,6 +1459,7 @@ impl Master {
                 self.metrics
                     .build_finished(&builder.name, Outcome::Exception, None);
                 tracing::error!(build = build_id.0, builder = %builder.name, %message, "build cannot run");
+                crate::api::publish(self, &[], &[build_id.0]).await;
                 return Ok(());
             }
         };
@@ -1442,6 +1477,7 @@ impl Master {
                 steps: HashMap::new(),
                 logs: HashMap::new(),
                 fresh: HashSet::new(),
+                progress: HashMap::new(),
                 dispatched: Instant::now(),
                 orphaned: None,
             },

@@ -69,6 +69,17 @@ export function get(apiPath, params) {
   return call("GET", path(apiPath, params));
 }
 
+/**
+ * A URL of the API that a browser opens by itself (the event stream, a raw log), which sends
+ * no token: with a saved token it carries a short-lived ticket for it instead
+ * (`POST /api/v2/auth/ticket`); without one it is the plain URL.
+ */
+export async function ticketed(url) {
+  if (!token()) return url;
+  const { ticket } = await post("auth/ticket");
+  return `${url}${url.includes("?") ? "&" : "?"}ticket=${encodeURIComponent(ticket)}`;
+}
+
 /** `POST /api/v2/<path>` with a JSON body. */
 export function post(apiPath, body = {}) {
   return call("POST", apiPath, body);

@@ -4,6 +4,11 @@
 // Following a different set of logs means a new stream. The new one opens before the old one
 // closes ("make before break"), so no event falls between them; an event may then arrive
 // twice, which every consumer tolerates (log lines carry their offset).
+//
+// An EventSource sends no Authorization header: with a saved token, each stream is opened
+// with a short-lived ticket the token buys (api.ticketed).
+
+import * as api from "./api.js";
 
 /** The event names the master sends. */
 const NAMES = ["build", "step", "request", "worker", "log"];
@@ -24,6 +29,9 @@ export class Events {
     this.previous = [];
     this.waiting = [];
     this.retry = null;
+    /** Streams asked for; one still fetching its ticket is not open yet. */
+    this.asked = 0;
+    this.ticketing = false;
   }
 
   /** Opens the stream; resolves when it is open (or after `timeoutMs`, whichever is first). */
@@ -34,7 +42,7 @@ export class Events {
 
   /** Resolves when the current stream is open. */
   opened() {
-    if (this.source?.readyState === EventSource.OPEN) return Promise.resolve();
+    if (!this.ticketing && this.source?.readyState === EventSource.OPEN) return Promise.resolve();
     return new Promise((resolve) => this.waiting.push(resolve));
   }
 
@@ -52,10 +60,21 @@ export class Events {
     if (this.logs.delete(logid)) this.open(false);
   }
 
-  open(reconnected) {
+  async open(reconnected) {
     clearTimeout(this.retry);
+    const asked = ++this.asked;
     const ids = [...this.logs].sort((a, b) => a - b);
-    const source = new EventSource(ids.length ? `api/v2/events?logs=${ids.join(",")}` : "api/v2/events");
+    let url = ids.length ? `api/v2/events?logs=${ids.join(",")}` : "api/v2/events";
+    this.ticketing = true;
+    try {
+      url = await api.ticketed(url);
+    } catch {
+      // No ticket (token refused, master away): the plain stream says why, or fails.
+    }
+    // A later call asked for another stream meanwhile: that one is opened instead.
+    if (asked !== this.asked) return;
+    this.ticketing = false;
+    const source = new EventSource(url);
     if (this.source) this.previous.push(this.source);
     this.source = source;
     let wasOpen = false;

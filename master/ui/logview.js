@@ -18,6 +18,23 @@ const PAGE = 2000;
 /** Channels as the API names them, and their classes. */
 const CHANNELS = { o: "ch-o", e: "ch-e", h: "ch-h" };
 
+/**
+ * Opens a raw log with a ticket when the user has a token (a link sends none). The window
+ * opens at once, while the click still counts as the user's, and goes to the log when the
+ * ticket comes.
+ */
+function rawWithTicket(event) {
+  if (!api.token()) return;
+  event.preventDefault();
+  const target = window.open("about:blank", "_blank");
+  if (target) target.opener = null;
+  const href = event.currentTarget.getAttribute("href");
+  api.ticketed(href).then(
+    (url) => (target ? (target.location.href = new URL(url, location.href).href) : location.assign(url)),
+    () => target?.close(),
+  );
+}
+
 export class LogView {
   /** `log`: `{logid, name, num_lines, complete}` from the build. */
   constructor(log, events) {
@@ -41,7 +58,7 @@ export class LogView {
         null,
         h("strong", null, log.name),
         this.status,
-        h("a", { href: `api/v2/logs/${encodeURIComponent(log.logid)}/raw`, target: "_blank", rel: "noopener" }, "raw"),
+        h("a", { href: `api/v2/logs/${encodeURIComponent(log.logid)}/raw`, target: "_blank", rel: "noopener", on: { click: rawWithTicket } }, "raw"),
       ),
       this.note,
       this.body,

@@ -40,6 +40,7 @@ pub use engine::{
     RuntimeConfig, StepComponent,
 };
 pub use grant::{Grant, Limits};
+pub use host::report::MAX_NAMES as MAX_REPORT_NAMES;
 pub use logs::{Channel, LogLimits, NoEvents, ReportEvent, StepEvents};
 pub use outcome::{LogStats, Outcome, StepOutcome, StepResources, Url};
 pub use policy::PolicyComponent;

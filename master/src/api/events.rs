@@ -90,6 +90,10 @@ pub struct EventsQuery {
     /// Kinds of event to stream, comma-separated (default: all but `log`).
     #[serde(default)]
     kinds: Option<String>,
+    /// A stream ticket, read by the API's auth layer (`POST /api/v2/auth/ticket`).
+    #[serde(default)]
+    #[allow(dead_code)]
+    ticket: Option<String>,
 }
 
 const KINDS: &[&str] = &["build", "step", "request", "worker", "log"];

@@ -72,7 +72,9 @@ impl From<AuthError> for ApiError {
     fn from(e: AuthError) -> Self {
         match e {
             AuthError::CrossSite | AuthError::UnknownHost(_) => ApiError::Forbidden(e.to_string()),
-            AuthError::Malformed | AuthError::Unknown => ApiError::Unauthorized(e.to_string()),
+            AuthError::Malformed | AuthError::Unknown | AuthError::BadTicket => {
+                ApiError::Unauthorized(e.to_string())
+            }
         }
     }
 }
@@ -129,8 +131,21 @@ impl Caller {
 async fn caller(
     m: &Master,
     method: &Method,
+    uri: &axum::http::Uri,
     headers: &header::HeaderMap,
 ) -> Result<Caller, ApiError> {
+    let ticket = axum::extract::Query::<Vec<(String, String)>>::try_from_uri(uri)
+        .ok()
+        .and_then(|q| q.0.into_iter().find(|(k, _)| k == "ticket"))
+        .map(|(_, v)| v);
+    if let Some(ticket) = ticket
+        && auth::bearer(headers)?.is_none()
+    {
+        if *method != Method::GET || !auth::ticket_opens(uri.path()) {
+            return Err(AuthError::BadTicket.into());
+        }
+        return Ok(m.tickets.redeem(&ticket).ok_or(AuthError::BadTicket)?);
+    }
     match auth::bearer(headers)? {
         Some(token) => {
             let mut conn = m.db.pool().acquire().await?;
@@ -161,7 +176,7 @@ async fn api_layer(State(m): State<Arc<Master>>, mut request: Request, next: Nex
     let path = request.uri().path().to_owned();
     let method = request.method().clone();
     if path.starts_with("/api/") || path == "/metrics" {
-        match caller(&m, &method, request.headers()).await {
+        match caller(&m, &method, request.uri(), request.headers()).await {
             Ok(c) => {
                 if matches!(method, Method::GET | Method::HEAD)
                     && let Err(e) = c.require(Role::Read, "reading the API")
@@ -237,10 +252,10 @@ pub fn router(master: Arc<Master>) -> Router {
         .merge(modules::routes())
         .merge(change_sources::routes())
         .merge(crate::ui::router())
-        .merge(crate::change_hooks::routes())
         .route("/api/v2/events", get(events::stream))
         .route("/api/v2/openapi.json", get(openapi::document))
         .route("/api/v2/auth", get(whoami))
+        .route("/api/v2/auth/ticket", axum::routing::post(ticket))
         .route("/metrics", get(metrics))
         .route(
             runtime::protocol::CONNECT_PATH,
@@ -262,6 +277,20 @@ async fn whoami(axum::Extension(c): axum::Extension<Caller>) -> Json<Value> {
         "role": c.role.map_or("none", Role::name),
         "anonymous": c.name.is_none(),
     }))
+}
+
+/// `POST /api/v2/auth/ticket`: a short-lived ticket that opens the event stream and raw logs
+/// as the caller (for a browser, which cannot send a token with those).
+async fn ticket(
+    State(m): State<Arc<Master>>,
+    axum::Extension(c): axum::Extension<Caller>,
+) -> Result<Json<Value>, ApiError> {
+    c.require(Role::Read, "asking for a stream ticket")?;
+    let ticket = m.tickets.issue(&c);
+    Ok(Json(json!({
+        "ticket": ticket,
+        "expires_in": auth::TICKET_LIFETIME.as_secs(),
+    })))
 }
 
 fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {

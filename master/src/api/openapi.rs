@@ -56,6 +56,12 @@ static OPS: &[Op] = &[
         "Who the caller is: token name and role",
         "read",
     ),
+    op(
+        "post",
+        "/api/v2/auth/ticket",
+        "A one-minute ticket (?ticket=) that opens the event stream and raw logs as the caller",
+        "read",
+    ),
     listing(
         "/api/v2/masters",
         "Masters sharing the database",

@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use sqlx::AnyConnection;
 
 use super::{ApiError, ApiResult, worker_list};
-use crate::config::{self, SchedulerKind, WorkerSelector};
+use crate::config::{self, SchedulerKind};
 use crate::db::{self, Listing, View, views};
 use crate::model::now_ms;
 use crate::server::Master;
@@ -250,11 +250,34 @@ async fn build(State(m): State<Arc<Master>>, Path(id): Path<i64>) -> ApiResult {
         }
         None => Vec::new(),
     };
+    b["estimated_finish_at"] = Value::Null;
+    if b["complete"] == false
+        && let Some(builder) = b["builderid"].as_i64()
+    {
+        let expected = db::expected_steps(&mut conn, builder).await?;
+        let timings: Vec<db::StepTiming> = steps.iter().map(|s| timing(id, s)).collect();
+        let now = now_ms();
+        if let Some(left) = remaining_ms(&expected, &timings, now) {
+            b["estimated_finish_at"] = (now + left).into();
+        }
+    }
     b["steps"] = Value::Array(steps);
     b["properties"] = Value::Object(properties);
     b["buildset"] = buildset.unwrap_or(Value::Null);
     b["changes"] = Value::Array(changes);
     Ok(Json(b))
+}
+
+/// A step of the build page as [`remaining_ms`] reads it.
+fn timing(build: i64, step: &Value) -> db::StepTiming {
+    db::StepTiming {
+        build,
+        number: step["number"].as_i64().unwrap_or_default(),
+        name: step["name"].as_str().unwrap_or_default().to_owned(),
+        started_at: step["started_at"].as_i64(),
+        complete_at: step["complete_at"].as_i64(),
+        progress: serde_json::from_value(step["progress"].clone()).unwrap_or_default(),
+    }
 }
 
 async fn log(State(m): State<Arc<Master>>, Path(id): Path<i64>) -> ApiResult {
@@ -314,21 +337,49 @@ pub(super) fn split_channel(line: &str, stream: bool) -> Value {
     }
 }
 
-/// A log's text: one line per line, without the channel tags.
+/// Lines read from the database per piece of a raw download.
+const RAW_PAGE: i64 = 5_000;
+
+/// A log's text: one line per line, without the channel tags. Streamed a page of lines at a
+/// time, so a log of any length costs the master one page of memory.
 async fn log_raw(State(m): State<Arc<Master>>, Path(id): Path<i64>) -> Result<Response, ApiError> {
     let mut conn = m.db.pool().acquire().await?;
     let Json(log) = item(&mut conn, &views::LOGS, id).await?;
-    let lines = db::log_lines(&mut conn, id, 0, i64::MAX).await?;
-    let stream = log["type"] == "s";
-    let mut out = String::new();
-    for line in lines {
-        out.push_str(if stream {
-            line.get(1..).unwrap_or_default()
-        } else {
-            &line
-        });
-        out.push('\n');
-    }
+    drop(conn);
+    let tagged = log["type"] == "s";
+    let pool = m.db.pool().clone();
+    let pages = futures_util::stream::unfold(Some(0i64), move |next| {
+        let pool = pool.clone();
+        async move {
+            let first = next?;
+            let page = async {
+                let mut conn = pool.acquire().await?;
+                db::log_lines(&mut conn, id, first, first + RAW_PAGE - 1).await
+            };
+            match page.await {
+                Ok(lines) if lines.is_empty() => None,
+                Ok(lines) => {
+                    let more = (lines.len() as i64 == RAW_PAGE).then_some(first + RAW_PAGE);
+                    let mut out = String::new();
+                    for line in &lines {
+                        out.push_str(if tagged {
+                            line.get(1..).unwrap_or_default()
+                        } else {
+                            line
+                        });
+                        out.push('\n');
+                    }
+                    Some((Ok::<_, sqlx::Error>(out), more))
+                }
+                // The download ends short and the client sees the connection fail, rather
+                // than a log that looks complete.
+                Err(e) => {
+                    tracing::error!(log = id, error = %e, "reading a log for a raw download");
+                    Some((Err(e), None))
+                }
+            }
+        }
+    });
     let file = format!(
         "attachment; filename=\"build{}-step{}-{}.txt\"",
         log["buildid"],
@@ -343,7 +394,7 @@ async fn log_raw(State(m): State<Arc<Master>>, Path(id): Path<i64>) -> Result<Re
             ),
             (axum::http::header::CONTENT_DISPOSITION, file),
         ],
-        out,
+        axum::body::Body::from_stream(pages),
     )
         .into_response())
 }
@@ -364,28 +415,80 @@ async fn buildrequest(State(m): State<Arc<Master>>, Path(id): Path<i64>) -> ApiR
     Ok(Json(items.pop().unwrap_or_default()))
 }
 
-/// How many builds of a builder can run at once: its connected workers (at least one, so a
-/// builder whose workers are away still gets an estimate for when one returns).
+/// How many builds of a builder can run at once: its connected, undrained workers that it
+/// accepts (selection and trust), each for up to its `max_builds`; at least one, so a builder
+/// whose workers are away still gets an estimate for when one returns.
 fn slots(m: &Master, builder: &str) -> usize {
     let state = m.state();
-    let connected = crate::workers::describe(m);
     let Some(b) = state.config.builders.iter().find(|b| b.name == builder) else {
         return 1;
     };
-    connected
+    crate::workers::describe(m)
         .iter()
         .filter(|w| w["draining"] != true)
-        .filter(|w| match &b.workers {
-            WorkerSelector::Named(names) => names.iter().any(|n| w["name"] == n.as_str()),
-            WorkerSelector::Any | WorkerSelector::Requires(_) => true,
+        .filter_map(|w| {
+            let name = w["name"].as_str()?;
+            let worker = state.config.workers.iter().find(|c| c.name == name)?;
+            b.accepts(worker)
+                .then(|| w["max_builds"].as_u64().unwrap_or(1).max(1) as usize)
         })
-        .count()
+        .sum::<usize>()
         .max(1)
 }
 
+/// How much longer (ms) a running build will take, Buildbot's way: each step it has yet to
+/// finish is expected to take as long as the same step of the builder's last good build
+/// (`expected`); the step running now has done the share of that its progress metrics have
+/// reached of that step's final ones (their mean, capped at all), else the share of time it
+/// has run. `None` when there is nothing to go by.
+pub(crate) fn remaining_ms(
+    expected: &[db::StepTiming],
+    running: &[db::StepTiming],
+    now: i64,
+) -> Option<i64> {
+    if expected.is_empty() {
+        return None;
+    }
+    let mut left = 0;
+    for e in expected {
+        let (Some(start), Some(end)) = (e.started_at, e.complete_at) else {
+            continue;
+        };
+        let took = (end - start).max(0);
+        let actual = running
+            .iter()
+            .find(|r| r.number == e.number && r.name == e.name)
+            .or_else(|| running.iter().find(|r| r.name == e.name));
+        left += match actual {
+            None => took,
+            Some(r) if r.complete_at.is_some() => 0,
+            Some(r) => {
+                let shares: Vec<f64> = e
+                    .progress
+                    .iter()
+                    .filter(|&(_, &whole)| whole > 0)
+                    .filter_map(|(metric, &whole)| {
+                        r.progress.get(metric).map(|&v| v as f64 / whole as f64)
+                    })
+                    .collect();
+                if shares.is_empty() {
+                    let ran = now - r.started_at.unwrap_or(now);
+                    (took - ran).max(0)
+                } else {
+                    let done = (shares.iter().sum::<f64>() / shares.len() as f64).clamp(0.0, 1.0);
+                    (took as f64 * (1.0 - done)).round() as i64
+                }
+            }
+        };
+    }
+    Some(left)
+}
+
 /// Fills `estimated_start_at` and `estimated_finish_at` of pending requests: each builder's
-/// queue is played forward in start order over its slots, taking each build to last as long
-/// as the builder's recent builds did (running builds count from their start).
+/// queue is played forward in start order over its slots. A running build frees its slot
+/// when [`remaining_ms`] says (from its steps' progress against the builder's last good
+/// build), else when a build as long as the builder's recent ones would; a queued build
+/// takes as long as the builder's recent builds did.
 async fn estimate(
     m: &Master,
     conn: &mut AnyConnection,
@@ -411,29 +514,14 @@ async fn estimate(
     let typical: BTreeMap<i64, i64> = db::typical_durations(conn, 10).await?.into_iter().collect();
     let now = now_ms();
     for builder in builders {
-        let pairs = |extra: &[(&str, &str)]| -> Vec<(String, String)> {
-            std::iter::once(("builder", builder.as_str()))
-                .chain(extra.iter().copied())
-                .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                .collect()
-        };
-        let running = Listing::parse(
-            &views::BUILDS,
-            &pairs(&[("complete", "false")]),
-            views::MAX_LIMIT,
-            &[],
-        )
-        .map_err(ApiError::BadRequest)?
-        .fetch(conn)
-        .await?
-        .0;
         let queue = Listing::parse(
             &views::BUILDREQUESTS,
-            &pairs(&[
-                ("complete", "false"),
-                ("claimed", "false"),
-                ("order", "-priority,submitted_at"),
-            ]),
+            &[
+                ("builder".to_owned(), builder.clone()),
+                ("complete".to_owned(), "false".to_owned()),
+                ("claimed".to_owned(), "false".to_owned()),
+                ("order".to_owned(), "-priority,submitted_at".to_owned()),
+            ],
             views::MAX_LIMIT,
             &[],
         )
@@ -444,12 +532,46 @@ async fn estimate(
         let Some(builder_id) = queue.first().and_then(|r| r["builderid"].as_i64()) else {
             continue;
         };
-        let Some(&took) = typical.get(&builder_id) else {
+        let builds = Listing::parse(
+            &views::BUILDS,
+            &[
+                ("builderid".to_owned(), builder_id.to_string()),
+                ("complete".to_owned(), "false".to_owned()),
+            ],
+            views::MAX_LIMIT,
+            &[],
+        )
+        .map_err(ApiError::BadRequest)?
+        .fetch(conn)
+        .await?
+        .0;
+        let expected = db::expected_steps(conn, builder_id).await?;
+        let running = if builds.is_empty() {
+            Vec::new()
+        } else {
+            db::running_steps(conn, builder_id).await?
+        };
+        let mean = typical.get(&builder_id).copied();
+        let took = mean.or_else(|| {
+            let first = expected.iter().filter_map(|s| s.started_at).min()?;
+            let last = expected.iter().filter_map(|s| s.complete_at).max()?;
+            Some((last - first).max(0))
+        });
+        let Some(took) = took else {
             continue;
         };
-        let mut free: Vec<i64> = running
+        let mut free: Vec<i64> = builds
             .iter()
-            .map(|b| (b["started_at"].as_i64().unwrap_or(now) + took).max(now))
+            .filter_map(|b| {
+                let id = b["buildid"].as_i64()?;
+                let started = b["started_at"].as_i64().unwrap_or(now);
+                let steps: Vec<db::StepTiming> =
+                    running.iter().filter(|s| s.build == id).cloned().collect();
+                Some(match remaining_ms(&expected, &steps, now) {
+                    Some(left) => now + left,
+                    None => (started + mean.unwrap_or(0)).max(now),
+                })
+            })
             .collect();
         free.resize(free.len().max(slots(m, &builder)), now);
         for r in &queue {
@@ -642,4 +764,78 @@ async fn worker(State(m): State<Arc<Master>>, Path(name): Path<String>) -> ApiRe
         .find(|w| w["name"] == name.as_str())
         .map(Json)
         .ok_or_else(|| ApiError::NotFound(format!("no worker {name:?} in the configuration")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn step(
+        number: i64,
+        span: (Option<i64>, Option<i64>),
+        progress: &[(&str, u64)],
+    ) -> db::StepTiming {
+        db::StepTiming {
+            build: 1,
+            number,
+            name: format!("s{number}"),
+            started_at: span.0,
+            complete_at: span.1,
+            progress: progress
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), *v))
+                .collect(),
+        }
+    }
+
+    /// The last good build: three steps of 1 s, 4 s and 2 s; the second wrote 100 lines.
+    fn expected() -> Vec<db::StepTiming> {
+        vec![
+            step(0, (Some(0), Some(1_000)), &[]),
+            step(1, (Some(1_000), Some(5_000)), &[("output", 100)]),
+            step(2, (Some(5_000), Some(7_000)), &[]),
+        ]
+    }
+
+    #[test]
+    fn a_running_step_is_as_far_along_as_its_progress_says() {
+        let now = 100_000;
+        // Half its lines written: half its 4 s left, then the last step's 2 s.
+        let running = [
+            step(0, (Some(now - 9_000), Some(now - 8_000)), &[]),
+            step(1, (Some(now - 8_000), None), &[("output", 50)]),
+        ];
+        assert_eq!(
+            remaining_ms(&expected(), &running, now),
+            Some(2_000 + 2_000)
+        );
+        // Progress past the last build's is done, not negative.
+        let running = [step(1, (Some(now - 10), None), &[("output", 500)])];
+        assert_eq!(
+            remaining_ms(&expected(), &running, now),
+            Some(1_000 + 2_000)
+        );
+    }
+
+    #[test]
+    fn without_progress_a_running_step_goes_by_time() {
+        let now = 100_000;
+        let running = [step(0, (Some(now - 250), None), &[])];
+        assert_eq!(
+            remaining_ms(&expected(), &running, now),
+            Some(750 + 4_000 + 2_000)
+        );
+        // An overrun step has nothing left, not less than nothing.
+        let running = [step(0, (Some(now - 5_000), None), &[])];
+        assert_eq!(remaining_ms(&expected(), &running, now), Some(6_000));
+        // A metric the last build did not report is no evidence.
+        let running = [step(0, (Some(now - 250), None), &[("tests", 3)])];
+        assert_eq!(remaining_ms(&expected(), &running, now), Some(6_750));
+    }
+
+    #[test]
+    fn a_build_that_has_not_started_a_step_has_all_of_them_left_and_none_without_history() {
+        assert_eq!(remaining_ms(&expected(), &[], 0), Some(7_000));
+        assert_eq!(remaining_ms(&[], &[step(0, (Some(0), None), &[])], 5), None);
+    }
 }

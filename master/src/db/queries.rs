@@ -418,17 +418,10 @@ pub async fn insert_buildset(
     .bind(now)
     .bind(flag(bs.trusted))
     .bind(bs.parent_build.map(|b| b.0))
-    // Trusted and untrusted requests never collapse into each other: a fork's request must
-    // not absorb (and so build untrusted) a trusted one, nor the reverse.
-    .bind(
-        crate::requests::collapse_key(&bs.sourcestamps, &bs.properties).map(|key| {
-            if bs.trusted {
-                key
-            } else {
-                format!("untrusted:{key}")
-            }
-        }),
-    )
+    .bind(crate::requests::collapse_key(
+        &bs.sourcestamps,
+        &bs.properties,
+    ))
     .fetch_optional(&mut *conn)
     .await?;
     let Some(id) = id else { return Ok(None) };
@@ -1746,6 +1739,20 @@ pub async fn set_step_state(conn: &mut AnyConnection, step: i64, state: &str) ->
     Ok(())
 }
 
+/// Sets a running step's progress metrics (all of them, as JSON).
+pub async fn set_step_progress(
+    conn: &mut AnyConnection,
+    step: i64,
+    progress: &Value,
+) -> Result<()> {
+    sqlx::query("UPDATE steps SET progress = $1 WHERE id = $2")
+        .bind(json_text(progress))
+        .bind(step)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
 /// How a step ended.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StepEnd<'a> {
@@ -1759,6 +1766,8 @@ pub struct StepEnd<'a> {
     pub urls: &'a Value,
     /// Statistics, as JSON.
     pub statistics: &'a Value,
+    /// Progress metrics at their last value, as JSON.
+    pub progress: &'a Value,
     /// What it used, as its worker measured it (`None`: it did not run, or the worker did not
     /// say).
     pub resources: Option<runtime::StepResources>,
@@ -1776,7 +1785,7 @@ pub async fn finish_step(
     sqlx::query(
         "UPDATE steps SET complete_at = $1, results = $2, state_string = $3, hidden = $4,
                 urls = $5, statistics = $6, cpu_ms = $8, peak_rss_bytes = $9,
-                guest_memory_bytes = $10, observer_memory_bytes = $11
+                guest_memory_bytes = $10, observer_memory_bytes = $11, progress = $12
          WHERE id = $7",
     )
     .bind(now)
@@ -1790,6 +1799,7 @@ pub async fn finish_step(
     .bind(r.and_then(|r| r.peak_rss_bytes).map(figure))
     .bind(r.map(|r| figure(r.guest_memory_bytes)))
     .bind(r.and_then(|r| r.observer_memory_bytes).map(figure))
+    .bind(json_text(end.progress))
     .execute(&mut *conn)
     .await?;
     sqlx::query("UPDATE logs SET complete = 1 WHERE step_id = $1")

@@ -481,7 +481,7 @@ pub static STEPS: View = View {
     name: "steps",
     sql: "SELECT id AS stepid, build_id AS buildid, number, name, started_at, complete_at,
                  state_string, results, hidden, urls, statistics, cpu_ms, peak_rss_bytes,
-                 guest_memory_bytes, observer_memory_bytes
+                 guest_memory_bytes, observer_memory_bytes, progress
           FROM steps",
     columns: &[
         ("stepid", Int),
@@ -499,6 +499,7 @@ pub static STEPS: View = View {
         ("peak_rss_bytes", Int),
         ("guest_memory_bytes", Int),
         ("observer_memory_bytes", Int),
+        ("progress", Json),
     ],
     key: "stepid",
     default_order: "number",

@@ -292,6 +292,33 @@ fn actions_need_a_token_whose_role_allows_them() {
     assert_eq!(status, 401);
     let (status, _) = farm.request("GET", "/api/v2/builds", &bearer(&reader), "");
     assert_eq!(status, 200);
+    // A browser's event stream and raw log links carry no token: a token buys a ticket that
+    // opens those (and only those) for a minute.
+    let (status, _) = farm.request("POST", "/api/v2/auth/ticket", "", "");
+    assert_eq!(status, 401, "no ticket without a token");
+    let (status, body) = farm.request("POST", "/api/v2/auth/ticket", &bearer(&reader), "");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["expires_in"], 60);
+    let ticket = body["ticket"].as_str().unwrap().to_owned();
+    let (status, body) = farm.request("GET", "/api/v2/logs/999/raw", "", "");
+    assert_eq!(status, 401, "{body}");
+    let (status, body) = farm.request(
+        "GET",
+        &format!("/api/v2/logs/999/raw?ticket={ticket}"),
+        "",
+        "",
+    );
+    assert_eq!(status, 404, "the ticket let the request through: {body}");
+    for (method, path) in [
+        ("GET", format!("/api/v2/builds?ticket={ticket}")),
+        ("GET", format!("/api/v2/logs/999?ticket={ticket}")),
+        ("POST", format!("/api/v2/control/reconfig?ticket={ticket}")),
+        ("GET", "/api/v2/logs/999/raw?ticket=kilnt_0123".to_owned()),
+    ] {
+        let (status, body) = farm.request(method, &path, "", "");
+        assert_eq!(status, 401, "{method} {path}: {body}");
+        assert!(body["error"].as_str().unwrap().contains("ticket"), "{body}");
+    }
     std::fs::write(
         farm.path().join("kiln.toml"),
         config.replacen("[master]\n", "[master]\nanonymous = \"force\"\n", 1),
@@ -471,6 +498,110 @@ fn pending_requests_are_estimated_reprioritised_and_cancelled_and_builds_rebuilt
         404,
         "not connected any more"
     );
+}
+
+const ETA_BUILDER: &str = r#"
+[[builders]]
+name = "eta"
+collapse = false
+grant = { programs = ["sh"] }
+[[builders.steps]]
+module = "shell"
+name = "work"
+args = { command = ["sh", "-c", "seq 1 %(prop:lines)s; sleep %(prop:pause)s"] }
+observers = ["line-counter"]
+
+[[schedulers]]
+name = "force"
+type = "force"
+builders = ["eta"]
+parameters = [{ name = "lines", type = "int", default = 100 }, { name = "pause", type = "int", default = 0 }]
+"#;
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+#[test]
+fn running_builds_are_estimated_from_their_steps_progress_against_the_last_good_build() {
+    let config = workers(&["w1"], false).replace("max_builds = 2", "max_builds = 1");
+    let mut farm = Farm::new(&format!("{config}{ETA_BUILDER}"));
+    farm.start_master();
+    farm.start_worker("w1", &[]);
+    // The last good build: 12,000 lines, then two seconds.
+    let first = farm.force("force", json!({"parameters": {"lines": 12000, "pause": 2}}));
+    let done = farm.finished_build(first, 0, Duration::from_secs(60));
+    assert_eq!(done["results"], SUCCESS, "{done:#}");
+    let work = &done["steps"][0];
+    assert_eq!(work["progress"], json!({"output": 12000}), "{done:#}");
+    // Its raw log comes in pages from the database, and whole.
+    let raw = farm.log_text(work["logs"][0]["logid"].as_i64().unwrap());
+    let numbers: Vec<&str> = raw.lines().filter(|l| l.parse::<u32>().is_ok()).collect();
+    let expected: Vec<String> = (1..=12000).map(|n| n.to_string()).collect();
+    assert!(
+        numbers == expected,
+        "the raw log has {} of seq's lines",
+        numbers.len()
+    );
+    assert!(raw.starts_with("$ sh -c"), "the header line first");
+    let took = work["complete_at"].as_i64().unwrap() - work["started_at"].as_i64().unwrap();
+    assert!(took >= 2_000, "{work:#}");
+
+    // This one writes half as many lines, then hangs: by time alone it would be overdue,
+    // by its progress it is half done.
+    let second = farm.force("force", json!({"parameters": {"lines": 6000, "pause": 60}}));
+    farm.wait_until(
+        "the second build to report progress",
+        Duration::from_secs(30),
+        || {
+            farm.builds_of(second).first().is_some_and(|b| {
+                farm.build(b["buildid"].as_i64().unwrap())["steps"][0]["progress"]
+                    == json!({"output": 6000})
+            })
+        },
+    );
+    let running = farm.builds_of(second)[0]["buildid"].as_i64().unwrap();
+    let started = farm.build(running)["steps"][0]["started_at"]
+        .as_i64()
+        .unwrap();
+    while now_ms() < started + took + 500 {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let third = farm.force("force", json!({"parameters": {}}));
+    let before = now_ms();
+    let page = get(&farm, &format!("/api/v2/builds/{running}"));
+    let queue = get(&farm, &format!("/api/v2/buildrequests/{third}"));
+    let after = now_ms();
+    let half = took / 2;
+    let finish = page["estimated_finish_at"]
+        .as_i64()
+        .expect("a running build's estimate");
+    assert!(
+        finish - after <= half + 50 && finish - before >= half - 50,
+        "estimated to finish {} ms from now; half the last build's step is {half} ms",
+        finish - before
+    );
+    let start = queue["estimated_start_at"].as_i64().unwrap();
+    assert!(
+        start - after <= half + 50 && start - before >= half - 50,
+        "the queued request starts {} ms from now; expected about {half}: {queue:#}",
+        start - before
+    );
+    assert!(queue["estimated_finish_at"].as_i64().unwrap() > start);
+    let done = get(&farm, &format!("/api/v2/builds/{}", done["buildid"]));
+    assert_eq!(
+        done["estimated_finish_at"],
+        Value::Null,
+        "a finished build has no estimate"
+    );
+
+    let (status, body) = farm.api("POST", &format!("/api/v2/builds/{running}/stop"), "");
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = farm.api("POST", &format!("/api/v2/buildrequests/{third}/cancel"), "");
+    assert!(status == 200 || status == 409, "{status} {body}");
 }
 
 /// Uploads a module with raw bytes; (status, JSON answer).

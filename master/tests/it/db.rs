@@ -585,6 +585,7 @@ async fn finished_steps_keep_what_they_used(t: TestDb) {
             hidden: false,
             urls: &json!([]),
             statistics: &json!({}),
+            progress: &json!({}),
             resources,
         };
         db::finish_step(&mut c, step, &end, 4).await.unwrap();

@@ -292,10 +292,18 @@ impl Farm {
         let mut response = String::new();
         s.read_to_string(&mut response).unwrap();
         let status = response[9..12].parse().unwrap();
-        let (_, body) = response.split_once("\r\n\r\n").unwrap();
+        let (head, body) = response.split_once("\r\n\r\n").unwrap();
+        let body = if head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked")
+        {
+            dechunk(body)
+        } else {
+            body.to_owned()
+        };
         (
             status,
-            serde_json::from_str(body).unwrap_or(Value::String(body.into())),
+            serde_json::from_str(&body).unwrap_or(Value::String(body)),
         )
     }
 
@@ -387,6 +395,20 @@ impl Drop for Farm {
             let _ = w.kill();
             let _ = w.wait();
         }
+    }
+}
+
+/// The body of a response sent in chunks (a streamed download).
+fn dechunk(mut rest: &str) -> String {
+    let mut body = String::new();
+    loop {
+        let (size, after) = rest.split_once("\r\n").expect("a chunk size line");
+        let size = usize::from_str_radix(size.split(';').next().unwrap().trim(), 16).unwrap();
+        if size == 0 {
+            return body;
+        }
+        body.push_str(&after[..size]);
+        rest = after[size..].strip_prefix("\r\n").expect("a chunk's CRLF");
     }
 }
 

@@ -585,13 +585,31 @@ fn where_anonymous_users_may_not_read_a_pasted_token_opens_the_pages() {
     ));
     wait_text(&mut browser, "#role", "ui-test · admin");
     wait_text(&mut browser, "table.builders", "hostile");
-    // A browser's event stream cannot carry the token: the page says it is not live.
-    wait_text(&mut browser, "#live", "offline");
+    // The event stream cannot carry the token; it carries a ticket the token bought.
+    wait_text(&mut browser, "#live", "live");
+    farm.start_worker("w1", &[]);
+    let request = force(&farm, "slow", "streamed with a ticket");
+    farm.wait_until("the build to start", Duration::from_secs(30), || {
+        !farm.builds_of(request).is_empty()
+    });
+    let build = farm.builds_of(request)[0]["buildid"].as_i64().unwrap();
+    go(&mut browser, &format!("#/builds/{build}"));
+    wait_text(&mut browser, ".log-lines", "tick 2");
+    std::fs::write(farm.path().join("go"), "").unwrap();
+    wait_text(&mut browser, ".log-lines", "tick 3");
+    wait_text(&mut browser, "section.log header", "· live");
+    std::fs::write(farm.path().join("end"), "").unwrap();
+    wait_text(&mut browser, ".log-lines", "tick 4");
+    wait_text(&mut browser, "h1 .badge", "success");
+    let lines: Vec<String> = texts(&mut browser, ".log-lines .ch-o");
+    assert_eq!(lines, ["tick 1", "tick 2", "tick 3", "tick 4"]);
+    // Only the requests made before the token was pasted were refused.
     let errors = browser.take_errors();
     assert!(
         errors.iter().all(|e| e.contains("401 (Unauthorized)")),
         "{errors:#?}"
     );
+    shoot(&mut browser, "build-with-token");
 }
 
 /// A GET over a plain socket: status, headers (lowercase names) and body.

@@ -30,6 +30,10 @@ const MAX_CAPTURE: u32 = 16 << 20;
 const MAX_LOGFILES: usize = 16;
 /// How often followed logfiles are read.
 const TAIL_EVERY: Duration = Duration::from_millis(100);
+/// How often observers see the lines batched for them while a command runs, however few:
+/// their progress reports are what the master's estimates go by, and a command that prints a
+/// little and then works for an hour must not leave them unseen until it ends.
+const OBSERVE_EVERY: Duration = Duration::from_millis(500);
 /// Most bytes read from one followed logfile per tick, so one file cannot starve the command's
 /// own output.
 const TAIL_BYTES: usize = 4 << 20;
@@ -214,6 +218,7 @@ impl ContextState {
         let pidfd = rustix::process::pidfd_open(pid, PidfdFlags::empty()).ok();
         let mut rss = RssWatch::start(pid);
         let mut next_sample = Instant::now() + SAMPLE_EVERY;
+        let mut next_observe = Instant::now() + OBSERVE_EVERY;
         let feeder = match (child.stdin.take(), stdin) {
             (Some(mut pipe), Some(text)) => Some(std::thread::spawn(move || {
                 // A command that exits without reading its input breaks the pipe; that is fine.
@@ -290,6 +295,12 @@ impl ContextState {
             if !exited && now >= next_sample {
                 rss.sample();
                 next_sample = now + SAMPLE_EVERY;
+            }
+            if now >= next_observe {
+                for o in &mut self.observers {
+                    o.flush();
+                }
+                next_observe = now + OBSERVE_EVERY;
             }
             for w in ready {
                 match w {

@@ -6,7 +6,7 @@ mod command;
 mod context;
 pub(crate) mod observers;
 mod output;
-mod report;
+pub(crate) mod report;
 mod usage;
 
 use std::time::{Duration, Instant};

@@ -19,7 +19,7 @@ const MAX_SUMMARY: usize = 1024;
 /// Most URLs one run may add.
 const MAX_URLS: usize = 100;
 /// Most distinct statistics, progress metrics or properties one run may report.
-const MAX_NAMES: usize = 1000;
+pub const MAX_NAMES: usize = 1000;
 /// Longest statistic, metric or URL name.
 const MAX_NAME: usize = 256;
 /// Longest URL.
