@@ -252,6 +252,7 @@ pub fn router(master: Arc<Master>) -> Router {
         .merge(modules::routes())
         .merge(change_sources::routes())
         .merge(crate::ui::router())
+        .merge(crate::change_hooks::routes())
         .route("/api/v2/events", get(events::stream))
         .route("/api/v2/openapi.json", get(openapi::document))
         .route("/api/v2/auth", get(whoami))

@@ -418,10 +418,17 @@ pub async fn insert_buildset(
     .bind(now)
     .bind(flag(bs.trusted))
     .bind(bs.parent_build.map(|b| b.0))
-    .bind(crate::requests::collapse_key(
-        &bs.sourcestamps,
-        &bs.properties,
-    ))
+    // Trusted and untrusted requests never collapse into each other: a fork's request must
+    // not absorb (and so build untrusted) a trusted one, nor the reverse.
+    .bind(
+        crate::requests::collapse_key(&bs.sourcestamps, &bs.properties).map(|key| {
+            if bs.trusted {
+                key
+            } else {
+                format!("untrusted:{key}")
+            }
+        }),
+    )
     .fetch_optional(&mut *conn)
     .await?;
     let Some(id) = id else { return Ok(None) };
