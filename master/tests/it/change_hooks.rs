@@ -764,3 +764,98 @@ builders = ["app"]
     );
     assert_eq!(farm.builds_of(untrusted).len(), 1);
 }
+
+mod database {
+    //! `changes::add_delivery` and `db/hooks.rs` on SQLite and on a real PostgreSQL.
+
+    use master::changes::{Delivered, add_delivery};
+    use master::db::{self, HookDelivery};
+    use master::model::NewChange;
+
+    use crate::support::{TestDb, on_both_databases};
+
+    on_both_databases!(a_delivery_and_its_changes_are_stored_once);
+
+    fn change(author: &str, revision: &str) -> NewChange {
+        NewChange {
+            author: author.into(),
+            revision: Some(revision.into()),
+            branch: Some("main".into()),
+            source: "github".into(),
+            trusted: Some(false),
+            ..Default::default()
+        }
+    }
+
+    async fn a_delivery_and_its_changes_are_stored_once(t: TestDb) {
+        let d = HookDelivery {
+            source: "github".into(),
+            delivery: "72d3162e-cc78-11e3-81ab-4c9367dc0958".into(),
+            event: "push".into(),
+        };
+        let changes = [change("a", "1"), change("b", "2")];
+        let Delivered::Added(ids) = add_delivery(&t.db, Some(&d), &changes)
+            .await
+            .unwrap()
+            .unwrap()
+        else {
+            panic!("not added")
+        };
+        assert_eq!(ids.len(), 2);
+        // Again: nothing stored, and the answer names what the first delivery stored.
+        let again = add_delivery(&t.db, Some(&d), &changes)
+            .await
+            .unwrap()
+            .unwrap();
+        let Delivered::AlreadyReceived { changes: seen, .. } = again else {
+            panic!("stored twice: {again:?}")
+        };
+        assert_eq!(seen, ids);
+        // The same delivery id at another source is another delivery.
+        let other = HookDelivery {
+            source: "gitea".into(),
+            ..d.clone()
+        };
+        let Delivered::Added(more) = add_delivery(&t.db, Some(&other), &changes[..1])
+            .await
+            .unwrap()
+            .unwrap()
+        else {
+            panic!("not added")
+        };
+        assert_eq!(more.len(), 1);
+        // A delivery with a change that fails validation stores nothing, not even its id.
+        let bad = HookDelivery {
+            delivery: "bad".into(),
+            ..d.clone()
+        };
+        let refused = add_delivery(&t.db, Some(&bad), &[change("c", "3"), change("", "4")])
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(
+            refused.to_string(),
+            "change refused: change 2 of 2: it has no author; give who made it (\"Name <email>\")"
+        );
+        let mut conn = t.db.pool().acquire().await.unwrap();
+        assert_eq!(db::count_deliveries(&mut conn, "github").await.unwrap(), 1);
+        assert_eq!(
+            db::get_delivery(&mut conn, "github", "bad").await.unwrap(),
+            None
+        );
+        let stored = db::changes_after(&mut conn, master::model::ChangeId(0), 100)
+            .await
+            .unwrap();
+        assert_eq!(stored.len(), 3);
+        assert!(stored.iter().all(|c| !c.trusted), "the mark is kept");
+        // Without a delivery id there is nothing to de-duplicate by.
+        add_delivery(&t.db, None, &changes[..1])
+            .await
+            .unwrap()
+            .unwrap();
+        let stored = db::changes_after(&mut conn, master::model::ChangeId(0), 100)
+            .await
+            .unwrap();
+        assert_eq!(stored.len(), 4);
+    }
+}
