@@ -33,7 +33,8 @@ function field(scheduler, p) {
       return { element: h("div", { class: "field check" }, input, label), read };
     case "int":
       input = h("input", { id, name: p.name, type: "number", step: "1", required: p.required, value: p.default ?? "" });
-      read = () => (input.value === "" ? undefined : Number.parseInt(input.value, 10));
+      // Sent as typed: the master turns it into an integer, or says why it is not one.
+      read = () => (input.value === "" ? undefined : input.value);
       break;
     case "choice":
       input = h(
