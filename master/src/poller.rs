@@ -262,7 +262,7 @@ async fn run(
                 }
                 Err(error) => {
                     s.failures = s.failures.saturating_add(1);
-                    s.last_error = Some(format!("{error:#}"));
+                    s.last_error = Some(redact(&format!("{error:#}")));
                     s.last_error_at = Some(now);
                     retry_delay(interval, s.failures)
                 }
@@ -273,7 +273,7 @@ async fn run(
                     source = %source.name,
                     failures = s.failures,
                     retry_in = ?delay,
-                    error = format!("{error:#}"),
+                    error = redact(&format!("{error:#}")),
                     "git poll failed"
                 );
             }
@@ -430,27 +430,9 @@ impl Poller<'_> {
             }
             None => {
                 let out = self
-                    .git(&["ls-remote", "--symref", "--", url, "HEAD"])
+                    .git(&["ls-remote", "--symref", "--", url, "HEAD", "refs/heads/*"])
                     .await?;
-                let text = String::from_utf8_lossy(&out);
-                let symref = text.lines().find_map(|l| {
-                    l.strip_prefix("ref: ")?
-                        .strip_suffix("\tHEAD")?
-                        .strip_prefix("refs/heads/")
-                });
-                let head = ls_remote_lines(&out)
-                    .into_iter()
-                    .find(|(_, name)| *name == "HEAD");
-                match (symref, head) {
-                    (Some(branch), Some((rev, _))) => {
-                        wanted.insert(branch.to_owned(), rev.to_owned());
-                    }
-                    // An empty repository: nothing to follow yet.
-                    (_, None) => {}
-                    (None, Some(_)) => bail!(
-                        "the remote's HEAD is not a branch, so it has no default branch to follow; set branches = [\"...\"]"
-                    ),
-                }
+                wanted = default_branch(&out)?;
             }
         }
         wanted.retain(|branch, _| {
@@ -741,6 +723,73 @@ impl Poller<'_> {
     }
 }
 
+/// `text` with the password of every URL in it replaced (`https://user:***@host/...`), for
+/// messages and the API: a `repourl` may carry credentials, and git's errors may repeat it.
+pub fn redact(text: &str) -> String {
+    static USERINFO: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+        regex::Regex::new(r"([A-Za-z][A-Za-z0-9+.-]*://[^/@\s:]*):[^@/\s]*@")
+            .expect("a valid regex")
+    });
+    USERINFO.replace_all(text, "$1:***@").into_owned()
+}
+
+/// The remote's default branch and its head, from `git ls-remote --symref URL HEAD
+/// refs/heads/*`: the branch HEAD names or, as Buildbot does when HEAD is detached, the one
+/// branch at HEAD's commit. Nothing for an empty repository.
+fn default_branch(out: &[u8]) -> anyhow::Result<BTreeMap<String, String>> {
+    let text = String::from_utf8_lossy(out);
+    let symref = text.lines().find_map(|l| {
+        l.strip_prefix("ref: ")?
+            .strip_suffix("\tHEAD")?
+            .strip_prefix("refs/heads/")
+    });
+    let lines = ls_remote_lines(out);
+    let head = lines
+        .iter()
+        .find(|(_, name)| *name == "HEAD")
+        .map(|(rev, _)| *rev);
+    let branches: Vec<(&str, &str)> = lines
+        .iter()
+        .filter_map(|(rev, name)| Some((name.strip_prefix("refs/heads/")?, *rev)))
+        .collect();
+    let names = || {
+        branches
+            .iter()
+            .map(|(b, _)| *b)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let branch = match (symref, head) {
+        (Some(branch), Some(_)) => branch,
+        (None, Some(rev)) => {
+            let at: Vec<&str> = branches
+                .iter()
+                .filter(|(_, r)| *r == rev)
+                .map(|(b, _)| *b)
+                .collect();
+            match at.as_slice() {
+                [one] => *one,
+                _ => bail!(
+                    "the remote's HEAD is not a branch, so it has no default branch to follow (its branches: {}); set branches = [\"...\"]",
+                    names()
+                ),
+            }
+        }
+        (_, None) if branches.is_empty() => return Ok(BTreeMap::new()),
+        (_, None) => bail!(
+            "the remote's HEAD names no branch that exists (its branches: {}); set branches = [\"...\"]",
+            names()
+        ),
+    };
+    let rev = branches
+        .iter()
+        .find(|(b, _)| *b == branch)
+        .map(|(_, r)| *r)
+        .or(head)
+        .unwrap_or_default();
+    Ok(BTreeMap::from([(branch.to_owned(), rev.to_owned())]))
+}
+
 /// The `(revision, ref)` pairs of `git ls-remote` output.
 fn ls_remote_lines(out: &[u8]) -> Vec<(&str, &str)> {
     std::str::from_utf8(out)
@@ -786,6 +835,56 @@ mod tests {
         let cut = cut(&"é".repeat(20), 12);
         assert!(cut.len() <= 12, "{cut}");
         assert!(cut.ends_with(" [...]"), "{cut}");
+    }
+
+    #[test]
+    fn the_default_branch_is_the_one_head_names() {
+        let a = "a".repeat(40);
+        let b = "b".repeat(40);
+        let out = |lines: &[String]| lines.join("\n").into_bytes();
+        let named = out(&[
+            "ref: refs/heads/trunk\tHEAD".into(),
+            format!("{a}\tHEAD"),
+            format!("{b}\trefs/heads/main"),
+            format!("{a}\trefs/heads/trunk"),
+        ]);
+        assert_eq!(
+            default_branch(&named).unwrap(),
+            BTreeMap::from([("trunk".to_owned(), a.clone())])
+        );
+        // A detached HEAD: the one branch at its commit, as Buildbot does.
+        let detached = out(&[format!("{a}\tHEAD"), format!("{a}\trefs/heads/main")]);
+        assert_eq!(
+            default_branch(&detached).unwrap(),
+            BTreeMap::from([("main".to_owned(), a.clone())])
+        );
+        let ambiguous = out(&[
+            format!("{a}\tHEAD"),
+            format!("{a}\trefs/heads/main"),
+            format!("{a}\trefs/heads/dev"),
+        ]);
+        assert_eq!(
+            default_branch(&ambiguous).unwrap_err().to_string(),
+            "the remote's HEAD is not a branch, so it has no default branch to follow (its branches: main, dev); set branches = [\"...\"]"
+        );
+        let dangling = out(&[format!("{b}\trefs/heads/main")]);
+        assert_eq!(
+            default_branch(&dangling).unwrap_err().to_string(),
+            "the remote's HEAD names no branch that exists (its branches: main); set branches = [\"...\"]"
+        );
+        assert!(default_branch(b"").unwrap().is_empty());
+    }
+
+    #[test]
+    fn passwords_in_urls_are_redacted() {
+        assert_eq!(
+            redact("fatal: unable to access 'https://ci:s3cr3t@git.example.org/app.git/': 403"),
+            "fatal: unable to access 'https://ci:***@git.example.org/app.git/': 403"
+        );
+        assert_eq!(
+            redact("https://ci@host/x ssh://git@host/y /srv/z"),
+            "https://ci@host/x ssh://git@host/y /srv/z"
+        );
     }
 
     #[test]

@@ -21,6 +21,7 @@ use serde_json::{Map, Value};
 
 use crate::client::{Client, ClientArgs};
 use crate::client_cmd::{block_on, segment, text};
+use crate::config::{Config, ModuleSource};
 use crate::model::{Patch, SourceStamp};
 use crate::schedulers::{MAX_TRY_PATCH, TryRequest};
 
@@ -154,6 +155,36 @@ impl TryBody {
             comment: self.comment,
         })
     }
+}
+
+/// Refuses a try on builders that would not apply its patch: a builder of try scheduler
+/// `scheduler` (those named, or all of its builders) needs a built-in `git` step whose
+/// arguments name no patch of their own. Unknown schedulers and builders are left for
+/// `schedulers::try_build` to refuse.
+pub fn check_builders(config: &Config, scheduler: &str, builders: &[String]) -> Result<(), String> {
+    let Some(s) = config.scheduler(scheduler) else {
+        return Ok(());
+    };
+    let names = if builders.is_empty() {
+        &s.builders
+    } else {
+        builders
+    };
+    for name in names {
+        let Some(b) = config.builder(name).filter(|_| s.builders.contains(name)) else {
+            continue;
+        };
+        let takes_patch = b.steps.iter().any(|step| {
+            matches!(&step.module, ModuleSource::Builtin(m) if *m == "git")
+                && step.args.get("patch").is_none()
+        });
+        if !takes_patch {
+            return Err(format!(
+                "builder {name:?} has no git step to apply the patch to (a built-in git step without a patch of its own); try on a builder that checks out the source"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Arguments of `kiln try`.

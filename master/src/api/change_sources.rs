@@ -54,7 +54,7 @@ async fn describe(m: &Master, c: &ChangeSource) -> Result<Value, ApiError> {
         let mut conn = m.db.pool().acquire().await?;
         let state = db::poller_state(&mut conn, &c.name).await?;
         let status = m.pollers.status(&c.name).unwrap_or_default();
-        v["repourl"] = json!(repourl);
+        v["repourl"] = json!(crate::poller::redact(repourl));
         v["branches"] = json!(branches.as_ref().map(|b| b.patterns()));
         v["interval"] = json!(interval.as_secs_f64());
         v["last_poll_at"] = json!(status.last_poll_at);

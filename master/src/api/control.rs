@@ -99,6 +99,8 @@ async fn try_build(
     let body: crate::try_cmd::TryBody = parse_body(&body)?;
     let who = c.name.clone().unwrap_or_else(|| "anonymous".into());
     let request = body.check(&who).map_err(ApiError::BadRequest)?;
+    crate::try_cmd::check_builders(&m.state().config, &name, &request.builders)
+        .map_err(ApiError::BadRequest)?;
     let result = m
         .with_env(async |env| schedulers::try_build(env, &name, &request, now_ms()).await)
         .await?;

@@ -38,6 +38,11 @@ name = "try"
 type = "try"
 builders = ["check"]
 users = ["dev"]
+
+[[schedulers]]
+name = "try-other"
+type = "try"
+builders = ["other"]
 "#,
         workers = workers(&["w1"], false),
         repo = upstream.display()
@@ -111,7 +116,7 @@ fn a_try_builds_the_local_changes_on_their_base_and_the_failing_test_passes() {
     );
 
     // Nothing changed yet: nothing to try.
-    let o = kiln_try(&farm, &local, &dev, &[]);
+    let o = kiln_try(&farm, &local, &dev, &["-b", "check"]);
     assert_eq!(o.status.code(), Some(2), "{}", out(&o));
     assert!(
         out(&o).contains("nothing to try: the working tree does not differ from"),
@@ -143,7 +148,12 @@ fn a_try_builds_the_local_changes_on_their_base_and_the_failing_test_passes() {
         "{text}"
     );
 
-    let o = kiln_try(&farm, &local, &dev, &["--wait", "-m", "half of it"]);
+    let o = kiln_try(
+        &farm,
+        &local,
+        &dev,
+        &["--wait", "-b", "check", "-m", "half of it"],
+    );
     assert_eq!(o.status.code(), Some(1), "{}{}", out(&o), farm.logs());
     assert!(out(&o).contains("[hdr] applied the patch"), "{}", out(&o));
 
@@ -218,23 +228,35 @@ fn what_a_try_may_not_do_is_refused_with_the_reason() {
     };
     refused(
         &dev,
+        &["--builder", "nope"],
+        2,
+        "no try scheduler builds nope; the builders one can try on are: check, other",
+    );
+    refused(
+        &dev,
+        &[],
+        2,
+        "several try schedulers could take this (try, try-other); pick one with --scheduler NAME",
+    );
+    refused(
+        &dev,
         &["--builder", "other"],
         2,
-        "no try scheduler builds other; the builders one can try on are: check",
+        "builder \"other\" has no git step to apply the patch to",
     );
     refused(
         &dev,
         &["--scheduler", "nope"],
         2,
-        "there is no try scheduler \"nope\" (defined: try)",
+        "there is no try scheduler \"nope\" (defined: try, try-other)",
     );
     refused(
         &eve,
-        &[],
+        &["-b", "check"],
         2,
         "user \"eve\" may not send try builds to \"try\"",
     );
-    refused(&reader, &[], 2, "needs the force role");
+    refused(&reader, &["-b", "check"], 2, "needs the force role");
     refused(
         &dev,
         &["--baserev", "0000000000000000000000000000000000000000"],
@@ -244,7 +266,7 @@ fn what_a_try_may_not_do_is_refused_with_the_reason() {
     git(&local, &["checkout", "-q", "-b", "detached-from-upstream"]);
     refused(
         &dev,
-        &[],
+        &["-b", "check"],
         2,
         "the current branch has no upstream to try against",
     );
@@ -303,6 +325,6 @@ fn what_a_try_may_not_do_is_refused_with_the_reason() {
     assert_eq!(code, 404, "{answer}");
     assert_eq!(
         answer["error"],
-        "there is no try scheduler \"nope\" (defined: try)"
+        "there is no try scheduler \"nope\" (defined: try, try-other)"
     );
 }
