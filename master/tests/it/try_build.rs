@@ -27,6 +27,17 @@ name = "test"
 args = {{ command = ["sh", "test.sh"] }}
 
 [[builders]]
+name = "check2"
+grant = {{ programs = ["git", "sh"] }}
+[[builders.steps]]
+module = "git"
+args = {{ repourl = "{repo}" }}
+[[builders.steps]]
+module = "shell"
+name = "test"
+args = {{ command = ["sh", "test.sh"] }}
+
+[[builders]]
 name = "other"
 grant = {{ programs = ["sh"] }}
 [[builders.steps]]
@@ -36,7 +47,7 @@ args = {{ command = ["true"] }}
 [[schedulers]]
 name = "try"
 type = "try"
-builders = ["check"]
+builders = ["check", "check2"]
 users = ["dev"]
 
 [[schedulers]]
@@ -124,19 +135,26 @@ fn a_try_builds_the_local_changes_on_their_base_and_the_failing_test_passes() {
         out(&o)
     );
 
-    // An unpushed commit, a staged change and an untracked file: without --untracked the
-    // untracked check is missing, and it fails; upstream moves on meanwhile (the base stays).
+    // An unpushed commit, a staged change and untracked files (one binary, one text in
+    // Latin-1, which makes the whole patch git binary patches): without --untracked they are
+    // missing and the check fails; upstream moves on meanwhile (the base stays).
     std::fs::write(local.join("value.txt"), "fixed\n").unwrap();
     git(&local, &["commit", "-qam", "fix the value"]);
-    std::fs::write(local.join("check.sh"), "test -f notes.md\n").unwrap();
+    std::fs::write(
+        local.join("check.sh"),
+        "test -f notes.md && grep -q caf latin1.txt && od -An -tx1 data.bin | grep -q '00 ff 0d'\n",
+    )
+    .unwrap();
     git(&local, &["add", "check.sh"]);
     std::fs::write(local.join("notes.md"), "# notes\n").unwrap();
+    std::fs::write(local.join("latin1.txt"), b"caf\xe9\n").unwrap();
+    std::fs::write(local.join("data.bin"), [0u8, 0xff, 0x0d, 0x0a, 0]).unwrap();
     std::fs::write(upstream.join("later.txt"), "later\n").unwrap();
     git(&upstream, &["add", "later.txt"]);
     git(&upstream, &["commit", "-qm", "later upstream"]);
     let status_before = git(&local, &["status", "--porcelain"]);
 
-    let dry = kiln_try(&farm, &local, &dev, &["--dry-run", "--untracked"]);
+    let dry = kiln_try(&farm, &local, &dev, &["--dry-run"]);
     assert_eq!(dry.status.code(), Some(0), "{}", out(&dry));
     let text = String::from_utf8_lossy(&dry.stdout).into_owned();
     assert!(
@@ -144,7 +162,16 @@ fn a_try_builds_the_local_changes_on_their_base_and_the_failing_test_passes() {
         "{text}"
     );
     assert!(
-        text.contains("+fixed\n") && text.contains("notes.md"),
+        text.contains("+fixed\n")
+            && text.contains("+test -f notes.md")
+            && !text.contains("b/data.bin"),
+        "{text}"
+    );
+    let dry = kiln_try(&farm, &local, &dev, &["--dry-run", "--untracked"]);
+    let text = String::from_utf8_lossy(&dry.stdout).into_owned();
+    assert!(text.contains("GIT binary patch"), "{text}");
+    assert!(
+        text.contains("b/latin1.txt") && text.contains("b/data.bin"),
         "{text}"
     );
 
@@ -161,9 +188,23 @@ fn a_try_builds_the_local_changes_on_their_base_and_the_failing_test_passes() {
         &farm,
         &local,
         &dev,
-        &["--wait", "--untracked", "--builder", "check"],
+        &[
+            "--wait",
+            "--untracked",
+            "--builder",
+            "check",
+            "--builder",
+            "check2",
+        ],
     );
     assert_eq!(o.status.code(), Some(0), "{}{}", out(&o), farm.logs());
+    // Both builds were followed, one after the other.
+    let text = out(&o);
+    let (one, two) = (
+        text.find("== check (request "),
+        text.find("== check2 (request "),
+    );
+    assert!(one.is_some() && one < two, "{text}");
     // The real index and the working tree are as they were.
     assert_eq!(git(&local, &["status", "--porcelain"]), status_before);
 
@@ -230,7 +271,7 @@ fn what_a_try_may_not_do_is_refused_with_the_reason() {
         &dev,
         &["--builder", "nope"],
         2,
-        "no try scheduler builds nope; the builders one can try on are: check, other",
+        "no try scheduler builds nope; the builders one can try on are: check, check2, other",
     );
     refused(
         &dev,
@@ -299,7 +340,7 @@ fn what_a_try_may_not_do_is_refused_with_the_reason() {
     bad(
         json!({"baserev": base, "patch": "x", "builders": ["other"]}),
         400,
-        "builder \"other\" is not one of scheduler \"try\"'s builders (check)",
+        "builder \"other\" is not one of scheduler \"try\"'s builders (check, check2)",
     );
     bad(
         json!({"baserev": base, "patch": "x".repeat(3 << 20)}),
