@@ -694,7 +694,7 @@ fn the_example_loads() {
     let c = config::load(&path).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
         c.summary().to_string(),
-        "3 workers, 7 builders (4 from matrices), 5 schedulers, 2 change sources, 2 reporters, 1 warning"
+        "3 workers, 7 builders (4 from matrices), 6 schedulers, 2 change sources, 2 reporters, 1 warning"
     );
     assert_eq!(
         warnings(&c),
