@@ -350,6 +350,36 @@ fn working_tree_diff(top: &Path, base: &str, untracked: bool) -> anyhow::Result<
     git(top, &args, &env)
 }
 
+/// A remote's URL as the master should see it: a relative local path made absolute (it was
+/// relative to this checkout), and a password (`https://user:TOKEN@host/...`) left out, so a
+/// personal credential is not stored with the build.
+fn remote_url(top: &Path, url: &str) -> String {
+    if let Some((scheme, rest)) = url.split_once("://") {
+        let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+        return match authority.rsplit_once('@') {
+            Some((userinfo, host)) => {
+                let user = userinfo.split(':').next().unwrap_or_default();
+                format!("{scheme}://{user}@{host}{path}")
+            }
+            None => url.to_owned(),
+        };
+    }
+    // `host:path` (scp-like) has a colon before any slash; anything else is a local path.
+    let scp_like = url
+        .find(':')
+        .is_some_and(|colon| url.find('/').is_none_or(|slash| colon < slash));
+    let path = Path::new(url);
+    if scp_like || path.is_absolute() {
+        return url.to_owned();
+    }
+    let joined = top.join(path);
+    joined
+        .canonicalize()
+        .unwrap_or(joined)
+        .display()
+        .to_string()
+}
+
 /// Works out the base, the branch, the repository and the patch.
 fn local(args: &TryArgs) -> anyhow::Result<Local> {
     let dir = &args.dir;
@@ -384,7 +414,9 @@ fn local(args: &TryArgs) -> anyhow::Result<Local> {
     let repository = match (&args.repository, &upstream) {
         (Some(r), _) => r.clone(),
         (None, Some((remote, _))) if remote != "." => {
-            git_text(&top, &["remote", "get-url", remote]).unwrap_or_default()
+            git_text(&top, &["remote", "get-url", remote])
+                .map(|url| remote_url(&top, &url))
+                .unwrap_or_default()
         }
         _ => String::new(),
     };
@@ -638,6 +670,28 @@ mod tests {
             patch_level: 1,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_remote_url_loses_its_password_and_a_relative_path_its_relativity() {
+        let top = Path::new("/nonexistent/work/app");
+        assert_eq!(
+            remote_url(top, "https://ada:ghp_s3cr3t@github.com/org/app.git"),
+            "https://ada@github.com/org/app.git"
+        );
+        assert_eq!(
+            remote_url(top, "ssh://git@host:22/app.git"),
+            "ssh://git@host:22/app.git"
+        );
+        assert_eq!(
+            remote_url(top, "git@github.com:org/app.git"),
+            "git@github.com:org/app.git"
+        );
+        assert_eq!(remote_url(top, "/srv/git/app.git"), "/srv/git/app.git");
+        assert_eq!(
+            remote_url(top, "../upstream"),
+            "/nonexistent/work/app/../upstream"
+        );
     }
 
     #[test]
