@@ -15,7 +15,7 @@
 //!
 //! One supervisor task follows the configuration (sources added, removed or changed on
 //! reload); each source's task receives its new configuration through a watch channel and
-//! finishes the poll it is in before it changes or stops.
+//! takes it after the poll it is in; a removed source's task is stopped at once.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsStr;
@@ -135,7 +135,10 @@ impl Pollers {
         running.retain(|name, r| {
             let keep = wanted.contains_key(name.as_str()) && !r.task.is_finished();
             if !keep {
-                // Dropping the sender tells the task to stop after the poll it is in.
+                // Stopped at once, so that a source removed and added again never has two
+                // tasks in its repository: a transaction in flight rolls back, a git command
+                // is killed, and the next task of that name removes the locks it left.
+                r.task.abort();
                 tracing::info!(source = %name, "git poller stopped");
             }
             keep

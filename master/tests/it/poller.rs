@@ -255,6 +255,11 @@ fn a_restarted_master_neither_repeats_changes_nor_misses_commits_made_while_it_w
     wait_for_changes(&farm, 1);
 
     farm.kill_master();
+    // As a git killed with the master mid-fetch would leave it: a lock on the branch's ref.
+    let lock = farm
+        .path()
+        .join("gitpoller-work/repo.git/refs/kiln/heads/main.lock");
+    std::fs::write(&lock, "").unwrap();
     let two = commit(&repo, "b", "b\n", "two");
     let three = commit(&repo, "c", "c\n", "three");
     farm.start_master();
@@ -263,6 +268,7 @@ fn a_restarted_master_neither_repeats_changes_nor_misses_commits_made_while_it_w
         revisions(&all),
         [one.as_str(), two.as_str(), three.as_str()]
     );
+    assert!(!lock.exists());
 
     // Again, with nothing new: nothing is reported twice.
     farm.kill_master();
