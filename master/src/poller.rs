@@ -249,6 +249,7 @@ async fn run(
             source: &source,
             config_dir: &config_dir,
             repo: &repo,
+            ssh: batch_ssh(&config_dir).await,
         };
         let result = poller.poll(&master).await;
         let now = now_ms();
@@ -328,6 +329,28 @@ struct Poller<'a> {
     source: &'a ChangeSource,
     config_dir: &'a Path,
     repo: &'a Path,
+    /// `GIT_SSH_COMMAND`, when ssh must be told not to ask anything (see [`batch_ssh`]).
+    ssh: Option<&'static str>,
+}
+
+/// ssh in batch mode: an unknown host key or a passphrase fails at once with ssh's message,
+/// instead of waiting at a terminal prompt (where a poll would hang until its timeout). Only
+/// when nothing else says how to run ssh (`GIT_SSH_COMMAND`, `GIT_SSH`, `core.sshCommand`).
+async fn batch_ssh(config_dir: &Path) -> Option<&'static str> {
+    if std::env::var_os("GIT_SSH_COMMAND").is_some() || std::env::var_os("GIT_SSH").is_some() {
+        return None;
+    }
+    let configured = tokio::process::Command::new("git")
+        .args(["config", "--get", "core.sshCommand"])
+        .current_dir(config_dir)
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    match tokio::time::timeout(Duration::from_secs(10), configured).await {
+        Ok(Ok(out)) if !out.stdout.trim_ascii().is_empty() => None,
+        _ => Some("ssh -o BatchMode=yes"),
+    }
 }
 
 /// A commit read from the working repository.
@@ -373,6 +396,9 @@ impl Poller<'_> {
             .env("GIT_TERMINAL_PROMPT", "0")
             .env("GIT_ASKPASS", "true")
             .env("LC_ALL", "C");
+        if let Some(ssh) = self.ssh {
+            cmd.env("GIT_SSH_COMMAND", ssh);
+        }
         // A master started from a git hook inherits variables that would point git elsewhere.
         for var in [
             "GIT_DIR",
