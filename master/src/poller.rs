@@ -476,41 +476,71 @@ impl Poller<'_> {
         Ok(wanted)
     }
 
-    /// Fetches the branches into the tracking refs; their heads as fetched.
+    /// The tracking refs: branch to commit.
+    async fn tracked(&self) -> anyhow::Result<BTreeMap<String, String>> {
+        let out = self
+            .git(&[
+                "for-each-ref",
+                "--format=%(objectname) %(refname)",
+                TRACKING,
+            ])
+            .await?;
+        Ok(String::from_utf8_lossy(&out)
+            .lines()
+            .filter_map(|l| {
+                let (rev, name) = l.split_once(' ')?;
+                Some((name.strip_prefix(TRACKING)?.to_owned(), rev.to_owned()))
+            })
+            .collect())
+    }
+
+    /// Brings the tracking refs to the remote's `branches`: fetches those that moved (most
+    /// polls fetch nothing) and drops those of branches no longer followed. The heads as
+    /// fetched (a branch may have moved since it was listed).
     async fn fetch(
         &self,
         branches: &BTreeMap<String, String>,
     ) -> anyhow::Result<BTreeMap<String, String>> {
-        let mut args: Vec<String> = vec![
-            "fetch".into(),
-            "--quiet".into(),
-            "--no-tags".into(),
-            "--no-write-fetch-head".into(),
-            "--".into(),
-            self.repourl().to_owned(),
-        ];
-        args.extend(
-            branches
-                .keys()
-                .map(|b| format!("+refs/heads/{b}:{TRACKING}{b}")),
-        );
-        self.git(&args).await?;
-        let mut heads = BTreeMap::new();
-        for branch in branches.keys() {
-            let out = self
-                .git(&[
-                    "rev-parse",
-                    "--verify",
-                    "--quiet",
-                    &format!("{TRACKING}{branch}^{{commit}}"),
-                ])
-                .await?;
-            heads.insert(
-                branch.clone(),
-                String::from_utf8_lossy(&out).trim().to_owned(),
+        let tracked = self.tracked().await?;
+        let moved: Vec<&String> = branches
+            .iter()
+            .filter(|(b, rev)| tracked.get(*b) != Some(rev))
+            .map(|(b, _)| b)
+            .collect();
+        if !moved.is_empty() {
+            let mut args: Vec<String> = vec![
+                "fetch".into(),
+                "--quiet".into(),
+                "--no-tags".into(),
+                "--no-write-fetch-head".into(),
+                "--".into(),
+                self.repourl().to_owned(),
+            ];
+            args.extend(
+                moved
+                    .iter()
+                    .map(|b| format!("+refs/heads/{b}:{TRACKING}{b}")),
             );
+            self.git(&args).await?;
         }
-        Ok(heads)
+        for gone in tracked.keys().filter(|b| !branches.contains_key(*b)) {
+            self.git(&["update-ref", "-d", &format!("{TRACKING}{gone}")])
+                .await?;
+        }
+        let tracked = if moved.is_empty() {
+            tracked
+        } else {
+            self.tracked().await?
+        };
+        branches
+            .keys()
+            .map(|b| match tracked.get(b) {
+                Some(rev) => Ok((b.clone(), rev.clone())),
+                None => Err(anyhow::anyhow!(
+                    "git fetch brought no head for branch {b:?}"
+                )),
+            })
+            .collect()
     }
 
     /// Whether the working repository has commit `rev`.
