@@ -3,7 +3,6 @@
 //! of the web UI needs one of these requests: a builder list carries each builder's last
 //! build, a build carries its steps, logs, properties, buildset and changes.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::extract::{Path, Query, State};
@@ -498,11 +497,11 @@ async fn estimate(
         r["estimated_start_at"] = Value::Null;
         r["estimated_finish_at"] = Value::Null;
     }
-    let builders: Vec<String> = {
-        let mut b: Vec<String> = items
+    let builders: Vec<(i64, String)> = {
+        let mut b: Vec<(i64, String)> = items
             .iter()
             .filter(|r| r["complete"] == false && r["claimed"] == false)
-            .filter_map(|r| r["builder"].as_str().map(str::to_owned))
+            .filter_map(|r| Some((r["builderid"].as_i64()?, r["builder"].as_str()?.to_owned())))
             .collect();
         b.sort();
         b.dedup();
@@ -511,47 +510,22 @@ async fn estimate(
     if builders.is_empty() {
         return Ok(());
     }
-    let typical: BTreeMap<i64, i64> = db::typical_durations(conn, 10).await?.into_iter().collect();
+    let at: std::collections::HashMap<i64, usize> = items
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| Some((r["buildrequestid"].as_i64()?, i)))
+        .collect();
     let now = now_ms();
-    for builder in builders {
-        let queue = Listing::parse(
-            &views::BUILDREQUESTS,
-            &[
-                ("builder".to_owned(), builder.clone()),
-                ("complete".to_owned(), "false".to_owned()),
-                ("claimed".to_owned(), "false".to_owned()),
-                ("order".to_owned(), "-priority,submitted_at".to_owned()),
-            ],
-            views::MAX_LIMIT,
-            &[],
-        )
-        .map_err(ApiError::BadRequest)?
-        .fetch(conn)
-        .await?
-        .0;
-        let Some(builder_id) = queue.first().and_then(|r| r["builderid"].as_i64()) else {
-            continue;
-        };
-        let builds = Listing::parse(
-            &views::BUILDS,
-            &[
-                ("builderid".to_owned(), builder_id.to_string()),
-                ("complete".to_owned(), "false".to_owned()),
-            ],
-            views::MAX_LIMIT,
-            &[],
-        )
-        .map_err(ApiError::BadRequest)?
-        .fetch(conn)
-        .await?
-        .0;
+    for (builder_id, builder) in builders {
+        let queue = db::pending_in_start_order(conn, builder_id).await?;
+        let builds = db::running_builds_of(conn, builder_id).await?;
         let expected = db::expected_steps(conn, builder_id).await?;
         let running = if builds.is_empty() {
             Vec::new()
         } else {
             db::running_steps(conn, builder_id).await?
         };
-        let mean = typical.get(&builder_id).copied();
+        let mean = db::typical_duration(conn, builder_id, 10).await?;
         let took = mean.or_else(|| {
             let first = expected.iter().filter_map(|s| s.started_at).min()?;
             let last = expected.iter().filter_map(|s| s.complete_at).max()?;
@@ -562,19 +536,17 @@ async fn estimate(
         };
         let mut free: Vec<i64> = builds
             .iter()
-            .filter_map(|b| {
-                let id = b["buildid"].as_i64()?;
-                let started = b["started_at"].as_i64().unwrap_or(now);
+            .map(|&(id, started)| {
                 let steps: Vec<db::StepTiming> =
                     running.iter().filter(|s| s.build == id).cloned().collect();
-                Some(match remaining_ms(&expected, &steps, now) {
+                match remaining_ms(&expected, &steps, now) {
                     Some(left) => now + left,
                     None => (started + mean.unwrap_or(0)).max(now),
-                })
+                }
             })
             .collect();
         free.resize(free.len().max(slots(m, &builder)), now);
-        for r in &queue {
+        for id in &queue {
             let (slot, start) = free
                 .iter()
                 .copied()
@@ -583,10 +555,7 @@ async fn estimate(
                 .unwrap_or((0, now));
             let finish = start + took;
             free[slot] = finish;
-            if let Some(item) = items
-                .iter_mut()
-                .find(|i| i["buildrequestid"] == r["buildrequestid"])
-            {
+            if let Some(item) = at.get(id).map(|&i| &mut items[i]) {
                 item["estimated_start_at"] = start.into();
                 item["estimated_finish_at"] = finish.into();
             }

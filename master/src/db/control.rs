@@ -174,23 +174,24 @@ pub async fn buildset_sourcestamp_ids(conn: &mut AnyConnection, buildset: i64) -
     .await
 }
 
-/// Mean duration (ms) of each builder's last `n` finished builds that did not end in
-/// EXCEPTION, RETRY or CANCELLED: what estimates of start and finish times go by.
-pub async fn typical_durations(conn: &mut AnyConnection, n: i64) -> Result<Vec<(i64, i64)>> {
-    let rows = sqlx::query(
-        "SELECT builder_id, CAST(AVG(complete_at - started_at) AS BIGINT) AS mean
-         FROM (SELECT b.builder_id, b.started_at, b.complete_at,
-                      ROW_NUMBER() OVER (PARTITION BY b.builder_id ORDER BY b.id DESC) AS k
-               FROM builds b
-               WHERE b.complete_at IS NOT NULL AND b.results IN (0, 1, 2)) recent
-         WHERE k <= $1 GROUP BY builder_id",
+/// Mean duration (ms) of a builder's last `n` finished builds that did not end in
+/// EXCEPTION, RETRY or CANCELLED: what estimates of start and finish times go by. Reads those
+/// builds only, newest first along the builder's (builder, number) index.
+pub async fn typical_duration(
+    conn: &mut AnyConnection,
+    builder_id: i64,
+    n: i64,
+) -> Result<Option<i64>> {
+    sqlx::query_scalar(
+        "SELECT CAST(AVG(took) AS BIGINT) FROM
+           (SELECT complete_at - started_at AS took FROM builds
+            WHERE builder_id = $1 AND complete_at IS NOT NULL AND results IN (0, 1, 2)
+            ORDER BY number DESC LIMIT $2) recent",
     )
+    .bind(builder_id)
     .bind(n)
-    .fetch_all(conn)
-    .await?;
-    rows.iter()
-        .map(|r| Ok((r.try_get("builder_id")?, r.try_get("mean")?)))
-        .collect()
+    .fetch_one(conn)
+    .await
 }
 
 /// One step's timing and progress: of a running build, or of the build a builder's running
@@ -258,4 +259,32 @@ pub async fn running_steps(conn: &mut AnyConnection, builder_id: i64) -> Result<
     .fetch_all(conn)
     .await?;
     step_timings(&rows)
+}
+
+/// A builder's running builds: (id, started at ms), by the index of incomplete builds.
+pub async fn running_builds_of(
+    conn: &mut AnyConnection,
+    builder_id: i64,
+) -> Result<Vec<(i64, i64)>> {
+    sqlx::query_as(
+        "SELECT id, started_at FROM builds WHERE complete_at IS NULL AND builder_id = $1
+         ORDER BY id",
+    )
+    .bind(builder_id)
+    .fetch_all(conn)
+    .await
+}
+
+/// A builder's unclaimed pending requests in the order they will start (ids), along the
+/// builder's start-order index.
+pub async fn pending_in_start_order(conn: &mut AnyConnection, builder_id: i64) -> Result<Vec<i64>> {
+    sqlx::query_scalar(
+        "SELECT r.id FROM buildrequests r
+         WHERE r.builder_id = $1 AND r.complete = 0
+           AND NOT EXISTS (SELECT 1 FROM buildrequest_claims c WHERE c.request_id = r.id)
+         ORDER BY r.priority DESC, r.submitted_at, r.id",
+    )
+    .bind(builder_id)
+    .fetch_all(conn)
+    .await
 }
