@@ -68,6 +68,11 @@ pub(crate) fn table(
     rows: &[Vec<String>],
     paint: impl Fn(usize, &str) -> (&'static str, &'static str),
 ) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| r.iter().map(|t| printable(t)).collect())
+        .collect();
+    let rows = &rows;
     let widths: Vec<usize> = (0..headers.len())
         .map(|i| {
             rows.iter()
@@ -103,6 +108,23 @@ pub(crate) fn table(
         );
     }
     out
+}
+
+/// Text from the master made safe for a terminal: control characters (an escape sequence in a
+/// step's summary, a newline in a worker's note) are shown as escapes, not obeyed.
+pub(crate) fn printable(text: &str) -> String {
+    if !text.chars().any(char::is_control) {
+        return text.to_owned();
+    }
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 /// A result's name as an [`Outcome`].
@@ -970,6 +992,19 @@ pub fn delete(args: DeleteArgs) -> anyhow::Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tables_show_control_characters_rather_than_obey_them() {
+        let rows = vec![vec![
+            "\u{1b}]0;owned\u{7}\u{1b}[2Jgone".to_owned(),
+            "two\nlines".to_owned(),
+        ]];
+        let out = table(&["STATE", "NOTE"], &rows, |_, _| ("", ""));
+        assert!(!out.contains('\u{1b}') && !out.contains('\u{7}'), "{out:?}");
+        assert!(out.contains("\\u{1b}]0;owned"), "{out}");
+        assert_eq!(out.lines().count(), 2, "{out}");
+        assert_eq!(printable("plain · text"), "plain · text");
+    }
 
     fn scheds() -> Vec<Value> {
         vec![
