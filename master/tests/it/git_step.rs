@@ -186,6 +186,18 @@ fn branches_and_revisions_are_checked_out() {
         &d.workdir,
     );
     assert_eq!(out["properties"]["got_revision"], up.main, "{out:#}");
+    // A pull request's head is a ref outside refs/heads, as a forge's webhook names it.
+    git(&up.path, &["update-ref", "refs/pull/7/head", &up.feature]);
+    git(&up.path, &["branch", "-qD", "feature"]);
+    let flags = [FLAGS, &["--prop", "branch=refs/pull/7/head"]].concat();
+    let (_, out, log) = step(
+        "git",
+        json!({"repourl": url, "dest": "pr"}),
+        &flags,
+        &d.workdir,
+    );
+    assert_eq!(out["properties"]["got_revision"], up.feature, "{log}");
+    assert!(d.workdir.join("pr/FEATURE").exists());
 }
 
 #[test]

@@ -215,7 +215,9 @@ fn update(ctx: &mut StepContext, git: &Git<'_>, args: &Args, dir: &str) -> Resul
         if let Some(d) = &depth {
             clone.push(d);
         }
-        if let Some(b) = &args.branch {
+        // `clone --branch` takes a branch or tag name; a full ref (a pull request's
+        // `refs/pull/N/head`, a merge request's) is fetched below instead.
+        if let Some(b) = args.branch.as_deref().filter(|b| !b.starts_with("refs/")) {
             clone.extend(["--branch", b]);
         }
         clone.extend(["--", &args.repourl, dir]);
