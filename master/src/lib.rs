@@ -23,6 +23,7 @@ pub mod model;
 pub mod pgtemp;
 pub mod poller;
 pub mod properties;
+pub mod reporters;
 pub mod requests;
 pub mod schedulers;
 pub mod secrets;

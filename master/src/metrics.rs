@@ -31,6 +31,12 @@ struct SourceOutcome {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReporterOutcome {
+    reporter: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SourceResult {
     source: String,
     result: String,
@@ -75,6 +81,7 @@ pub struct Metrics {
     refused: Counter,
     polls: Family<SourceResult, Counter>,
     deliveries: Family<SourceOutcome, Counter>,
+    reports: Family<ReporterOutcome, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -100,6 +107,7 @@ impl Default for Metrics {
             refused: Counter::default(),
             polls: Family::default(),
             deliveries: Family::default(),
+            reports: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -167,6 +175,12 @@ impl Default for Metrics {
             "Webhook deliveries by change source and outcome (accepted, duplicate, ignored, \
              unauthorized, forbidden, bad_request, too_large, unknown_source, error)",
             m.deliveries.clone(),
+        );
+        registry.register(
+            "reporter_deliveries",
+            "Reporter delivery attempts by reporter and outcome (delivered, retried, failed, \
+             skipped)",
+            m.reports.clone(),
         );
         Metrics { registry, ..m }
     }
@@ -237,6 +251,16 @@ impl Metrics {
     /// Worker messages were refused.
     pub fn refused(&self, n: usize) {
         self.refused.inc_by(n as u64);
+    }
+
+    /// An attempt of reporter `reporter` ended with `outcome`.
+    pub fn reporter_delivery(&self, reporter: &str, outcome: &str) {
+        self.reports
+            .get_or_create(&ReporterOutcome {
+                reporter: reporter.to_owned(),
+                outcome: outcome.to_owned(),
+            })
+            .inc();
     }
 
     /// A webhook delivery to change source `source` ended with `outcome`.

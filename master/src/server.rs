@@ -208,6 +208,8 @@ pub struct Master {
     pub tickets: crate::auth::Tickets,
     /// The git pollers of the configuration in force.
     pub pollers: crate::poller::Pollers,
+    /// The reporters' task's wake-up.
+    pub reporters: crate::reporters::Reporters,
     dispatch: Notify,
     address: std::sync::OnceLock<std::net::SocketAddr>,
 }
@@ -257,6 +259,7 @@ impl Master {
             live: Default::default(),
             tickets: Default::default(),
             pollers: Default::default(),
+            reporters: Default::default(),
             dispatch: Notify::new(),
             address: Default::default(),
         });
@@ -439,6 +442,8 @@ impl Master {
         let mut shutdown = std::pin::pin!(shutdown);
         // The git pollers run as long as this does.
         let _pollers = crate::poller::start(&self);
+        // So does the reporters' delivery queue.
+        let _reporters = crate::reporters::start(&self);
         let mut beat = tokio::time::interval(self.state().config.master.heartbeat);
         beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut next_pass = tokio::time::Instant::now();

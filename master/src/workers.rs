@@ -927,6 +927,8 @@ impl Master {
         }
         if !finished.is_empty() {
             self.wake_dispatch();
+            // Reports and buildset events were queued with the builds' ends.
+            self.reporters.wake();
         }
         // Live updates last: leases, acknowledgements and dispatch do not wait on them.
         if live {
@@ -1094,6 +1096,16 @@ impl Master {
                 let behaviour = jobs::behaviour(lease.kind).context("a lease of no kind")?;
                 let state = message.clone().unwrap_or_else(|| result.to_string());
                 db::finish_build(&mut *tx, build, result, &state, batch.now).await?;
+                crate::reporters::queue_build(
+                    tx,
+                    &self.state().config.reporters,
+                    &lease.builder,
+                    build.0,
+                    crate::reporters::Event::BuildFinished,
+                    Some(result),
+                    batch.now,
+                )
+                .await?;
                 match behaviour.handle_finished(result)? {
                     RequestFate::Requeue => {
                         db::unclaim_requests(&mut *tx, &[lease.request], self.id).await?;
@@ -1151,8 +1163,21 @@ impl Master {
         let ended = db::finish_build(&mut tx, row.id, Outcome::Retry, why, now_ms()).await?;
         if ended {
             db::unclaim_requests(&mut tx, &[row.request], self.id).await?;
+            crate::reporters::queue_build(
+                &mut tx,
+                &self.state().config.reporters,
+                &row.builder,
+                row.id.0,
+                crate::reporters::Event::BuildFinished,
+                Some(Outcome::Retry),
+                now_ms(),
+            )
+            .await?;
         }
         tx.commit().await?;
+        if ended {
+            self.reporters.wake();
+        }
         if ended {
             self.metrics.build_finished(
                 &row.builder,
@@ -1446,7 +1471,18 @@ impl Master {
             Ok(job) => job,
             Err(message) => {
                 // A build that can never run as configured: EXCEPTION, with the reason.
+                // (Never reported as started.)
                 db::finish_build(&mut tx, build_id, Outcome::Exception, &message, now_ms()).await?;
+                crate::reporters::queue_build(
+                    &mut tx,
+                    &state.config.reporters,
+                    &builder.name,
+                    build_id.0,
+                    crate::reporters::Event::BuildFinished,
+                    Some(Outcome::Exception),
+                    now_ms(),
+                )
+                .await?;
                 crate::requests::finish_requests(
                     &self.db,
                     &mut tx,
@@ -1456,6 +1492,7 @@ impl Master {
                 )
                 .await?;
                 tx.commit().await?;
+                self.reporters.wake();
                 self.metrics
                     .build_finished(&builder.name, Outcome::Exception, None);
                 tracing::error!(build = build_id.0, builder = %builder.name, %message, "build cannot run");
@@ -1463,7 +1500,20 @@ impl Master {
                 return Ok(());
             }
         };
+        let reported = crate::reporters::queue_build(
+            &mut tx,
+            &state.config.reporters,
+            &builder.name,
+            build_id.0,
+            crate::reporters::Event::BuildStarted,
+            None,
+            now_ms(),
+        )
+        .await?;
         tx.commit().await?;
+        if reported {
+            self.reporters.wake();
+        }
         self.workers.lock().leases.insert(
             build_id.0,
             Lease {

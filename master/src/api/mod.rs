@@ -8,6 +8,7 @@
 //! - `events`: the live event stream (Server-Sent Events).
 //! - `openapi`: the OpenAPI document of all of the above.
 //! - `change_sources`: the change sources and how their polls went.
+//! - `reporters`: the reporters and how their deliveries went.
 
 mod change_sources;
 mod control;
@@ -15,6 +16,7 @@ mod events;
 mod modules;
 mod openapi;
 mod read;
+mod reporters;
 
 use std::sync::Arc;
 
@@ -251,6 +253,7 @@ pub fn router(master: Arc<Master>) -> Router {
         .merge(control::routes())
         .merge(modules::routes())
         .merge(change_sources::routes())
+        .merge(reporters::routes())
         .merge(crate::ui::router())
         .merge(crate::change_hooks::routes())
         .route("/api/v2/events", get(events::stream))

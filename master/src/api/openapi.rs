@@ -292,6 +292,18 @@ static OPS: &[Op] = &[
         "read",
     ),
     op(
+        "get",
+        "/api/v2/reporters",
+        "Reporters in force with their deliveries counted by state, their latest failures and the deliveries being retried",
+        "read",
+    ),
+    op(
+        "get",
+        "/api/v2/reporters/{name}/deliveries",
+        "One reporter's deliveries, newest first (state, limit)",
+        "read",
+    ),
+    op(
         "post",
         "/api/v2/changesources/{name}/poll",
         "Ask a git poller to poll now",

@@ -179,6 +179,8 @@ pub struct Reporter {
     pub name: String,
     /// The builders whose builds it reports (globs expanded); `None` for all.
     pub builders: Option<Vec<String>>,
+    /// Whether it also reports buildsets (first failure, completion).
+    pub buildsets: bool,
     /// What it is.
     pub kind: ReporterKind,
 }
@@ -266,9 +268,10 @@ pub(crate) fn resolve_reporter(
         ("lookup", r.lookup.is_some()),
         ("smtp_user", r.smtp_user.is_some()),
         ("smtp_password", r.smtp_password.is_some()),
+        ("buildsets", r.buildsets.is_some()),
     ];
     let allowed: &[&str] = match kind {
-        "http" => &["url", "secret", "mode", "builders"],
+        "http" => &["url", "secret", "mode", "builders", "buildsets"],
         "email" => &[
             "relay",
             "from",
@@ -278,6 +281,7 @@ pub(crate) fn resolve_reporter(
             "smtp_user",
             "smtp_password",
             "builders",
+            "buildsets",
         ],
         _ => &["token", "base_url", "context", "builders"],
     };
@@ -448,6 +452,7 @@ pub(crate) fn resolve_reporter(
     Reporter {
         name: r.name,
         builders: filter,
+        buildsets: r.buildsets.unwrap_or(false),
         kind,
     }
 }

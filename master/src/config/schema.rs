@@ -509,6 +509,9 @@ pub struct ReporterEntry {
     pub smtp_user: Option<String>,
     /// email: the SMTP password, or `"%(secret:NAME)s"`.
     pub smtp_password: Option<Secret>,
+    /// http, email: also report buildsets: when one of their builds first fails, and when
+    /// they complete. Default: false.
+    pub buildsets: Option<bool>,
 }
 
 /// A duration as written: `"30s"`, `"10m"`, `"1h 30m"`.

@@ -15,6 +15,7 @@ mod control;
 mod hooks;
 mod poller;
 mod queries;
+mod reporters;
 pub mod views;
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
@@ -25,6 +26,7 @@ pub use control::*;
 pub use hooks::*;
 pub use poller::*;
 pub use queries::*;
+pub use reporters::*;
 pub use views::{Listing, View};
 
 /// Which database server is behind the pool.

@@ -1355,7 +1355,7 @@ fn change_source_and_reporter_mistakes() {
         ),
         (
             "[[reporters]]\nname = \"r\"\ntype = \"email\"\nrelay = \"smtp\"\nfrom = \"k@b\"\nlookup = \"b\"\ntoken = \"t\"",
-            "kiln.toml: reporters.\"r\".token: does not apply to an email reporter (its fields: relay, from, to, lookup, mode, smtp_user, smtp_password, builders)",
+            "kiln.toml: reporters.\"r\".token: does not apply to an email reporter (its fields: relay, from, to, lookup, mode, smtp_user, smtp_password, builders, buildsets)",
         ),
     ];
     for (text, expected) in cases {

@@ -12,6 +12,7 @@ mod git_step;
 mod master_cli;
 mod poller;
 mod reliability;
+mod reporters;
 mod schedulers;
 mod standard_steps;
 mod step_resources;
