@@ -603,6 +603,20 @@ fn where_anonymous_users_may_not_read_a_pasted_token_opens_the_pages() {
     wait_text(&mut browser, "h1 .badge", "success");
     let lines: Vec<String> = texts(&mut browser, ".log-lines .ch-o");
     assert_eq!(lines, ["tick 1", "tick 2", "tick 3", "tick 4"]);
+    // The next build of the builder is expected to end when the last one's steps say.
+    std::fs::remove_file(farm.path().join("go")).unwrap();
+    std::fs::remove_file(farm.path().join("end")).unwrap();
+    let again = force(&farm, "slow", "estimated");
+    farm.wait_until("the second build to start", Duration::from_secs(30), || {
+        !farm.builds_of(again).is_empty()
+    });
+    let second = farm.builds_of(again)[0]["buildid"].as_i64().unwrap();
+    go(&mut browser, &format!("#/builds/{second}"));
+    wait_text(&mut browser, ".log-lines", "tick 2");
+    wait_text(&mut browser, "dl.facts", "expected");
+    std::fs::write(farm.path().join("go"), "").unwrap();
+    std::fs::write(farm.path().join("end"), "").unwrap();
+    wait_text(&mut browser, "h1 .badge", "success");
     // Only the requests made before the token was pasted were refused.
     let errors = browser.take_errors();
     assert!(

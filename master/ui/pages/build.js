@@ -195,7 +195,14 @@ class BuildPage {
       ["Builder", link("/builds", { builder: b.builder }, b.builder ?? "")],
       ["Worker", b.worker ? link("/workers", {}, b.worker) : h("span", { class: "muted" }, "none yet")],
       ["Started", at(b.started_at)],
-      ["Finished", b.complete_at != null ? at(b.complete_at) : h("span", { class: "muted" }, "running")],
+      [
+        "Finished",
+        b.complete_at != null
+          ? at(b.complete_at)
+          : b.estimated_finish_at != null
+            ? h("span", { class: "eta", title: "estimated from its steps' progress against the builder's last good build" }, "expected ", when(b.estimated_finish_at))
+            : h("span", { class: "muted" }, "running"),
+      ],
       ["Duration", elapsed(b.started_at, b.complete_at)],
       ["Reason", b.buildset?.reason ?? ""],
       ["Request", b.buildrequestid != null ? `#${b.buildrequestid}` : ""],
