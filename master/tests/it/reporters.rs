@@ -541,3 +541,370 @@ mode = "failing"
     let _ = smtpd.kill();
     let _ = smtpd.wait();
 }
+
+mod database {
+    //! The delivery queue (`db/reporters.rs`, migration 0009) and what a delivery reads
+    //! (`reporters::payload`) on SQLite and on a real PostgreSQL: queueing in a transaction,
+    //! claims by compare-and-set across two masters' pools, retries with their due time,
+    //! success and failure, superseded statuses, the listing `GET /api/v2/reporters` shows, the
+    //! previous result a `problem` reporter asks for, and the mark over the events feed.
+
+    use master::db::{self, Db, DeliveryRow, DueDelivery};
+    use master::model::*;
+    use master::reporters::payload;
+    use serde_json::json;
+
+    use crate::support::{TestDb, on_both_databases};
+
+    on_both_databases!(the_delivery_queue_claims_retries_and_lists);
+
+    async fn conn(db: &Db) -> sqlx::pool::PoolConnection<sqlx::Any> {
+        db.pool().acquire().await.unwrap()
+    }
+
+    async fn queue(db: &Db, reporter: &str, event: &str, subject: i64, now: i64) {
+        let mut tx = db.begin().await.unwrap();
+        db::queue_delivery(&mut tx, reporter, event, subject, now)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+    }
+
+    /// Builds of builder "alpha", one per result, in order; and their buildset.
+    async fn builds(db: &Db, results: &[Results]) -> (i64, Vec<i64>) {
+        let mut tx = db.begin().await.unwrap();
+        db.serialize_appends(&mut tx).await.unwrap();
+        let change = db::insert_change(
+            &mut tx,
+            &NewChange {
+                author: "Jane Doe <jane@laptop.local>".into(),
+                comments: "break the build".into(),
+                branch: Some("main".into()),
+                revision: Some("abc123".into()),
+                repository: "https://example.org/kiln.git".into(),
+                source: "test".into(),
+                ..Default::default()
+            },
+            1,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        tx.commit().await.unwrap();
+        let mut c = conn(db).await;
+        let ids = db::sync_builders(&mut c, &[("alpha".into(), String::new(), vec![])])
+            .await
+            .unwrap();
+        let m = db::register_master(&mut c, "m", 1).await.unwrap();
+        let bs = NewBuildset {
+            scheduler: "s".into(),
+            reason: "a change".into(),
+            external_id: None,
+            sourcestamps: vec![SourceStamp {
+                repository: "https://example.org/kiln.git".into(),
+                branch: Some("main".into()),
+                revision: Some("abc123".into()),
+                changes: vec![change],
+                ..Default::default()
+            }],
+            properties: vec![],
+            builders: results.iter().map(|_| ("alpha".to_string(), 0)).collect(),
+            trusted: true,
+            parent_build: None,
+        };
+        let (set, requests) = db::insert_buildset(&mut c, &bs, &ids, 2)
+            .await
+            .unwrap()
+            .unwrap();
+        let mut out = Vec::new();
+        for ((request, _), r) in requests.iter().zip(results) {
+            assert!(db::claim_request(&mut c, *request, m, 3).await.unwrap());
+            let (build, _) = db::insert_build(&mut c, *request, None, m, "k", 4)
+                .await
+                .unwrap();
+            assert!(
+                db::finish_build(&mut c, build, *r, "done", 5)
+                    .await
+                    .unwrap()
+            );
+            out.push(build.0);
+        }
+        (set.0, out)
+    }
+
+    async fn the_delivery_queue_claims_retries_and_lists(t: TestDb) {
+        let db = &t.db;
+        let other = Db::connect(&t.url).await.unwrap();
+        let (set, b) = builds(
+            db,
+            &[
+                Results::Success,
+                Results::Retry,
+                Results::Failure,
+                Results::Failure,
+            ],
+        )
+        .await;
+        let mut c = conn(db).await;
+
+        // Queued with the event, due at once, oldest first; nothing is due before it was queued.
+        queue(db, "hook", "build.finished", b[0], 1_000).await;
+        queue(db, "gh", "build.started", b[2], 1_000).await;
+        queue(db, "gh", "build.finished", b[2], 1_001).await;
+        queue(db, "hook", "buildset.complete", set, 1_002).await;
+        assert!(
+            db::due_deliveries(&mut c, 999, 10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(db::next_due(&mut c).await.unwrap(), Some(1_000));
+        let due = db::due_deliveries(&mut c, 1_001, 10).await.unwrap();
+        assert_eq!(
+            due.iter()
+                .map(|d| (d.reporter.as_str(), d.event.as_str(), d.subject))
+                .collect::<Vec<_>>(),
+            vec![
+                ("hook", "build.finished", b[0]),
+                ("gh", "build.started", b[2]),
+                ("gh", "build.finished", b[2]),
+            ]
+        );
+        assert!(due.iter().all(|d| d.attempts == 0));
+        assert_eq!(db::due_deliveries(&mut c, 5_000, 2).await.unwrap().len(), 2);
+
+        // Two masters claim the same deliveries at once: each goes to exactly one.
+        let all = db::due_deliveries(&mut c, 5_000, 10).await.unwrap();
+        assert_eq!(all.len(), 4);
+        let race = |db: Db, due: Vec<DueDelivery>| async move {
+            let mut won = Vec::new();
+            for d in due {
+                let mut c = db.pool().acquire().await.unwrap();
+                if db::claim_delivery(&mut c, &d, 9_000).await.unwrap() {
+                    won.push(d.id);
+                }
+            }
+            won
+        };
+        let mut reversed = all.clone();
+        reversed.reverse();
+        let (w1, w2) = tokio::join!(
+            tokio::spawn(race(db.clone(), all.clone())),
+            tokio::spawn(race(other.clone(), reversed))
+        );
+        let (w1, w2) = (w1.unwrap(), w2.unwrap());
+        assert_eq!(w1.len() + w2.len(), 4, "{w1:?} {w2:?}");
+        assert!(w1.iter().all(|d| !w2.contains(d)));
+        // A claim counts the attempt and leases the delivery until 9000.
+        assert!(
+            db::due_deliveries(&mut c, 8_999, 10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(db::next_due(&mut c).await.unwrap(), Some(9_000));
+        assert!(
+            !db::claim_delivery(&mut c, &all[0], 20_000).await.unwrap(),
+            "a stale due time claims nothing"
+        );
+
+        // The hook's build delivery fails and is retried at 10_000; the status's start is
+        // delivered; the buildset's fails for good.
+        let (hook, started, finished, buildset) = (&all[0], &all[1], &all[2], &all[3]);
+        db::retry_delivery(&mut c, hook.id, "POST http://x: answered 500", 10_000)
+            .await
+            .unwrap();
+        db::end_delivery(&mut c, started.id, "delivered", None, 6_000)
+            .await
+            .unwrap();
+        db::end_delivery(
+            &mut c,
+            buildset.id,
+            "failed",
+            Some("POST http://x: answered 404 Not Found"),
+            6_001,
+        )
+        .await
+        .unwrap();
+        // A failed delivery is not retried, even if asked to.
+        db::retry_delivery(&mut c, buildset.id, "late", 10_000)
+            .await
+            .unwrap();
+        let due = db::due_deliveries(&mut c, 10_000, 10).await.unwrap();
+        assert_eq!(
+            due.iter().map(|d| (d.id, d.attempts)).collect::<Vec<_>>(),
+            vec![(hook.id, 1), (finished.id, 1)]
+        );
+        assert!(db::claim_delivery(&mut c, &due[0], 20_000).await.unwrap());
+        db::end_delivery(&mut c, hook.id, "delivered", None, 10_500)
+            .await
+            .unwrap();
+
+        // An earlier pending status is superseded by the build's final one; buildset
+        // deliveries and other reporters' are untouched.
+        queue(db, "gh", "build.started", b[3], 11_000).await;
+        queue(db, "gh", "build.finished", b[3], 11_001).await;
+        let newest = db::recent_deliveries(&mut c, Some("gh"), None, 1)
+            .await
+            .unwrap()[0]
+            .id;
+        assert_eq!(
+            db::supersede_earlier(&mut c, "gh", b[3], newest, 11_002)
+                .await
+                .unwrap(),
+            1
+        );
+        assert_eq!(
+            db::supersede_earlier(&mut c, "gh", b[3], newest, 11_003)
+                .await
+                .unwrap(),
+            0
+        );
+
+        // What the API lists: counts by reporter and state, and rows filtered, newest first.
+        let mut counts = db::delivery_counts(&mut c).await.unwrap();
+        counts.sort();
+        assert_eq!(
+            counts,
+            vec![
+                ("gh".to_string(), "delivered".to_string(), 1),
+                ("gh".to_string(), "pending".to_string(), 2),
+                ("gh".to_string(), "superseded".to_string(), 1),
+                ("hook".to_string(), "delivered".to_string(), 1),
+                ("hook".to_string(), "failed".to_string(), 1),
+            ]
+        );
+        let failed = db::recent_deliveries(&mut c, Some("hook"), Some("failed"), 10)
+            .await
+            .unwrap();
+        assert_eq!(
+            failed,
+            vec![DeliveryRow {
+                id: buildset.id,
+                reporter: "hook".into(),
+                event: "buildset.complete".into(),
+                subject: set,
+                state: "failed".into(),
+                attempts: 1,
+                next_attempt_at: None,
+                last_error: Some("POST http://x: answered 404 Not Found".into()),
+                created_at: 1_002,
+                finished_at: Some(6_001),
+            }]
+        );
+        let delivered = db::recent_deliveries(&mut c, Some("hook"), Some("delivered"), 10)
+            .await
+            .unwrap();
+        assert_eq!(delivered[0].attempts, 2);
+        assert_eq!(delivered[0].finished_at, Some(10_500));
+        assert_eq!(
+            delivered[0].last_error.as_deref(),
+            None,
+            "a delivery clears the last attempt's error"
+        );
+        let pending = db::recent_deliveries(&mut c, None, Some("pending"), 10)
+            .await
+            .unwrap();
+        assert_eq!(
+            pending
+                .iter()
+                .map(|d| (d.id, d.next_attempt_at))
+                .collect::<Vec<_>>(),
+            vec![(newest, Some(11_001)), (finished.id, Some(9_000))]
+        );
+        let everything = db::recent_deliveries(&mut c, None, None, 100)
+            .await
+            .unwrap();
+        assert_eq!(everything.len(), 6);
+        assert!(everything.windows(2).all(|w| w[0].id > w[1].id));
+        assert_eq!(
+            db::recent_deliveries(&mut c, Some("gh"), None, 2)
+                .await
+                .unwrap()
+                .len(),
+            2
+        );
+        assert!(
+            db::recent_deliveries(&mut c, Some("nobody"), None, 10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+
+        // A problem reporter's question: the builder's previous verdict, skipping RETRY.
+        assert_eq!(
+            db::previous_build_results(&mut c, b[0]).await.unwrap(),
+            None
+        );
+        assert_eq!(
+            db::previous_build_results(&mut c, b[2]).await.unwrap(),
+            Some(Results::Success)
+        );
+        assert_eq!(
+            db::previous_build_results(&mut c, b[3]).await.unwrap(),
+            Some(Results::Failure)
+        );
+
+        // The mark over the events feed starts at its end, once, and moves by compare-and-set.
+        assert_eq!(db::reporter_mark(&mut c, "buildsets").await.unwrap(), None);
+        db::start_reporter_mark(&mut c, "buildsets").await.unwrap();
+        assert_eq!(
+            db::reporter_mark(&mut c, "buildsets").await.unwrap(),
+            Some(0)
+        );
+        let mut tx = db.begin().await.unwrap();
+        db.serialize_appends(&mut tx).await.unwrap();
+        let event = db::insert_event(&mut tx, "buildset.complete", set, &json!({}), 12_000)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        db::start_reporter_mark(&mut c, "buildsets").await.unwrap();
+        db::start_reporter_mark(&mut c, "other").await.unwrap();
+        assert_eq!(
+            db::reporter_mark(&mut c, "buildsets").await.unwrap(),
+            Some(0)
+        );
+        assert_eq!(
+            db::reporter_mark(&mut c, "other").await.unwrap(),
+            Some(event)
+        );
+        assert!(
+            db::advance_reporter_mark(&mut c, "buildsets", 0, event)
+                .await
+                .unwrap()
+        );
+        assert!(
+            !db::advance_reporter_mark(&mut c, "buildsets", 0, event)
+                .await
+                .unwrap(),
+            "another master moved it first"
+        );
+        assert_eq!(
+            db::buildset_builders(&mut c, set).await.unwrap(),
+            vec!["alpha"]
+        );
+
+        // What a delivery says, read from the API's views.
+        let build = payload::read_build(&mut c, b[2]).await.unwrap().unwrap();
+        assert_eq!(build.build["builder"], "alpha");
+        assert_eq!(build.build["results"], "FAILURE");
+        assert_eq!(build.buildset, set);
+        assert_eq!(build.blamelist, vec!["Jane Doe <jane@laptop.local>"]);
+        assert_eq!(build.changes[0]["revision"], "abc123");
+        assert!(
+            payload::read_build(&mut c, 999_999)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        let bs = payload::read_buildset(&mut c, set).await.unwrap().unwrap();
+        assert_eq!(bs.builds.len(), 4);
+        assert_eq!(bs.sourcestamps[0].revision.as_deref(), Some("abc123"));
+        assert!(
+            payload::read_buildset(&mut c, 999_999)
+                .await
+                .unwrap()
+                .is_none()
+        );
+    }
+}
