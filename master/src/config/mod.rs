@@ -36,7 +36,7 @@ pub use diff::{Changes, ConfigDiff, RESTART_SETTINGS};
 pub use error::{ConfigError, Diagnostic};
 pub use globs::{FileFilter, Globs};
 pub use outputs::{
-    ChangeSource, ChangeSourceKind, DEFAULT_POLL_INTERVAL, DEFAULT_STATUS_CONTEXT, Forge,
+    ChangeSource, ChangeSourceKind, DEFAULT_POLL_INTERVAL, DEFAULT_STATUS_CONTEXT, Forge, Lookup,
     ReportMode, Reporter, ReporterKind,
 };
 pub use refs::{HookChoice, ModuleRef, ModuleVersion, PolicyRef, Secret, SecretValue};

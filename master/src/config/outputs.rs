@@ -8,7 +8,7 @@ use super::duration;
 use super::error::quote;
 use super::globs::Globs;
 use super::refs::{Secret, SecretValue};
-use super::schema::{ChangeSourceEntry, ReporterEntry};
+use super::schema::{ChangeSourceEntry, LookupEntry, ReporterEntry};
 
 /// Default time between polls of a git poller (Buildbot's).
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(600);
@@ -227,13 +227,23 @@ pub enum ReporterKind {
         from: String,
         /// Fixed recipients.
         to: Vec<String>,
-        /// Authors are mailed at `USER@lookup`.
-        lookup: Option<String>,
+        /// Where the authors of a build's changes are mailed, if anywhere.
+        lookup: Option<Lookup>,
         /// Which builds.
         mode: ReportMode,
         /// SMTP user and password.
         smtp_auth: Option<(String, SecretValue)>,
     },
+}
+
+/// How an email reporter finds an author's address (`lookup`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lookup {
+    /// Authors are mailed at `USER@DOMAIN`.
+    Domain(String),
+    /// Authors named here, by identifier, address or user (in lower case), are mailed at the
+    /// address given; others are not mailed.
+    Map(std::collections::BTreeMap<String, String>),
 }
 
 const REPORTER_TYPES: &[&str] = &[
@@ -406,14 +416,9 @@ pub(crate) fn resolve_reporter(
                     "an email reporter needs to = [...] or lookup = \"DOMAIN\" (or both), or it mails no one",
                 );
             }
-            if let Some(domain) = &r.lookup
-                && (domain.is_empty() || domain.contains(['@', ' ']))
-            {
-                ctx.error(
-                    format!("{key}.lookup"),
-                    format!("{}: give a mail domain, as \"example.org\"", quote(domain)),
-                );
-            }
+            let lookup = r
+                .lookup
+                .map(|l| resolve_lookup(ctx, &format!("{key}.lookup"), l));
             let smtp_auth = match (r.smtp_user, &r.smtp_password) {
                 (Some(u), Some(p)) => {
                     secret(ctx, &format!("{key}.smtp_password"), Some(p)).map(|p| (u, p))
@@ -428,7 +433,7 @@ pub(crate) fn resolve_reporter(
                 relay,
                 from,
                 to,
-                lookup: r.lookup,
+                lookup,
                 mode,
                 smtp_auth,
             }
@@ -470,6 +475,60 @@ pub(crate) fn check_url(ctx: &mut Ctx, key: &str, url: &str) {
                 quote(url)
             ),
         );
+    }
+}
+
+/// Checks an email reporter's `lookup`: a mail domain, or a non-empty table of authors to
+/// mail addresses whose names differ in more than case.
+fn resolve_lookup(ctx: &mut Ctx, key: &str, l: LookupEntry) -> Lookup {
+    match l {
+        LookupEntry::Domain(domain) => {
+            if domain.is_empty() || domain.contains(['@', ' ']) {
+                ctx.error(
+                    key,
+                    format!(
+                        "{}: give a mail domain, as \"example.org\", or a table of authors to addresses, as {{ \"jane\" = \"jane@example.org\" }}",
+                        quote(&domain)
+                    ),
+                );
+            }
+            Lookup::Domain(domain)
+        }
+        LookupEntry::Map(entries) => {
+            if entries.is_empty() {
+                ctx.error(
+                    key,
+                    "the table names no author; map each to an address, as { \"jane\" = \"jane@example.org\" }, or give a mail domain",
+                );
+            }
+            let mut map = std::collections::BTreeMap::new();
+            let mut written: std::collections::BTreeMap<String, String> = Default::default();
+            for (author, address) in entries {
+                let at = format!("{key}.{}", quote(&author));
+                let name = author.trim().to_lowercase();
+                if name.is_empty() {
+                    ctx.error(
+                        &at,
+                        "an empty author; give an author's name, address or user name",
+                    );
+                    continue;
+                }
+                check_address(ctx, &at, &address);
+                if let Some(first) = written.get(&name) {
+                    ctx.error(
+                        &at,
+                        format!(
+                            "names the same author as {} (authors are matched ignoring case); keep one",
+                            quote(first)
+                        ),
+                    );
+                    continue;
+                }
+                written.insert(name.clone(), author);
+                map.insert(name, address);
+            }
+            Lookup::Map(map)
+        }
     }
 }
 

@@ -503,8 +503,12 @@ pub struct ReporterEntry {
     pub from: Option<String>,
     /// email: addresses that get every reported build.
     pub to: Option<Vec<String>>,
-    /// email: a domain; the authors of a build's changes are mailed at `USER@DOMAIN`.
-    pub lookup: Option<String>,
+    /// email: where the authors of a build's changes are mailed: a domain (`"example.org"`:
+    /// at `USER@DOMAIN`, the user part of their address or name), or a table of authors to
+    /// addresses (`{ "jane" = "jane@corp.example" }`: an author is found by their whole
+    /// identifier, the address in its angle brackets, or that address's user part, ignoring
+    /// case; authors it does not name are not mailed).
+    pub lookup: Option<LookupEntry>,
     /// email: the SMTP user name.
     pub smtp_user: Option<String>,
     /// email: the SMTP password, or `"%(secret:NAME)s"`.
@@ -512,6 +516,40 @@ pub struct ReporterEntry {
     /// http, email: also report buildsets: when one of their builds first fails, and when
     /// they complete. Default: false.
     pub buildsets: Option<bool>,
+}
+
+/// An email reporter's `lookup` as written: a domain, or a table of authors to addresses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LookupEntry {
+    /// `lookup = "example.org"`.
+    Domain(String),
+    /// `lookup = { "jane" = "jane@corp.example" }`, author and address, every entry kept.
+    Map(Vec<(String, String)>),
+}
+
+impl<'de> Deserialize<'de> for LookupEntry {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = LookupEntry;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(
+                    "a mail domain, such as \"example.org\", or a table of authors to addresses, such as { \"jane\" = \"jane@example.org\" }",
+                )
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<LookupEntry, E> {
+                Ok(LookupEntry::Domain(v.to_owned()))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<LookupEntry, A::Error> {
+                let mut out = Vec::new();
+                while let Some((author, address)) = map.next_entry::<String, String>()? {
+                    out.push((author, address));
+                }
+                Ok(LookupEntry::Map(out))
+            }
+        }
+        deserializer.deserialize_any(V)
+    }
 }
 
 /// A duration as written: `"30s"`, `"10m"`, `"1h 30m"`.

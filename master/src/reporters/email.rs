@@ -1,7 +1,8 @@
 //! The `email` reporter: a plain-text message through an SMTP relay (lettre), to the
-//! configured `to` list and to the authors of the build's changes at `lookup` (an author
-//! `Jane Doe <jane@laptop.local>` or `jane` is mailed at `jane@DOMAIN`). Port 465 speaks TLS
-//! from the start; any other port uses STARTTLS when the relay offers it.
+//! configured `to` list and to the authors of the build's changes found by `lookup`: at a
+//! domain (an author `Jane Doe <jane@laptop.local>` or `jane` is mailed at `jane@DOMAIN`), or
+//! in a table (by identifier, address or user, ignoring case). Port 465 speaks TLS from the
+//! start; any other port uses STARTTLS when the relay offers it.
 
 use lettre::message::Mailbox;
 use lettre::message::header::ContentType;
@@ -11,7 +12,7 @@ use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 
 use super::payload::{BuildReport, BuildsetReport, build_url, buildset_url};
 use super::{DeliveryError, Event};
-use crate::config::{Reporter, ReporterKind};
+use crate::config::{Lookup, Reporter, ReporterKind};
 use crate::server::Master;
 
 /// The SMTP port when the relay names none.
@@ -28,14 +29,44 @@ pub struct Mail {
     pub body: String,
 }
 
+/// The address in an author's angle brackets (`Jane Doe <jane@laptop.local>`), else the
+/// whole identifier, trimmed.
+fn inner_address(author: &str) -> &str {
+    match (author.rfind('<'), author.rfind('>')) {
+        (Some(open), Some(close)) if open < close => author[open + 1..close].trim(),
+        _ => author.trim(),
+    }
+}
+
+/// The user part of an author's address or identifier, if it is one word.
+fn author_user(author: &str) -> Option<&str> {
+    let user = inner_address(author)
+        .split('@')
+        .next()
+        .unwrap_or_default()
+        .trim();
+    (!user.is_empty() && !user.contains(char::is_whitespace)).then_some(user)
+}
+
 /// The address an author is mailed at: the user part of their identifier at `domain`.
 pub fn author_address(author: &str, domain: &str) -> Option<String> {
-    let inner = match (author.rfind('<'), author.rfind('>')) {
-        (Some(open), Some(close)) if open < close => &author[open + 1..close],
-        _ => author,
-    };
-    let user = inner.split('@').next().unwrap_or_default().trim();
-    (!user.is_empty() && !user.contains(char::is_whitespace)).then(|| format!("{user}@{domain}"))
+    author_user(author).map(|user| format!("{user}@{domain}"))
+}
+
+/// The address `lookup` gives an author, if any. A table is searched, ignoring case, for the
+/// whole identifier, then the address in its angle brackets, then that address's user part.
+pub fn lookup_address(author: &str, lookup: &Lookup) -> Option<String> {
+    match lookup {
+        Lookup::Domain(domain) => author_address(author, domain),
+        Lookup::Map(map) => [
+            Some(author.trim()),
+            Some(inner_address(author)),
+            author_user(author),
+        ]
+        .into_iter()
+        .flatten()
+        .find_map(|key| map.get(&key.to_lowercase()).cloned()),
+    }
 }
 
 fn recipients(reporter: &Reporter, blamelist: &[String]) -> Vec<String> {
@@ -43,11 +74,9 @@ fn recipients(reporter: &Reporter, blamelist: &[String]) -> Vec<String> {
         return Vec::new();
     };
     let mut out: Vec<String> = Vec::new();
-    let authors = lookup.iter().flat_map(|domain| {
-        blamelist
-            .iter()
-            .filter_map(move |a| author_address(a, domain))
-    });
+    let authors = lookup
+        .iter()
+        .flat_map(|lookup| blamelist.iter().filter_map(|a| lookup_address(a, lookup)));
     for a in to.iter().cloned().chain(authors) {
         if !out.iter().any(|o| o.eq_ignore_ascii_case(&a)) {
             out.push(a);
@@ -238,5 +267,81 @@ mod tests {
             Some("bob@example.org")
         );
         assert_eq!(author_address("Two Words", "example.org"), None);
+        assert_eq!(author_address(" <> ", "example.org"), None);
+    }
+
+    #[test]
+    fn authors_are_found_in_a_lookup_table_by_identifier_address_or_user() {
+        // As resolved from the file: keys in lower case.
+        let map = Lookup::Map(
+            [
+                ("jane", "jane@corp.example"),
+                ("bob@laptop.local", "robert@corp.example"),
+                ("carol c <carol@home>", "carol@corp.example"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect(),
+        );
+        let found = |a: &str| lookup_address(a, &map);
+        assert_eq!(found("jane").as_deref(), Some("jane@corp.example"));
+        assert_eq!(
+            found("Jane Doe <Jane@laptop.local>").as_deref(),
+            Some("jane@corp.example"),
+            "by the user part, ignoring case"
+        );
+        assert_eq!(
+            found("Bob <bob@laptop.local>").as_deref(),
+            Some("robert@corp.example"),
+            "by the address"
+        );
+        assert_eq!(
+            found("bob@laptop.local").as_deref(),
+            Some("robert@corp.example")
+        );
+        assert_eq!(
+            found("bob@elsewhere").as_deref(),
+            None,
+            "another bob's address is not his"
+        );
+        assert_eq!(
+            found(" Carol C <carol@home> ").as_deref(),
+            Some("carol@corp.example"),
+            "by the whole identifier"
+        );
+        assert_eq!(found("dave <dave@x>"), None, "not named: not mailed");
+        assert_eq!(found(""), None);
+        assert_eq!(found("<>"), None);
+        let domain = Lookup::Domain("example.org".into());
+        assert_eq!(
+            lookup_address("Jane Doe <jane@laptop.local>", &domain).as_deref(),
+            Some("jane@example.org")
+        );
+    }
+
+    #[test]
+    fn recipients_come_from_to_then_the_lookup_without_repeats() {
+        let reporter = Reporter {
+            name: "mail".into(),
+            builders: None,
+            buildsets: false,
+            kind: ReporterKind::Email {
+                relay: "127.0.0.1:25".into(),
+                from: "kiln@example.org".into(),
+                to: vec!["team@example.org".into(), "Jane@Corp.example".into()],
+                lookup: Some(Lookup::Map(
+                    [("jane".to_owned(), "jane@corp.example".to_owned())].into(),
+                )),
+                mode: crate::config::ReportMode::All,
+                smtp_auth: None,
+            },
+        };
+        assert_eq!(
+            recipients(
+                &reporter,
+                &["Jane Doe <jane@laptop.local>".into(), "stranger".into()]
+            ),
+            vec!["team@example.org", "Jane@Corp.example"]
+        );
     }
 }

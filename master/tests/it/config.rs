@@ -5,9 +5,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use master::config::{
-    self, CollapseRequests, Config, ForceParameterKind, Forge, HookChoice, ModuleRef, ModuleSource,
-    ModuleVersion, NextWorker, PolicyRef, ReportMode, ReporterKind, SchedulerKind, SecretValue,
-    WorkerAuth, WorkerSelector,
+    self, CollapseRequests, Config, ForceParameterKind, Forge, HookChoice, Lookup, ModuleRef,
+    ModuleSource, ModuleVersion, NextWorker, PolicyRef, ReportMode, ReporterKind, SchedulerKind,
+    SecretValue, WorkerAuth, WorkerSelector,
 };
 use runtime::build::{Condition, HideIf};
 use serde_json::json;
@@ -670,7 +670,7 @@ fn a_full_config_resolves_every_feature() {
         panic!()
     };
     assert_eq!(to, &["a@example.org"]);
-    assert_eq!(lookup.as_deref(), Some("example.org"));
+    assert_eq!(lookup, &Some(Lookup::Domain("example.org".into())));
     assert_eq!(*mode, ReportMode::Problem);
     assert_eq!(
         smtp_auth,
@@ -1357,10 +1357,64 @@ fn change_source_and_reporter_mistakes() {
             "[[reporters]]\nname = \"r\"\ntype = \"email\"\nrelay = \"smtp\"\nfrom = \"k@b\"\nlookup = \"b\"\ntoken = \"t\"",
             "kiln.toml: reporters.\"r\".token: does not apply to an email reporter (its fields: relay, from, to, lookup, mode, smtp_user, smtp_password, builders, buildsets)",
         ),
+        (
+            "[[reporters]]\nname = \"r\"\ntype = \"email\"\nrelay = \"smtp\"\nfrom = \"k@b\"\nlookup = \"jane@example.org\"",
+            "kiln.toml: reporters.\"r\".lookup: \"jane@example.org\": give a mail domain, as \"example.org\", or a table of authors to addresses, as { \"jane\" = \"jane@example.org\" }",
+        ),
+        (
+            "[[reporters]]\nname = \"r\"\ntype = \"email\"\nrelay = \"smtp\"\nfrom = \"k@b\"\nlookup = {}",
+            "kiln.toml: reporters.\"r\".lookup: the table names no author; map each to an address, as { \"jane\" = \"jane@example.org\" }, or give a mail domain",
+        ),
+        (
+            "[[reporters]]\nname = \"r\"\ntype = \"email\"\nrelay = \"smtp\"\nfrom = \"k@b\"\nlookup = { jane = \"jane\" }",
+            "kiln.toml: reporters.\"r\".lookup.\"jane\": \"jane\" is not a mail address (user@domain)",
+        ),
+        (
+            "[[reporters]]\nname = \"r\"\ntype = \"email\"\nrelay = \"smtp\"\nfrom = \"k@b\"\nlookup = { \" \" = \"a@b\" }",
+            "kiln.toml: reporters.\"r\".lookup.\" \": an empty author; give an author's name, address or user name",
+        ),
+        (
+            "[[reporters]]\nname = \"r\"\ntype = \"email\"\nrelay = \"smtp\"\nfrom = \"k@b\"\nlookup = { jane = \"a@b\", Jane = \"c@d\" }",
+            "kiln.toml: reporters.\"r\".lookup.\"jane\": names the same author as \"Jane\" (authors are matched ignoring case); keep one",
+        ),
     ];
     for (text, expected) in cases {
         assert_eq!(error(&with_builder(text)), expected, "{text}");
     }
+    // A lookup of the wrong type is a TOML error at its line and column.
+    assert_eq!(
+        error(&with_builder(
+            "[[reporters]]\nname = \"r\"\ntype = \"email\"\nrelay = \"smtp\"\nfrom = \"k@b\"\nlookup = [\"example.org\"]"
+        )),
+        "kiln.toml:23:10: reporters.\"r\".lookup: invalid type: sequence, expected a mail domain, such as \"example.org\", or a table of authors to addresses, such as { \"jane\" = \"jane@example.org\" }"
+    );
+    assert_eq!(
+        error(&with_builder(
+            "[[reporters]]\nname = \"r\"\ntype = \"email\"\nrelay = \"smtp\"\nfrom = \"k@b\"\nlookup = { jane = 3 }"
+        )),
+        "kiln.toml:23:19: reporters.\"r\".lookup.jane: invalid type: integer `3`, expected a string"
+    );
+    // The table form: authors by identifier, address or user, in lower case.
+    let c = config::parse(
+        &with_builder(
+            "[[reporters]]\nname = \"r\"\ntype = \"email\"\nrelay = \"smtp\"\nfrom = \"k@b\"\n[reporters.lookup]\nJane = \"jane@corp.example\"\n\"Bob <bob@laptop>\" = \"bob@corp.example\"",
+        ),
+        Path::new("kiln.toml"),
+    )
+    .unwrap();
+    let ReporterKind::Email { lookup, .. } = &c.reporter("r").unwrap().kind else {
+        panic!()
+    };
+    assert_eq!(
+        lookup,
+        &Some(Lookup::Map(
+            [
+                ("jane".to_owned(), "jane@corp.example".to_owned()),
+                ("bob <bob@laptop>".to_owned(), "bob@corp.example".to_owned()),
+            ]
+            .into()
+        ))
+    );
     assert_eq!(
         error(&with_builder(
             "[[reporters]]\nname = \"r\"\ntype = \"http\"\nurl = \"https://x\"\nbuilders = [\"mac\"]"

@@ -502,6 +502,14 @@ from = "kiln@example.org"
 to = ["team@example.org"]
 lookup = "example.org"
 mode = "failing"
+
+[[reporters]]
+name = "mapped"
+type = "email"
+relay = "127.0.0.1:{port}"
+from = "kiln@example.org"
+lookup = {{ "jane@laptop.local" = "jane.doe@corp.example", "bob" = "bob@corp.example" }}
+mode = "failing"
 "#,
         workers(&["w1"], false),
     ));
@@ -509,17 +517,20 @@ mode = "failing"
     farm.start_worker("w1", &[]);
     let sha = "89abcdef0123456789abcdef0123456789abcdef";
     add_change(&farm, "Jane Doe <jane@laptop.local>", sha);
-    farm.wait_until("a mail", Duration::from_secs(60), || {
-        std::fs::read_to_string(&out).is_ok_and(|s| !s.is_empty())
+    farm.wait_until("two mails", Duration::from_secs(60), || {
+        std::fs::read_to_string(&out).is_ok_and(|s| s.lines().count() >= 2)
     });
     // alpha succeeded: a failing reporter says nothing of it.
     std::thread::sleep(Duration::from_millis(500));
     let text = std::fs::read_to_string(&out).unwrap();
-    let mails: Vec<Value> = text
+    let mut mails: Vec<Value> = text
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(mails.len(), 1, "{text}");
+    assert_eq!(mails.len(), 2, "{text}");
+    // The table's reporter mails Jane at the address it maps hers to, and no one else.
+    mails.sort_by_key(|m| m["rcpt_tos"].as_array().unwrap().len());
+    let mapped = mails.remove(0);
     let (_, builds) = farm.api("GET", "/api/v2/builds?builder=beta", "");
     let build = builds["builds"][0]["buildid"].as_i64().unwrap();
     let expected_body = format!(
@@ -533,6 +544,18 @@ mode = "failing"
             "rcpt_tos": ["team@example.org", "jane@example.org"],
             "from": "kiln@example.org",
             "to": "team@example.org, jane@example.org",
+            "subject": "Kiln: beta #1 FAILURE",
+            "content_type": "text/plain",
+            "body": expected_body,
+        })
+    );
+    assert_eq!(
+        mapped,
+        json!({
+            "mail_from": "kiln@example.org",
+            "rcpt_tos": ["jane.doe@corp.example"],
+            "from": "kiln@example.org",
+            "to": "jane.doe@corp.example",
             "subject": "Kiln: beta #1 FAILURE",
             "content_type": "text/plain",
             "body": expected_body,
