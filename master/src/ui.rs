@@ -70,6 +70,7 @@ static ASSETS: &[Asset] = assets! {
     "pages/workers.js" => JS,
     "pages/force.js" => JS,
     "pages/modules.js" => JS,
+    "pages/reporters.js" => JS,
     "style.css" => CSS,
     "favicon.svg" => SVG,
 };

@@ -14,6 +14,7 @@ import * as queue from "./pages/queue.js";
 import * as workers from "./pages/workers.js";
 import * as force from "./pages/force.js";
 import * as modules from "./pages/modules.js";
+import * as reporters from "./pages/reporters.js";
 
 /** Routes: a pattern over the hash's path, the page, its title and its nav entry. */
 const ROUTES = [
@@ -25,6 +26,7 @@ const ROUTES = [
   [/^\/workers$/, workers, "Workers", "workers"],
   [/^\/force$/, force, "Force", "force"],
   [/^\/modules$/, modules, "Step modules", "modules"],
+  [/^\/reporters$/, reporters, "Reporters", "reporters"],
 ];
 
 /** How long the first page waits for the event stream before loading anyway. */

@@ -17,8 +17,9 @@ use cdp::Browser;
 
 /// The farm of every UI test: a worker w1 (w2 is configured but never connects), builders that
 /// succeed, fail, take their time, print hostile text, and wait for w2, and a force scheduler
-/// with a parameter of each type. Anonymous users may force (as in the demo); pausing workers
-/// needs an admin token.
+/// with a parameter of each type, and a reporter whose receiver is not there (port 1 of
+/// 127.0.0.1, where nothing listens), so its deliveries fail and are retried. Anonymous users
+/// may force (as in the demo); pausing workers needs an admin token.
 const FARM: &str = r#"
 [[workers]]
 name = "w1"
@@ -89,6 +90,12 @@ parameters = [
     { name = "clean", label = "Clean build", type = "bool" },
     { name = "flavour", label = "Flavour", type = "choice", choices = ["debug", "release"], default = "debug", required = true },
 ]
+
+[[reporters]]
+name = "hook-down"
+type = "http"
+url = "http://127.0.0.1:1/hook"
+buildsets = true
 "#;
 
 /// A farm running the configuration above, anonymous users allowed to force, with w1.
@@ -424,6 +431,65 @@ fn every_page_loads_without_errors_and_shows_the_farm() {
     );
     assert_no_errors(&mut browser, "modules");
     shoot(&mut browser, "modules");
+
+    // Reporters: the one whose receiver is not there, its deliveries by state, and its
+    // failures with the error, the attempts and the next retry.
+    go(&mut browser, "#/reporters");
+    wait_text(&mut browser, "table.reporters", "hook-down");
+    let row = texts(&mut browser, "table.reporters tbody tr").concat();
+    assert!(
+        row.contains("http") && row.contains("all") && row.contains("buildsets"),
+        "{row}"
+    );
+    wait_text(&mut browser, "table.failures", "retrying");
+    wait_text(&mut browser, ".heading", "1 of 1 failing");
+    let failures = texts(&mut browser, "table.failures tbody tr");
+    let first = failures
+        .iter()
+        .find(|r| r.contains(&format!("build {app_id}")))
+        .unwrap_or_else(|| panic!("no failure of build {app_id}: {failures:#?}"));
+    assert!(
+        first.starts_with("hook-down") && first.contains("build.finished"),
+        "{first}"
+    );
+    let errors = texts(&mut browser, "table.failures td.delivery-error");
+    assert!(
+        errors
+            .iter()
+            .all(|e| e.starts_with("POST http://127.0.0.1:1/hook: ") && e.contains("refused")),
+        "{errors:#?}"
+    );
+    // Each is retried: attempts counted, the next one due at a time shown.
+    let next = browser.eval(
+        "[...document.querySelectorAll('table.failures tbody tr.retrying')].map(r => [r.cells[4].textContent, r.cells[6].querySelector('time')?.dataset.at])",
+    );
+    let next = next.as_array().unwrap();
+    assert!(!next.is_empty());
+    for n in next {
+        assert!(
+            n[0].as_str().unwrap().parse::<u32>().unwrap() >= 1,
+            "{next:?}"
+        );
+        assert!(
+            n[1].as_str().is_some_and(|at| at.parse::<i64>().is_ok()),
+            "{next:?}"
+        );
+    }
+    // The links lead to the builds.
+    let link = browser.eval(&format!(
+        "document.querySelector('table.failures a[href=\"#/builds/{app_id}\"]') !== null"
+    ));
+    assert_eq!(link, true);
+    let (_, api) = farm.api("GET", "/api/v2/reporters", "");
+    assert!(
+        api["reporters"][0]["deliveries"]["pending"]
+            .as_i64()
+            .unwrap()
+            >= 1,
+        "{api:#}"
+    );
+    assert_no_errors(&mut browser, "reporters");
+    shoot(&mut browser, "reporters");
 
     // The builders again, with the live indicator on.
     go(&mut browser, "#/builders");
