@@ -1334,12 +1334,26 @@ impl Master {
             claimed = started,
             "dispatch pass"
         );
-        // Builds start side by side: their reads overlap, their writes queue.
-        let starts = assignments.iter().map(|a| async {
-            if let Err(error) = self.start_build(&state, a).await {
-                tracing::error!(request = %a.request, worker = %a.worker, error = format!("{error:#}"), "cannot start a build; its request is queued again");
-                let mut conn = self.db.pool().acquire().await?;
-                db::unclaim_requests(&mut conn, &[a.request], self.id).await?;
+        // Builders' builds start side by side: their reads overlap, their writes queue. One
+        // builder's start one after another: each takes the builder's next number, and on
+        // PostgreSQL two transactions taking it at once collide on UNIQUE (builder_id,
+        // number), which sent all but one of a pass's builds back to the queue (the farm
+        // benchmark's W5 on PostgreSQL).
+        let mut by_builder: Vec<Vec<&Assignment>> = Vec::new();
+        for a in &assignments {
+            match by_builder.iter_mut().find(|g| g[0].builder == a.builder) {
+                Some(group) => group.push(a),
+                None => by_builder.push(vec![a]),
+            }
+        }
+        let state = &state;
+        let starts = by_builder.into_iter().map(|group| async move {
+            for a in group {
+                if let Err(error) = self.start_build(state, a).await {
+                    tracing::error!(request = %a.request, worker = %a.worker, error = format!("{error:#}"), "cannot start a build; its request is queued again");
+                    let mut conn = self.db.pool().acquire().await?;
+                    db::unclaim_requests(&mut conn, &[a.request], self.id).await?;
+                }
             }
             anyhow::Ok(())
         });
