@@ -127,6 +127,18 @@ pub(crate) fn printable(text: &str) -> String {
         .collect()
 }
 
+/// The (request id, builder) of each request a submission (force, try) made.
+pub(crate) fn submitted_requests(submitted: &Value) -> Vec<(i64, String)> {
+    submitted["buildrequests"]
+        .as_array()
+        .map(|rs| {
+            rs.iter()
+                .filter_map(|r| Some((r["buildrequestid"].as_i64()?, text(&r["builder"]))))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// A result's name as an [`Outcome`].
 pub(crate) fn outcome(results: &Value) -> Option<Outcome> {
     serde_json::from_value(results.clone()).ok()
@@ -800,14 +812,7 @@ pub fn force(args: ForceArgs) -> anyhow::Result<ExitCode> {
             )
             .await?;
         let buildset = text(&submitted["buildsetid"]);
-        let requests: Vec<(i64, String)> = submitted["buildrequests"]
-            .as_array()
-            .map(|rs| {
-                rs.iter()
-                    .filter_map(|r| Some((r["buildrequestid"].as_i64()?, text(&r["builder"]))))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let requests = submitted_requests(&submitted);
         if args.wait
             && let [(request, builder)] = requests.as_slice()
         {

@@ -606,14 +606,7 @@ pub fn try_build(args: TryArgs) -> anyhow::Result<ExitCode> {
             )
             .await?;
         let buildset = text(&submitted["buildsetid"]);
-        let requests: Vec<(i64, String)> = submitted["buildrequests"]
-            .as_array()
-            .map(|rs| {
-                rs.iter()
-                    .filter_map(|r| Some((r["buildrequestid"].as_i64()?, text(&r["builder"]))))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let requests = crate::client_cmd::submitted_requests(&submitted);
         println!(
             "try buildset {buildset} on {} (base {}{}):",
             scheduler,

@@ -136,8 +136,10 @@ async fn caller(
     uri: &axum::http::Uri,
     headers: &header::HeaderMap,
 ) -> Result<Caller, ApiError> {
-    let ticket = axum::extract::Query::<Vec<(String, String)>>::try_from_uri(uri)
-        .ok()
+    // Most requests carry no ticket: their query is not parsed for one.
+    let ticket = (uri.query().is_some_and(|q| q.contains("ticket=")))
+        .then(|| axum::extract::Query::<Vec<(String, String)>>::try_from_uri(uri).ok())
+        .flatten()
         .and_then(|q| q.0.into_iter().find(|(k, _)| k == "ticket"))
         .map(|(_, v)| v);
     if let Some(ticket) = ticket
