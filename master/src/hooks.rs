@@ -136,6 +136,12 @@ impl Hooks {
         matches!(self.collapse, CollapseHook::Default)
     }
 
+    /// Whether builders are ordered by a policy, which is told how many requests each has
+    /// queued (the default order needs only their priority and oldest request).
+    pub fn prioritize_needs_counts(&self) -> bool {
+        matches!(self.prioritize, PrioritizeHook::Policy(_))
+    }
+
     /// Whether dispatch asks a policy about requests (built-in choices need only priority and
     /// age).
     pub fn dispatch_needs_details(&self) -> bool {

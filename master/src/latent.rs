@@ -116,10 +116,10 @@ impl Master {
         let ca_cert = tls.map(|t| t.cert.as_path());
         let waiting: Vec<String> = {
             let mut conn = self.db.pool().acquire().await?;
-            db::queue_summary(&mut conn)
+            db::queue_heads(&mut conn)
                 .await?
                 .into_iter()
-                .map(|(builder, ..)| builder)
+                .map(|(builder, _)| builder)
                 .collect()
         };
         let connected = self.workers.connected();

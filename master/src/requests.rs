@@ -323,9 +323,10 @@ pub type FreeWorker = WorkerInfo;
 
 /// One claim pass: offers free workers to builders in priority order and claims the requests
 /// they will run. A worker runs one build of a builder at a time (the builder's workdir is
-/// its own): `busy` holds the (builder, worker) pairs running now, and gains this pass's. Hooks decide the builder order, the request, the worker and whether it may
-/// start; the database decides who wins a claim when several masters try at once. Builders
-/// missing from `builders` (removed by a reload) get no new builds.
+/// its own): `busy` holds the (builder, worker) pairs running now, and gains this pass's.
+/// Hooks decide the builder order, the request, the worker and whether it may start; the
+/// database decides who wins a claim when several masters try at once. Builders missing from
+/// `builders` (removed by a reload) get no new builds.
 pub async fn claim_for_workers(
     db: &Db,
     master: MasterId,
@@ -335,9 +336,47 @@ pub async fn claim_for_workers(
     hooks: &Hooks,
     now: i64,
 ) -> anyhow::Result<Vec<Assignment>> {
+    let assignments = plan_for_workers(db, builders, workers, busy, hooks).await?;
+    // The decisions are made (hooks included) before any lock is taken; the claims then
+    // commit together in one short transaction. A request another master won in between is
+    // dropped (its worker slot stays free until the next pass).
+    let mut tx = db.begin().await?;
+    let mut won = Vec::with_capacity(assignments.len());
+    for a in assignments {
+        if db::claim_request(&mut tx, a.request, master, now).await? {
+            tracing::debug!(request = %a.request, builder = %a.builder, worker = %a.worker, "claimed");
+            won.push(a);
+        } else if let Some(w) = workers.iter_mut().find(|w| w.name == a.worker) {
+            w.running_builds -= 1;
+        }
+    }
+    tx.commit().await?;
+    Ok(won)
+}
+
+/// The decisions of a claim pass without the claims: which queued request each free worker
+/// should take. The dispatcher claims them in the transaction that records their builds;
+/// `workers` and `busy` are updated as if every claim is won.
+pub async fn plan_for_workers(
+    db: &Db,
+    builders: &BTreeMap<String, BuilderQueueing>,
+    workers: &mut [FreeWorker],
+    busy: &mut std::collections::BTreeSet<(String, String)>,
+    hooks: &Hooks,
+) -> anyhow::Result<Vec<Assignment>> {
     let mut conn = db.pool().acquire().await?;
-    let mut order: Vec<BuilderInfo> = db::queue_summary(&mut conn)
-        .await?
+    // Counting every builder's queue costs a scan of it on each pass; only a policy is told
+    // the counts.
+    let heads = if hooks.prioritize_needs_counts() {
+        db::queue_summary(&mut conn).await?
+    } else {
+        db::queue_heads(&mut conn)
+            .await?
+            .into_iter()
+            .map(|(name, oldest)| (name, 0, oldest))
+            .collect()
+    };
+    let mut order: Vec<BuilderInfo> = heads
         .into_iter()
         .filter_map(|(name, queued, oldest)| {
             let b = builders.get(&name)?;
@@ -449,22 +488,7 @@ pub async fn claim_for_workers(
             }
         }
     }
-    drop(conn);
-    // The decisions are made (hooks included) before any lock is taken; the claims then
-    // commit together in one short transaction. A request another master won in between is
-    // dropped (its worker slot stays free until the next pass).
-    let mut tx = db.begin().await?;
-    let mut won = Vec::with_capacity(assignments.len());
-    for a in assignments {
-        if db::claim_request(&mut tx, a.request, master, now).await? {
-            tracing::debug!(request = %a.request, builder = %a.builder, worker = %a.worker, "claimed");
-            won.push(a);
-        } else if let Some(w) = workers.iter_mut().find(|w| w.name == a.worker) {
-            w.running_builds -= 1;
-        }
-    }
-    tx.commit().await?;
-    Ok(won)
+    Ok(assignments)
 }
 
 #[cfg(test)]

@@ -404,16 +404,24 @@ impl Master {
     pub async fn heartbeat(&self) -> anyhow::Result<()> {
         let now = now_ms();
         let beat = self.state().config.master.heartbeat;
-        let mut conn = self.db.pool().acquire().await?;
-        db::heartbeat(&mut conn, self.id, now).await?;
+        // A write transaction like any other: on SQLite it queues on this process's write
+        // lock (a bare UPDATE waited on SQLite's busy timeout behind builds' transactions, for
+        // seconds under load, and once failed "database is locked": the farm benchmark's W5).
+        let mut tx = self.db.begin().await?;
+        db::heartbeat(&mut tx, self.id, now).await?;
         let dead_before = now - (beat * DEAD_AFTER_BEATS).as_millis() as i64;
-        for (id, name) in db::stale_masters(&mut conn, dead_before).await? {
+        let mut taken = Vec::new();
+        for (id, name) in db::stale_masters(&mut tx, dead_before).await? {
             if id == self.id {
                 continue;
             }
-            let released = db::release_master_claims(&mut conn, id).await?;
-            db::deactivate_master(&mut conn, id).await?;
-            tracing::warn!(master = %name, requeued = released.len(), "a master stopped beating; took over its schedulers and requests");
+            let released = db::release_master_claims(&mut tx, id).await?;
+            db::deactivate_master(&mut tx, id).await?;
+            taken.push((name, released.len()));
+        }
+        tx.commit().await?;
+        for (name, requeued) in taken {
+            tracing::warn!(master = %name, requeued, "a master stopped beating; took over its schedulers and requests");
         }
         Ok(())
     }

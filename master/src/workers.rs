@@ -11,8 +11,9 @@
 //!   sequence number; anything else is refused and logged. Messages are applied in batches,
 //!   one transaction per batch, and acknowledged after the commit.
 //! - **Dispatch.** Free workers (connected, not draining, paused or quarantined, with room)
-//!   go to [`crate::requests::claim_for_workers`]; each claim becomes a build row, a lease and
-//!   a job composed by the builder's [`JobBehaviour`].
+//!   go to [`crate::requests::plan_for_workers`]; one transaction then claims the planned
+//!   requests and records their builds, and each becomes a lease and a job composed by the
+//!   builder's [`JobBehaviour`].
 //! - **Recovery.** A worker silent or disconnected for three heartbeats is lost: its builds end
 //!   RETRY and their requests are queued again. Every heartbeat the master scans: each worker
 //!   says what it runs, and a leased build the worker forgot is retried (Launchpad's
@@ -99,6 +100,37 @@ struct Lease {
     orphaned: Option<Instant>,
 }
 
+/// A dispatch decision with what starting it reads (before the write lock is taken).
+struct Prepared<'a> {
+    a: &'a Assignment,
+    builder: &'a config::Builder,
+    worker_cfg: &'a config::Worker,
+    info: WorkerInfo,
+    worker_id: WorkerId,
+    buildset: Buildset,
+    stamps: Vec<SourceStamp>,
+    bs_props: Vec<SourcedProperty>,
+    blamelist: Vec<String>,
+    modules: Vec<db::StepModule>,
+}
+
+/// A build recorded by a dispatch pass, to announce once its transaction commits.
+enum Started {
+    /// Its job goes to its worker under `lease`.
+    Running {
+        job: Box<runtime::protocol::Job>,
+        number: i64,
+        reported: bool,
+        lease: Box<Lease>,
+    },
+    /// It cannot run as configured and ended EXCEPTION.
+    Failed {
+        build: i64,
+        builder: String,
+        message: String,
+    },
+}
+
 /// What one batch of messages shares while it is applied.
 struct Batch {
     /// Steps that finish in the batch: their live summaries are not worth a write.
@@ -115,6 +147,9 @@ struct Batch {
     /// Running steps whose progress moved, by step id, with all their metrics: written once
     /// per batch.
     progress: std::collections::BTreeMap<i64, serde_json::Value>,
+    /// Builds whose run of messages in the batch ends with their end, by id: the run's first
+    /// and last numbers, checked against the build's row as it ends.
+    checks: HashMap<i64, (i64, i64)>,
 }
 
 #[derive(Default)]
@@ -768,6 +803,7 @@ impl Master {
                 )
             })
             .collect();
+        // Where a build's run of messages starting at `i` ends, and whether with its end.
         let run_end = |i: usize| {
             let (id, cookie, mut upto, mut last) = (runs[i].0, &runs[i].1, runs[i].2, runs[i].3);
             for (other, c, seq, fin) in &runs[i + 1..] {
@@ -780,7 +816,7 @@ impl Master {
                     last = fin;
                 }
             }
-            upto
+            (upto, last)
         };
         let mut advanced: HashMap<i64, u64> = HashMap::new();
         // Steps that finish in this batch: their live summary is not worth a write.
@@ -798,6 +834,7 @@ impl Master {
             steps_ended: Vec::new(),
             live_steps: Vec::new(),
             progress: Default::default(),
+            checks: HashMap::new(),
         };
         let mut tx = self.db.begin().await?;
         for (i, (build, seq, event)) in events.iter().enumerate() {
@@ -854,16 +891,24 @@ impl Master {
             let in_order = seq == lease.last_seq + 1;
             let recorded = in_order
                 && (advanced.get(&build.id).is_some_and(|&upto| seq <= upto) || {
-                    let upto = run_end(i);
-                    let ok = db::advance_build(
-                        &mut tx,
-                        BuildId(build.id),
-                        &build.cookie,
-                        lease.worker_id,
-                        seq as i64,
-                        upto as i64,
-                    )
-                    .await?;
+                    let (upto, finishes) = run_end(i);
+                    // A run that ends the build is checked by the statement that ends it (one
+                    // statement fewer under the write lock). Should that check fail, the batch
+                    // rolls back and its messages are applied one by one, each checked first.
+                    let ok = if finishes && events.len() > 1 {
+                        batch.checks.insert(build.id, (seq as i64, upto as i64));
+                        true
+                    } else {
+                        db::advance_build(
+                            &mut tx,
+                            BuildId(build.id),
+                            &build.cookie,
+                            lease.worker_id,
+                            seq as i64,
+                            upto as i64,
+                        )
+                        .await?
+                    };
                     if ok {
                         advanced.insert(build.id, upto);
                     }
@@ -938,8 +983,11 @@ impl Master {
         }
         if !finished.is_empty() {
             self.wake_dispatch();
-            // Reports and buildset events were queued with the builds' ends.
-            self.reporters.wake();
+            // Reports and buildset events were queued with the builds' ends (with no reporters
+            // configured there is nothing to read).
+            if !self.state().config.reporters.is_empty() {
+                self.reporters.wake();
+            }
         }
         // Live updates last: leases, acknowledgements and dispatch do not wait on them.
         if live {
@@ -1106,7 +1154,29 @@ impl Master {
             } => {
                 let behaviour = jobs::behaviour(lease.kind).context("a lease of no kind")?;
                 let state = message.clone().unwrap_or_else(|| result.to_string());
-                db::finish_build(&mut *tx, build, result, &state, batch.now).await?;
+                match batch.checks.remove(&build.0) {
+                    Some((from, to)) => {
+                        let recorded = db::advance_and_finish_build(
+                            &mut *tx,
+                            build,
+                            &lease.cookie,
+                            lease.worker_id,
+                            from,
+                            to,
+                            result,
+                            &state,
+                            batch.now,
+                        )
+                        .await?;
+                        anyhow::ensure!(
+                            recorded,
+                            "build {build} is no longer running under this lease in the database"
+                        );
+                    }
+                    None => {
+                        db::finish_build(&mut *tx, build, result, &state, batch.now).await?;
+                    }
+                }
                 crate::reporters::queue_build(
                     tx,
                     &self.state().config.reporters,
@@ -1318,53 +1388,69 @@ impl Master {
                 .map(|l| (l.builder.clone(), l.worker.clone()))
                 .collect()
         };
-        let assignments = crate::requests::claim_for_workers(
+        let assignments = crate::requests::plan_for_workers(
             &self.db,
-            self.id,
             &state.builders,
             &mut free,
             &mut busy,
             &state.hooks,
-            now,
         )
         .await?;
-        let started = assignments.len();
         tracing::debug!(
             free = ?free.iter().map(|w| (&w.name, w.running_builds)).collect::<Vec<_>>(),
-            claimed = started,
+            planned = assignments.len(),
             "dispatch pass"
         );
-        // Builders' builds start side by side: their reads overlap, their writes queue. One
-        // builder's start one after another: each takes the builder's next number, and on
-        // PostgreSQL two transactions taking it at once collide on UNIQUE (builder_id,
-        // number), which sent all but one of a pass's builds back to the queue (the farm
-        // benchmark's W5 on PostgreSQL).
-        let mut by_builder: Vec<Vec<&Assignment>> = Vec::new();
+        // Each build's reads first, outside the write lock; then one transaction claims the
+        // pass's requests and records their builds. (Claiming in a transaction of its own,
+        // then starting each build in another, held SQLite's write lock twice as often: the
+        // farm benchmark's W3.) One builder's builds start one after another in it, each
+        // taking the builder's next number.
+        let mut prepared = Vec::with_capacity(assignments.len());
         for a in &assignments {
-            match by_builder.iter_mut().find(|g| g[0].builder == a.builder) {
-                Some(group) => group.push(a),
-                None => by_builder.push(vec![a]),
-            }
-        }
-        let state = &state;
-        let starts = by_builder.into_iter().map(|group| async move {
-            for a in group {
-                if let Err(error) = self.start_build(state, a).await {
-                    tracing::error!(request = %a.request, worker = %a.worker, error = format!("{error:#}"), "cannot start a build; its request is queued again");
-                    let mut conn = self.db.pool().acquire().await?;
-                    db::unclaim_requests(&mut conn, &[a.request], self.id).await?;
+            match self.prepare_start(&state, a).await {
+                Ok(p) => prepared.push(p),
+                Err(error) => {
+                    tracing::error!(request = %a.request, worker = %a.worker, error = format!("{error:#}"), "cannot start a build; its request stays queued");
                 }
             }
-            anyhow::Ok(())
-        });
-        for r in futures_util::future::join_all(starts).await {
-            r?;
         }
-        Ok(started)
+        let started = match self.start_builds(&state, &prepared).await {
+            Ok(started) => started,
+            Err(error) => {
+                // One bad request must not hold up the others: each alone, in its own
+                // transaction (a claim rolled back leaves its request queued).
+                if prepared.len() > 1 {
+                    tracing::debug!(
+                        error = format!("{error:#}"),
+                        "starting a pass's builds together failed; one at a time"
+                    );
+                }
+                let mut started = Vec::new();
+                for p in &prepared {
+                    match self.start_builds(&state, std::slice::from_ref(p)).await {
+                        Ok(s) => started.extend(s),
+                        Err(error) => {
+                            tracing::error!(request = %p.a.request, worker = %p.a.worker, error = format!("{error:#}"), "cannot start a build; its request stays queued");
+                        }
+                    }
+                }
+                started
+            }
+        };
+        let count = started.len();
+        for s in started {
+            self.announce_start(&s).await;
+        }
+        Ok(count)
     }
 
-    /// Starts a claimed request's build on its worker.
-    async fn start_build(&self, state: &MasterState, a: &Assignment) -> anyhow::Result<()> {
+    /// What starting assignment `a` reads, before any lock: its builder, worker and buildset.
+    async fn prepare_start<'a>(
+        &self,
+        state: &'a MasterState,
+        a: &'a Assignment,
+    ) -> anyhow::Result<Prepared<'a>> {
         let builder = state
             .config
             .builder(&a.builder)
@@ -1385,11 +1471,10 @@ impl Master {
         };
         let request = &a.queued;
         let mut conn = self.db.pool().acquire().await?;
-        let buildset = db::get_buildset(&mut conn, request.buildset)
+        let (buildset, bs_props) = db::buildset_with_properties(&mut conn, request.buildset)
             .await?
             .context("the request's buildset vanished")?;
         let stamps = db::buildset_sourcestamps(&mut conn, request.buildset).await?;
-        let bs_props = db::buildset_properties(&mut conn, request.buildset).await?;
         // Forced builds have no changes, so no one to blame.
         let blamelist = if stamps.iter().any(|s| !s.changes.is_empty()) {
             db::blamelist(&mut conn, request.buildset).await?
@@ -1406,14 +1491,59 @@ impl Master {
         } else {
             Vec::new()
         };
-        drop(conn);
+        Ok(Prepared {
+            a,
+            builder,
+            worker_cfg,
+            info,
+            worker_id,
+            buildset,
+            stamps,
+            bs_props,
+            blamelist,
+            modules,
+        })
+    }
+
+    /// Claims the prepared requests and records their builds in one transaction. A request
+    /// another master claimed first is left out; a build that cannot run as configured ends
+    /// EXCEPTION in the same transaction.
+    async fn start_builds(
+        &self,
+        state: &MasterState,
+        prepared: &[Prepared<'_>],
+    ) -> anyhow::Result<Vec<Started>> {
+        if prepared.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut tx = self.db.begin().await?;
+        let mut started = Vec::with_capacity(prepared.len());
+        for p in prepared {
+            if !db::claim_request(&mut tx, p.a.request, self.id, now_ms()).await? {
+                tracing::debug!(request = %p.a.request, "another master claimed the request first");
+                continue;
+            }
+            started.push(self.record_start(&mut tx, state, p).await?);
+        }
+        tx.commit().await?;
+        Ok(started)
+    }
+
+    /// Records the build of a claimed request in `tx` and composes its job.
+    async fn record_start(
+        &self,
+        tx: &mut db::Tx,
+        state: &MasterState,
+        p: &Prepared<'_>,
+    ) -> anyhow::Result<Started> {
+        let (a, builder, info) = (p.a, p.builder, &p.info);
+        let request = &a.queued;
         let trusted = builder.trusted && request.trusted;
         let cookie = new_cookie();
-        let mut tx = self.db.begin().await?;
         let (build_id, number) = db::insert_build(
-            &mut tx,
+            &mut *tx,
             a.request,
-            Some(worker_id),
+            Some(p.worker_id),
             self.id,
             &cookie,
             now_ms(),
@@ -1426,17 +1556,17 @@ impl Master {
         };
         let properties = crate::properties::for_build(
             &map(&state.config.properties),
-            &bs_props,
+            &p.bs_props,
             &map(&builder.properties),
-            &map(&worker_cfg.properties),
-            &stamps,
+            &map(&p.worker_cfg.properties),
+            &p.stamps,
             &crate::properties::BuildFacts {
                 builder: &builder.name,
                 number,
                 worker: Some(&a.worker),
-                scheduler: buildset.scheduler.as_deref(),
-                reason: &buildset.reason,
-                blamelist: &blamelist,
+                scheduler: p.buildset.scheduler.as_deref(),
+                reason: &p.buildset.reason,
+                blamelist: &p.blamelist,
             },
         );
         let sourced: Vec<SourcedProperty> = properties
@@ -1447,7 +1577,7 @@ impl Master {
                 source: p.source.clone(),
             })
             .collect();
-        db::set_build_properties(&mut tx, build_id, &sourced).await?;
+        db::set_build_properties(&mut *tx, build_id, &sourced).await?;
         let step_args = builder
             .steps
             .iter()
@@ -1464,7 +1594,7 @@ impl Master {
         };
         let behaviour: &dyn JobBehaviour = &jobs::StepsBehaviour;
         let resolve = |m: &config::ModuleRef| {
-            let versions = modules.iter().filter(|s| s.name == m.name);
+            let versions = p.modules.iter().filter(|s| s.name == m.name);
             let module = match &m.version {
                 config::ModuleVersion::Latest => versions.max_by_key(|s| s.uploaded_ms),
                 config::ModuleVersion::Exact(v) => versions.into_iter().find(|s| &s.version == v),
@@ -1482,14 +1612,14 @@ impl Master {
                     build: build.clone(),
                     number,
                     builder,
-                    stamps: &stamps,
+                    stamps: &p.stamps,
                     properties,
                     secrets,
                     trusted,
                     modules: &resolve,
                 })
                 .map_err(|e| e.to_string())?;
-            behaviour.verify(&job, &info).map_err(|e| e.to_string())?;
+            behaviour.verify(&job, info).map_err(|e| e.to_string())?;
             Ok(job)
         });
         let job = match job {
@@ -1497,9 +1627,10 @@ impl Master {
             Err(message) => {
                 // A build that can never run as configured: EXCEPTION, with the reason.
                 // (Never reported as started.)
-                db::finish_build(&mut tx, build_id, Outcome::Exception, &message, now_ms()).await?;
+                db::finish_build(&mut *tx, build_id, Outcome::Exception, &message, now_ms())
+                    .await?;
                 crate::reporters::queue_build(
-                    &mut tx,
+                    tx,
                     &state.config.reporters,
                     &builder.name,
                     build_id.0,
@@ -1510,23 +1641,21 @@ impl Master {
                 .await?;
                 crate::requests::finish_requests(
                     &self.db,
-                    &mut tx,
+                    tx,
                     self.id,
                     &[(a.request, Outcome::Exception, None)],
                     now_ms(),
                 )
                 .await?;
-                tx.commit().await?;
-                self.reporters.wake();
-                self.metrics
-                    .build_finished(&builder.name, Outcome::Exception, None);
-                tracing::error!(build = build_id.0, builder = %builder.name, %message, "build cannot run");
-                crate::api::publish(self, &[], &[build_id.0]).await;
-                return Ok(());
+                return Ok(Started::Failed {
+                    build: build_id.0,
+                    builder: builder.name.clone(),
+                    message,
+                });
             }
         };
         let reported = crate::reporters::queue_build(
-            &mut tx,
+            tx,
             &state.config.reporters,
             &builder.name,
             build_id.0,
@@ -1535,15 +1664,13 @@ impl Master {
             now_ms(),
         )
         .await?;
-        tx.commit().await?;
-        if reported {
-            self.reporters.wake();
-        }
-        self.workers.lock().leases.insert(
-            build_id.0,
-            Lease {
+        Ok(Started::Running {
+            job: Box::new(job),
+            number,
+            reported,
+            lease: Box::new(Lease {
                 worker: a.worker.clone(),
-                worker_id,
+                worker_id: p.worker_id,
                 cookie,
                 kind: behaviour.kind(),
                 builder: a.builder.clone(),
@@ -1555,18 +1682,46 @@ impl Master {
                 progress: HashMap::new(),
                 dispatched: Instant::now(),
                 orphaned: None,
-            },
-        );
-        self.metrics.build_started(&builder.name);
-        tracing::info!(build = build_id.0, builder = %builder.name, number, worker = %a.worker, "build dispatched");
-        if !self.send_to(&a.worker, ToWorker::Start(Box::new(job))) {
-            // Gone between the claim and now: the scan retries it.
-            if let Some(l) = self.workers.lock().leases.get_mut(&build_id.0) {
-                l.orphaned.get_or_insert(Instant::now());
+            }),
+        })
+    }
+
+    /// After the commit: a started build's lease, its job sent to its worker, and the news.
+    async fn announce_start(&self, started: &Started) {
+        match started {
+            Started::Failed {
+                build,
+                builder,
+                message,
+            } => {
+                self.reporters.wake();
+                self.metrics
+                    .build_finished(builder, Outcome::Exception, None);
+                tracing::error!(build, %builder, %message, "build cannot run");
+                crate::api::publish(self, &[], &[*build]).await;
+            }
+            Started::Running {
+                job,
+                number,
+                reported,
+                lease,
+            } => {
+                if *reported {
+                    self.reporters.wake();
+                }
+                let id = job.build.id;
+                self.workers.lock().leases.insert(id, (**lease).clone());
+                self.metrics.build_started(&lease.builder);
+                tracing::info!(build = id, builder = %lease.builder, number, worker = %lease.worker, "build dispatched");
+                if !self.send_to(&lease.worker, ToWorker::Start(job.clone())) {
+                    // Gone between the claim and now: the scan retries it.
+                    if let Some(l) = self.workers.lock().leases.get_mut(&id) {
+                        l.orphaned.get_or_insert(Instant::now());
+                    }
+                }
+                crate::api::publish(self, &[], &[id]).await;
             }
         }
-        crate::api::publish(self, &[], &[build_id.0]).await;
-        Ok(())
     }
 
     /// The periodic check (every heartbeat): asks each worker what it runs, retries builds

@@ -104,7 +104,8 @@ pub struct BuilderInfo {
     pub priority: i32,
     /// When its oldest queued request was submitted, in milliseconds since the Unix epoch.
     pub oldest_request_at: Option<i64>,
-    /// How many requests are queued on it.
+    /// How many requests are queued on it. Counted only for a prioritize policy, which is
+    /// the one reader; the built-in order leaves it 0.
     pub queued: u32,
     /// Its configured tags.
     pub tags: Vec<String>,

@@ -12,7 +12,8 @@
 //!   lines/s, beside `seq 1 2000000 > /dev/null` natively; median of 3. The stored log's
 //!   line count is checked.
 //! - W3: 200 one-step (`true`) builds on 4 workers, collapsing off: builds/s from the first
-//!   build's start to the last one's end (the requests are queued while the workers are busy).
+//!   build's start to the last one's end (the requests are queued while the workers are busy);
+//!   median of 3 rounds.
 //! - W4: the master's peak RSS (VmHWM) by the end of W3.
 //! - W5: 100,000 queued requests and 1,000 simulated workers on one master (see `w5.rs`).
 //!
@@ -408,8 +409,83 @@ fn w3(
     builds: usize,
     emit: &mut dyn FnMut(Value, Vec<Row>),
 ) {
-    // The requests are queued while every worker runs a `sleep 2` build; the drain (first W3
-    // build started to last finished, from the builds' own times) is the figure.
+    // Three rounds (a round drains in half a second, short enough for one busy moment of the
+    // machine to move it by a third); the median is the figure.
+    // W4 is the peak by the end of the first round (W3 as DESIGN.md defines it: 200 builds);
+    // the peak after all three (600 builds) is reported beside it.
+    let mut hwm = 0.0;
+    let rounds: Vec<W3Round> = (1..=RUNS)
+        .map(|round| {
+            let r = w3_round(port, master, workers, builds, round);
+            if round == 1 {
+                hwm = procs::vm_hwm_mib(master.pid());
+            }
+            r
+        })
+        .collect();
+    let hwm_all = procs::vm_hwm_mib(master.pid());
+    let mut rates: Vec<f64> = rounds.iter().map(|r| r.rate).collect();
+    rates.sort_by(f64::total_cmp);
+    let rate = rates[rates.len() / 2];
+    let median = rounds.iter().find(|r| r.rate == rate).unwrap();
+    let w3 = json!({
+        "workload": "W3", "db": backend.name(), "builds": builds, "workers": WORKERS,
+        "builds_per_s": rate,
+        "rounds_builds_per_s": rounds.iter().map(|r| r.rate).collect::<Vec<_>>(),
+        "drain_s": median.drain_s,
+        "submit_per_s": median.submit_rate,
+        "master_cpu_ms_per_build_drain": median.master_cpu_drain,
+        "master_cpu_ms_per_submit": median.master_cpu_submit,
+        "workers_cpu_ms_per_build": median.worker_cpu,
+    });
+    let row = Row(
+        format!("W3 {builds} queued one-step builds on {WORKERS} workers"),
+        format!(
+            "{rate:.0} builds/s, median of {RUNS} ({:.2} ms of master CPU per build)",
+            median.master_cpu_drain
+        ),
+        format!(
+            "submitting them: {:.0} force requests/s through the API",
+            median.submit_rate
+        ),
+        "at least 400 builds/s".into(),
+        Some(rate >= 400.0),
+    );
+    emit(w3, vec![row]);
+    let w4 = json!({
+        "workload": "W4", "db": backend.name(), "master_vm_hwm_mib": hwm,
+        "after_all_rounds_mib": hwm_all,
+    });
+    let row = Row(
+        "W4 master peak RSS (VmHWM) by the end of W3".into(),
+        format!("{hwm:.1} MiB ({hwm_all:.1} MiB after all {RUNS} rounds)"),
+        "".into(),
+        "under 30 MiB".into(),
+        Some(hwm < 30.0),
+    );
+    emit(w4, vec![row]);
+}
+
+/// One W3 round's figures.
+struct W3Round {
+    rate: f64,
+    drain_s: f64,
+    submit_rate: f64,
+    master_cpu_drain: f64,
+    master_cpu_submit: f64,
+    worker_cpu: f64,
+}
+
+/// Round `round` of W3: `builds` requests queued while every worker runs a `sleep 2` build,
+/// then drained; the drain (first build started to last finished, from the builds' own times)
+/// is the figure.
+fn w3_round(
+    port: u16,
+    master: &MasterProc,
+    workers: &[WorkerProc],
+    builds: usize,
+    round: usize,
+) -> W3Round {
     for _ in 0..WORKERS {
         force(port, "block");
     }
@@ -421,7 +497,15 @@ fn w3(
                     .all(|w| w["builds"].as_array().is_some_and(|b| !b.is_empty()))
             })
     });
-    let before = complete_builds(port).len();
+    // Builder "one" runs only W3's builds (and the workers' warm-up): this round's last
+    // build takes the number `builds` above its newest now.
+    let last = complete_builds(port)
+        .iter()
+        .filter(|b| b["builder"] == "one")
+        .filter_map(|b| b["number"].as_i64())
+        .max()
+        .unwrap_or(0)
+        + builds as i64;
     let cpu_before = procs::cpu_ms(master.pid());
     let worker_cpu_before: f64 = workers.iter().map(|w| procs::cpu_ms(w.pid())).sum();
     let t = Instant::now();
@@ -430,78 +514,50 @@ fn w3(
     }
     let submitted = t.elapsed();
     let cpu_submitted = procs::cpu_ms(master.pid());
-    // Few polls while the queue drains (the newest build only, every 50 ms: each poll costs
-    // the master a query over the builds), then one full check.
+    // The round is over when its last number is complete. Few polls while the queue drains
+    // (the newest build only, every 50 ms: each poll costs the master a query over the
+    // builds).
     procs::wait_every(
         "W3 to finish its last build",
         Duration::from_secs(600),
         Duration::from_millis(50),
         || {
             let newest = &api(port, "GET", "/api/v2/builds?limit=1", "")["builds"][0];
-            newest["builder"] == "one" && newest["complete"] == true
+            newest["builder"] == "one" && newest["number"] == last && newest["complete"] == true
         },
     );
     let cpu_drained = procs::cpu_ms(master.pid());
-    wait("W3", Duration::from_secs(60), || {
-        complete_builds(port).len() >= before + WORKERS + builds
-    });
-    let elapsed = t.elapsed();
-    // Newest first: W3's are the last `builds` of builder "one".
-    let w3_builds: Vec<Value> = complete_builds(port)
+    let worker_cpu: f64 =
+        workers.iter().map(|w| procs::cpu_ms(w.pid())).sum::<f64>() - worker_cpu_before;
+    // Newest first: this round's are the last `builds` of builder "one".
+    let round_builds: Vec<Value> = complete_builds(port)
         .into_iter()
         .filter(|b| b["builder"] == "one")
         .take(builds)
         .collect();
-    let first_start = w3_builds
+    assert_eq!(round_builds.len(), builds, "W3 round {round} lost builds");
+    let failed = round_builds
+        .iter()
+        .filter(|b| b["results"] != "SUCCESS")
+        .count();
+    assert_eq!(failed, 0, "some builds failed");
+    let first_start = round_builds
         .iter()
         .filter_map(|b| b["started_at"].as_i64())
         .min()
         .unwrap();
-    let last_end = w3_builds
+    let last_end = round_builds
         .iter()
         .filter_map(|b| b["complete_at"].as_i64())
         .max()
         .unwrap();
     let drain_s = (last_end - first_start) as f64 / 1000.0;
-    let master_cpu = procs::cpu_ms(master.pid()) - cpu_before;
-    let worker_cpu: f64 =
-        workers.iter().map(|w| procs::cpu_ms(w.pid())).sum::<f64>() - worker_cpu_before;
-    let failed = complete_builds(port)
-        .iter()
-        .filter(|b| b["results"] != "SUCCESS")
-        .count();
-    assert_eq!(failed, 0, "some builds failed");
-    let hwm = procs::vm_hwm_mib(master.pid());
-    let rate = builds as f64 / drain_s;
-    let submit_rate = builds as f64 / submitted.as_secs_f64();
-    let w3 = json!({
-        "workload": "W3", "db": backend.name(), "builds": builds, "workers": WORKERS,
-        "drain_s": drain_s, "builds_per_s": rate,
-        "submit_s": submitted.as_secs_f64(), "submit_per_s": submit_rate,
-        "master_cpu_ms_per_build": master_cpu / builds as f64,
-        "master_cpu_ms_per_submit": (cpu_submitted - cpu_before) / builds as f64,
-        "master_cpu_ms_per_build_drain": (cpu_drained - cpu_submitted) / builds as f64,
-        "workers_cpu_ms_per_build": worker_cpu / builds as f64,
-        "master_cpu_share": master_cpu / (elapsed.as_secs_f64() * 1000.0),
-    });
-    let row = Row(
-        format!("W3 {builds} queued one-step builds on {WORKERS} workers"),
-        format!(
-            "{rate:.0} builds/s ({:.2} ms of master CPU per build)",
-            (cpu_drained - cpu_submitted) / builds as f64
-        ),
-        format!("submitting them: {submit_rate:.0} force requests/s through the API"),
-        "at least 400 builds/s".into(),
-        Some(rate >= 400.0),
-    );
-    emit(w3, vec![row]);
-    let w4 = json!({"workload": "W4", "db": backend.name(), "master_vm_hwm_mib": hwm});
-    let row = Row(
-        "W4 master peak RSS (VmHWM) by the end of W3".into(),
-        format!("{hwm:.1} MiB"),
-        "".into(),
-        "under 30 MiB".into(),
-        Some(hwm < 30.0),
-    );
-    emit(w4, vec![row]);
+    W3Round {
+        rate: builds as f64 / drain_s,
+        drain_s,
+        submit_rate: builds as f64 / submitted.as_secs_f64(),
+        master_cpu_drain: (cpu_drained - cpu_submitted) / builds as f64,
+        master_cpu_submit: (cpu_submitted - cpu_before) / builds as f64,
+        worker_cpu: worker_cpu / builds as f64,
+    }
 }

@@ -157,6 +157,9 @@ impl Db {
                 AnyPoolOptions::new()
                     // SQLite has one writer at a time; a few connections serve concurrent reads.
                     .max_connections(4)
+                    // An embedded database's connection cannot drop: pinging it on every
+                    // acquire (sqlx's default) only added a round trip to its thread.
+                    .test_before_acquire(false)
                     .after_connect(|conn, _| {
                         Box::pin(async move {
                             // WAL lets readers run beside the writer; NORMAL sync is durable

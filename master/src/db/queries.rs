@@ -606,32 +606,72 @@ pub async fn buildset_properties(
     sourced_properties(&rows)
 }
 
-/// A buildset's source stamps with their patches and changes.
+/// A buildset with its properties, in one query (what starting one of its builds reads).
+pub async fn buildset_with_properties(
+    conn: &mut AnyConnection,
+    id: BuildsetId,
+) -> Result<Option<(Buildset, Vec<SourcedProperty>)>> {
+    let rows = sqlx::query(&format!(
+        "SELECT {BUILDSET_COLUMNS}, p.name AS prop_name, p.value AS prop_value,
+                p.source AS prop_source
+         FROM buildsets LEFT JOIN buildset_properties p ON p.buildset_id = buildsets.id
+         WHERE buildsets.id = $1 ORDER BY p.name"
+    ))
+    .bind(id.0)
+    .fetch_all(conn)
+    .await?;
+    let Some(first) = rows.first() else {
+        return Ok(None);
+    };
+    let buildset = buildset_from_row(first)?;
+    let mut properties = Vec::with_capacity(rows.len());
+    for r in &rows {
+        let Some(name) = r.try_get::<Option<String>, _>("prop_name")? else {
+            continue;
+        };
+        properties.push(SourcedProperty {
+            name,
+            value: parse_json(&r.try_get::<String, _>("prop_value")?),
+            source: r.try_get("prop_source")?,
+        });
+    }
+    Ok(Some((buildset, properties)))
+}
+
+/// A buildset's source stamps with their patches and changes, in one query.
 pub async fn buildset_sourcestamps(
     conn: &mut AnyConnection,
     id: BuildsetId,
 ) -> Result<Vec<SourceStamp>> {
+    // One row per (stamp, change), or one per stamp without changes.
     let rows = sqlx::query(
         "SELECT s.id, s.codebase, s.repository, s.branch, s.revision, s.project,
-                p.level, p.body, p.author, p.comment, p.subdir, p.id AS patch_id
+                p.level, p.body, p.author, p.comment, p.subdir, p.id AS patch_id,
+                c.change_id
          FROM buildset_sourcestamps bs
          JOIN sourcestamps s ON s.id = bs.sourcestamp_id
          LEFT JOIN patches p ON p.id = s.patch_id
+         LEFT JOIN sourcestamp_changes c ON c.sourcestamp_id = s.id
          WHERE bs.buildset_id = $1
-         ORDER BY s.codebase, s.id",
+         ORDER BY s.codebase, s.id, c.change_id",
     )
     .bind(id.0)
     .fetch_all(&mut *conn)
     .await?;
-    let mut stamps = Vec::with_capacity(rows.len());
+    let mut stamps: Vec<SourceStamp> = Vec::with_capacity(rows.len());
+    let mut last = None;
     for r in &rows {
         let ssid: i64 = r.try_get("id")?;
-        let changes: Vec<i64> = sqlx::query_scalar(
-            "SELECT change_id FROM sourcestamp_changes WHERE sourcestamp_id = $1 ORDER BY change_id",
-        )
-        .bind(ssid)
-        .fetch_all(&mut *conn)
-        .await?;
+        let change = r.try_get::<Option<i64>, _>("change_id")?.map(ChangeId);
+        if last == Some(ssid) {
+            stamps
+                .last_mut()
+                .expect("a stamp before its second row")
+                .changes
+                .extend(change);
+            continue;
+        }
+        last = Some(ssid);
         let patch = match r.try_get::<Option<i64>, _>("patch_id")? {
             Some(_) => Some(Patch {
                 level: r.try_get("level")?,
@@ -649,7 +689,7 @@ pub async fn buildset_sourcestamps(
             revision: r.try_get("revision")?,
             project: r.try_get("project")?,
             patch,
-            changes: changes.into_iter().map(ChangeId).collect(),
+            changes: change.into_iter().collect(),
         });
     }
     Ok(stamps)
@@ -726,6 +766,28 @@ pub async fn queue_summary(conn: &mut AnyConnection) -> Result<Vec<(String, i64,
                 r.try_get("oldest")?,
             ))
         })
+        .collect()
+}
+
+/// Per builder with queued (unclaimed) requests: when its oldest was submitted. What a
+/// dispatch pass orders builders by; unlike [`queue_summary`] it does not count the queue, so
+/// it costs the same for ten queued requests as for a hundred thousand (each builder's walk
+/// along `buildrequests_age` passes only its claimed requests, the builds running now).
+pub async fn queue_heads(conn: &mut AnyConnection) -> Result<Vec<(String, i64)>> {
+    let rows = sqlx::query(
+        "SELECT name AS builder, oldest FROM (
+           SELECT b.name,
+             (SELECT r.submitted_at FROM buildrequests r
+              WHERE r.builder_id = b.id AND r.complete = 0
+                AND NOT EXISTS (SELECT 1 FROM buildrequest_claims c WHERE c.request_id = r.id)
+              ORDER BY r.submitted_at LIMIT 1) AS oldest
+           FROM builders b) heads
+         WHERE oldest IS NOT NULL ORDER BY name",
+    )
+    .fetch_all(conn)
+    .await?;
+    rows.iter()
+        .map(|r| Ok((r.try_get("builder")?, r.try_get("oldest")?)))
         .collect()
 }
 
@@ -815,7 +877,8 @@ pub async fn unclaim_requests(
     for r in requests {
         n += sqlx::query(
             "DELETE FROM buildrequest_claims WHERE request_id = $1 AND master_id = $2
-             AND request_id IN (SELECT id FROM buildrequests WHERE complete = 0)",
+             AND EXISTS (SELECT 1 FROM buildrequests r
+                         WHERE r.id = buildrequest_claims.request_id AND r.complete = 0)",
         )
         .bind(r.0)
         .bind(master.0)
@@ -854,7 +917,8 @@ pub async fn complete_request(
         "UPDATE buildrequests SET complete = 1, results = $1, complete_at = $2,
                 collapsed_into = $3
          WHERE id = $4 AND complete = 0
-           AND id IN (SELECT request_id FROM buildrequest_claims WHERE master_id = $5)
+           AND EXISTS (SELECT 1 FROM buildrequest_claims c
+                       WHERE c.request_id = buildrequests.id AND c.master_id = $5)
          RETURNING buildset_id",
     )
     .bind(i64::from(results.code()))
@@ -884,32 +948,42 @@ pub async fn mark_first_failure(
 }
 
 /// Completes the buildset if all its requests are complete; returns its result and scheduler
-/// if this call completed it.
+/// if this call completed it. One statement: it runs in the write transaction that ends every
+/// build, where each statement holds the write lock a round trip longer.
 pub async fn complete_buildset_if_done(
     conn: &mut AnyConnection,
     buildset: BuildsetId,
     now: i64,
 ) -> Result<Option<(Results, Option<String>)>> {
-    let requests = buildset_requests(&mut *conn, buildset).await?;
-    if requests.iter().any(|(_, _, complete, _)| !complete) {
-        return Ok(None);
-    }
-    let results = requests
-        .iter()
-        .filter_map(|(_, _, _, r)| *r)
-        .fold(Results::Success, Results::worst);
+    // The result is the worst of the requests' (Buildbot's worst_status order, as
+    // `Outcome::worst`), starting from SUCCESS. By rank: SKIPPED (code 3) is 0, SUCCESS,
+    // WARNINGS and FAILURE (codes 0-2) are 1-3, and EXCEPTION, RETRY and CANCELLED (4-6) keep
+    // their codes.
     let done = sqlx::query(
-        "UPDATE buildsets SET complete = 1, complete_at = $1, results = $2
-         WHERE id = $3 AND complete = 0
-         RETURNING scheduler",
+        "UPDATE buildsets SET complete = 1, complete_at = $1, results = (
+           SELECT CASE WHEN worst < 4 THEN worst - 1 ELSE worst END FROM (
+             SELECT CASE WHEN MAX(rank) IS NULL OR MAX(rank) < 1 THEN 1 ELSE MAX(rank) END
+                    AS worst
+             FROM (SELECT CASE WHEN results = 3 THEN 0 WHEN results < 3 THEN results + 1
+                               ELSE results END AS rank
+                   FROM buildrequests WHERE buildset_id = $2 AND results IS NOT NULL) ranks
+           ) w)
+         WHERE id = $2 AND complete = 0
+           AND NOT EXISTS (SELECT 1 FROM buildrequests WHERE buildset_id = $2 AND complete = 0)
+         RETURNING scheduler, results",
     )
     .bind(now)
-    .bind(i64::from(results.code()))
     .bind(buildset.0)
     .fetch_optional(conn)
     .await?;
-    done.map(|row| Ok((results, row.try_get("scheduler")?)))
-        .transpose()
+    done.map(|row| {
+        let code: i64 = row.try_get("results")?;
+        let results = results_from_code(code).ok_or_else(|| {
+            sqlx::Error::Decode(format!("buildset {buildset}: result code {code}").into())
+        })?;
+        Ok((results, row.try_get("scheduler")?))
+    })
+    .transpose()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1630,6 +1704,39 @@ pub async fn advance_build(
            AND last_seq = $5 - 1",
     )
     .bind(to)
+    .bind(build.0)
+    .bind(cookie)
+    .bind(worker.0)
+    .bind(from)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// [`advance_build`] and [`finish_build`] in one statement, for a batch whose messages
+/// `from..=to` of the build end with the build's end: false (nothing written) unless the build
+/// is still running on `worker` under `cookie` and `from` is its next number.
+#[allow(clippy::too_many_arguments)]
+pub async fn advance_and_finish_build(
+    conn: &mut AnyConnection,
+    build: BuildId,
+    cookie: &str,
+    worker: WorkerId,
+    from: i64,
+    to: i64,
+    results: Results,
+    state: &str,
+    now: i64,
+) -> Result<bool> {
+    let done = sqlx::query(
+        "UPDATE builds SET last_seq = $1, complete_at = $2, results = $3, state_string = $4
+         WHERE id = $5 AND cookie = $6 AND worker_id = $7 AND complete_at IS NULL
+           AND last_seq = $8 - 1",
+    )
+    .bind(to)
+    .bind(now)
+    .bind(i64::from(results.code()))
+    .bind(state)
     .bind(build.0)
     .bind(cookie)
     .bind(worker.0)

@@ -12,6 +12,8 @@ on_both_databases!(
     the_queue_orders_by_priority_then_age,
     a_claim_has_exactly_one_winner_across_masters,
     buildsets_complete_with_the_worst_result,
+    a_buildsets_result_ranks_every_pair_of_results_as_buildbot_does,
+    a_buildset_is_read_whole_for_its_builds,
     dead_masters_release_what_they_held,
     scheduler_state_and_held_changes,
     events_are_read_in_order,
@@ -223,6 +225,18 @@ async fn the_queue_orders_by_priority_then_age(t: TestDb) {
         db::queue_summary(&mut conn).await.unwrap(),
         vec![("b".to_string(), 3, 10)]
     );
+    // The dispatcher's cheaper view: each builder's oldest unclaimed request, without counting.
+    assert_eq!(
+        db::queue_heads(&mut conn).await.unwrap(),
+        vec![("b".to_string(), 10)]
+    );
+    let m = db::register_master(&mut conn, "m", 1).await.unwrap();
+    assert!(db::claim_request(&mut conn, old[0].0, m, 40).await.unwrap());
+    assert_eq!(
+        db::queue_heads(&mut conn).await.unwrap(),
+        vec![("b".to_string(), 20)],
+        "a claimed request is not queued"
+    );
     assert!(
         db::queued_requests(&mut conn, Some("nope"), 10, 0)
             .await
@@ -371,6 +385,83 @@ async fn buildsets_complete_with_the_worst_result(t: TestDb) {
     assert!(complete);
     assert_eq!(results, Some(Results::Skipped));
     assert_eq!(collapsed, Some(reqs[0].0));
+}
+
+async fn a_buildsets_result_ranks_every_pair_of_results_as_buildbot_does(t: TestDb) {
+    // The buildset's result is ranked in SQL; it must agree with `Outcome::worst` (from
+    // SUCCESS) for every pair, SKIPPED below SUCCESS and CANCELLED above all.
+    let db = &t.db;
+    let mut c = conn(db).await;
+    let m = db::register_master(&mut c, "m", 1).await.unwrap();
+    for a in Results::ALL {
+        for b in Results::ALL {
+            let (set, reqs) = add_buildset(db, &buildset("s", None, &[("a", 0), ("b", 0)]), 1)
+                .await
+                .unwrap();
+            for ((r, _), result) in reqs.iter().zip([a, b]) {
+                assert!(db::claim_request(&mut c, *r, m, 2).await.unwrap());
+                db::complete_request(&mut c, *r, m, result, None, 3)
+                    .await
+                    .unwrap();
+            }
+            assert_eq!(
+                db::complete_buildset_if_done(&mut c, set, 4).await.unwrap(),
+                Some((Results::Success.worst(a).worst(b), Some("s".into()))),
+                "{a} and {b}"
+            );
+        }
+    }
+}
+
+async fn a_buildset_is_read_whole_for_its_builds(t: TestDb) {
+    // What starting a build reads in two queries (the buildset with its properties, the
+    // stamps with their changes) is what the one-thing-at-a-time reads return.
+    let db = &t.db;
+    let mut c = conn(db).await;
+    let first = add_change(db, &change("ada", "main", None)).await.unwrap();
+    let second = add_change(db, &change("bob", "main", None)).await.unwrap();
+    let mut bs = buildset("s", None, &[("a", 0)]);
+    bs.sourcestamps[0].changes = vec![first, second];
+    bs.sourcestamps.push(SourceStamp {
+        codebase: "docs".into(),
+        repository: "https://example.org/docs.git".into(),
+        ..Default::default()
+    });
+    bs.properties.push(SourcedProperty {
+        name: "jobs".into(),
+        value: json!(4),
+        source: "Force Build Form".into(),
+    });
+    let (set, _) = add_buildset(db, &bs, 3).await.unwrap();
+    let (read, props) = db::buildset_with_properties(&mut c, set)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(read, db::get_buildset(&mut c, set).await.unwrap().unwrap());
+    assert_eq!(props, db::buildset_properties(&mut c, set).await.unwrap());
+    assert_eq!(props.len(), 2);
+    let stamps = db::buildset_sourcestamps(&mut c, set).await.unwrap();
+    assert_eq!(stamps.len(), 2);
+    assert_eq!(stamps[0].codebase, "");
+    assert_eq!(stamps[0].changes, vec![first, second]);
+    assert_eq!(stamps[1].codebase, "docs");
+    assert!(stamps[1].changes.is_empty());
+    // A buildset without properties still reads; a missing one reads as none.
+    let mut bare = buildset("t", None, &[("a", 0)]);
+    bare.properties.clear();
+    let (bare_set, _) = add_buildset(db, &bare, 4).await.unwrap();
+    let (read, props) = db::buildset_with_properties(&mut c, bare_set)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(read.scheduler.as_deref(), Some("t"));
+    assert!(props.is_empty());
+    assert!(
+        db::buildset_with_properties(&mut c, BuildsetId(999_999))
+            .await
+            .unwrap()
+            .is_none()
+    );
 }
 
 async fn dead_masters_release_what_they_held(t: TestDb) {
