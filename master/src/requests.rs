@@ -104,11 +104,10 @@ fn basic_info(r: &QueuedRequest) -> RequestInfo {
 
 /// Everything a policy looks at for one request.
 async fn request_info(conn: &mut AnyConnection, r: &QueuedRequest) -> anyhow::Result<RequestInfo> {
-    let bs = db::get_buildset(&mut *conn, r.buildset)
+    let (bs, props) = db::buildset_with_properties(&mut *conn, r.buildset)
         .await?
         .context("request without a buildset")?;
     let stamps = db::buildset_sourcestamps(&mut *conn, r.buildset).await?;
-    let props = db::buildset_properties(&mut *conn, r.buildset).await?;
     let first = stamps.first();
     Ok(RequestInfo {
         id: r.id.0 as u64,

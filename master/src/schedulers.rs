@@ -823,11 +823,10 @@ pub async fn rebuild(
     let (request, ..) = db::get_request(&mut conn, row.request)
         .await?
         .context("a build's request is missing")?;
-    let original = db::get_buildset(&mut conn, request.buildset)
+    let (original, mut properties) = db::buildset_with_properties(&mut conn, request.buildset)
         .await?
         .context("a request's buildset is missing")?;
     let sourcestamps = db::buildset_sourcestamps(&mut conn, request.buildset).await?;
-    let mut properties = db::buildset_properties(&mut conn, request.buildset).await?;
     drop(conn);
     properties.retain(|p| p.name != "owner");
     properties.push(SourcedProperty {

@@ -354,6 +354,15 @@ impl Master {
         self.address.get().copied()
     }
 
+    /// Tells the reporters' task that deliveries were queued or buildset events appended.
+    /// With no reporter configured there is nothing for it to read (it still polls now and
+    /// then, for deliveries a reload left behind), so it is not woken after every build.
+    pub fn wake_reporters(&self) {
+        if !self.state().config.reporters.is_empty() {
+            self.reporters.wake();
+        }
+    }
+
     /// Asks for a dispatch pass soon (a worker connected, a build finished, a request was
     /// queued).
     pub fn wake_dispatch(&self) {

@@ -749,7 +749,8 @@ impl Master {
         let mut tx = self.db.begin().await?;
         let id = BuildId(build.id);
         let n = *seq as i64;
-        let recorded = db::advance_build(&mut tx, id, &build.cookie, lease.worker_id, n, n).await?;
+        let recorded =
+            db::advance_build(&mut tx, id, &build.cookie, lease.worker_id, n, n, None).await?;
         tx.commit().await?;
         if !recorded {
             return Err(error);
@@ -906,6 +907,7 @@ impl Master {
                             lease.worker_id,
                             seq as i64,
                             upto as i64,
+                            None,
                         )
                         .await?
                     };
@@ -983,11 +985,8 @@ impl Master {
         }
         if !finished.is_empty() {
             self.wake_dispatch();
-            // Reports and buildset events were queued with the builds' ends (with no reporters
-            // configured there is nothing to read).
-            if !self.state().config.reporters.is_empty() {
-                self.reporters.wake();
-            }
+            // Reports and buildset events were queued with the builds' ends.
+            self.wake_reporters();
         }
         // Live updates last: leases, acknowledgements and dispatch do not wait on them.
         if live {
@@ -1156,16 +1155,19 @@ impl Master {
                 let state = message.clone().unwrap_or_else(|| result.to_string());
                 match batch.checks.remove(&build.0) {
                     Some((from, to)) => {
-                        let recorded = db::advance_and_finish_build(
+                        let end = db::BuildEnd {
+                            results: result,
+                            state: &state,
+                            at: batch.now,
+                        };
+                        let recorded = db::advance_build(
                             &mut *tx,
                             build,
                             &lease.cookie,
                             lease.worker_id,
                             from,
                             to,
-                            result,
-                            &state,
-                            batch.now,
+                            Some(end),
                         )
                         .await?;
                         anyhow::ensure!(
@@ -1257,7 +1259,7 @@ impl Master {
         }
         tx.commit().await?;
         if ended {
-            self.reporters.wake();
+            self.wake_reporters();
         }
         if ended {
             self.metrics.build_finished(
@@ -1694,7 +1696,7 @@ impl Master {
                 builder,
                 message,
             } => {
-                self.reporters.wake();
+                self.wake_reporters();
                 self.metrics
                     .build_finished(builder, Outcome::Exception, None);
                 tracing::error!(build, %builder, %message, "build cannot run");
@@ -1707,7 +1709,7 @@ impl Master {
                 lease,
             } => {
                 if *reported {
-                    self.reporters.wake();
+                    self.wake_reporters();
                 }
                 let id = job.build.id;
                 self.workers.lock().leases.insert(id, (**lease).clone());

@@ -606,7 +606,8 @@ pub async fn buildset_properties(
     sourced_properties(&rows)
 }
 
-/// A buildset with its properties, in one query (what starting one of its builds reads).
+/// A buildset with its properties, in one query (what starting one of its builds, a dispatch
+/// policy and a rebuild read).
 pub async fn buildset_with_properties(
     conn: &mut AnyConnection,
     id: BuildsetId,
@@ -1687,9 +1688,22 @@ async fn worker_health_of(conn: &mut AnyConnection, name: &str) -> Result<Option
     Ok(worker_health(conn).await?.remove(name))
 }
 
+/// How a build ended, when the messages that [`advance_build`] records end it.
+#[derive(Debug, Clone, Copy)]
+pub struct BuildEnd<'a> {
+    /// Its result.
+    pub results: Results,
+    /// Its final one line of state.
+    pub state: &'a str,
+    /// When (ms).
+    pub at: i64,
+}
+
 /// Records that a build's messages `from..=to` are applied: true if the build is still
 /// running on `worker` under `cookie` and `from` is its next number (the caller then applies
-/// them in the same transaction); false refuses them.
+/// them in the same transaction); false refuses them. With `end`, the same statement ends the
+/// build (a batch that ends a build writes its row once).
+#[allow(clippy::too_many_arguments)]
 pub async fn advance_build(
     conn: &mut AnyConnection,
     build: BuildId,
@@ -1697,9 +1711,11 @@ pub async fn advance_build(
     worker: WorkerId,
     from: i64,
     to: i64,
+    end: Option<BuildEnd<'_>>,
 ) -> Result<bool> {
     let done = sqlx::query(
-        "UPDATE builds SET last_seq = $1
+        "UPDATE builds SET last_seq = $1, complete_at = COALESCE($6, complete_at),
+                results = COALESCE($7, results), state_string = COALESCE($8, state_string)
          WHERE id = $2 AND cookie = $3 AND worker_id = $4 AND complete_at IS NULL
            AND last_seq = $5 - 1",
     )
@@ -1708,39 +1724,9 @@ pub async fn advance_build(
     .bind(cookie)
     .bind(worker.0)
     .bind(from)
-    .execute(conn)
-    .await?;
-    Ok(done.rows_affected() == 1)
-}
-
-/// [`advance_build`] and [`finish_build`] in one statement, for a batch whose messages
-/// `from..=to` of the build end with the build's end: false (nothing written) unless the build
-/// is still running on `worker` under `cookie` and `from` is its next number.
-#[allow(clippy::too_many_arguments)]
-pub async fn advance_and_finish_build(
-    conn: &mut AnyConnection,
-    build: BuildId,
-    cookie: &str,
-    worker: WorkerId,
-    from: i64,
-    to: i64,
-    results: Results,
-    state: &str,
-    now: i64,
-) -> Result<bool> {
-    let done = sqlx::query(
-        "UPDATE builds SET last_seq = $1, complete_at = $2, results = $3, state_string = $4
-         WHERE id = $5 AND cookie = $6 AND worker_id = $7 AND complete_at IS NULL
-           AND last_seq = $8 - 1",
-    )
-    .bind(to)
-    .bind(now)
-    .bind(i64::from(results.code()))
-    .bind(state)
-    .bind(build.0)
-    .bind(cookie)
-    .bind(worker.0)
-    .bind(from)
+    .bind(end.map(|e| e.at))
+    .bind(end.map(|e| i64::from(e.results.code())))
+    .bind(end.map(|e| e.state))
     .execute(conn)
     .await?;
     Ok(done.rows_affected() == 1)

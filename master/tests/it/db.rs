@@ -18,6 +18,7 @@ on_both_databases!(
     scheduler_state_and_held_changes,
     events_are_read_in_order,
     builds_are_numbered_per_builder,
+    a_build_advances_and_ends_only_as_its_row_agrees,
     logs_are_stored_compressed_and_read_by_line_range,
     finished_steps_keep_what_they_used,
     modules_are_registered_once_per_version,
@@ -560,6 +561,65 @@ async fn events_are_read_in_order(t: TestDb) {
     assert_eq!(events[0].subject, 2);
     assert_eq!(events[0].payload, json!({"results": 2}));
     assert_eq!(db::last_event_id(&mut c).await.unwrap(), ids[4]);
+}
+
+async fn a_build_advances_and_ends_only_as_its_row_agrees(t: TestDb) {
+    let db = &t.db;
+    let mut c = conn(db).await;
+    let m = db::register_master(&mut c, "m", 1).await.unwrap();
+    let workers = db::sync_workers(&mut c, &[("w".into(), json!({}))])
+        .await
+        .unwrap();
+    let w = workers["w"];
+    let (_, r) = add_buildset(db, &buildset("s", None, &[("a", 0)]), 1)
+        .await
+        .unwrap();
+    let (b, _) = db::insert_build(&mut c, r[0].0, Some(w), m, "k", 2)
+        .await
+        .unwrap();
+    assert!(
+        db::advance_build(&mut c, b, "k", w, 1, 3, None)
+            .await
+            .unwrap()
+    );
+    let row = db::get_build(&mut c, b).await.unwrap().unwrap();
+    assert_eq!(row.complete_at, None, "advancing alone does not end it");
+    // Out of order, a stale cookie or another worker: nothing is written.
+    let end = db::BuildEnd {
+        results: Results::Warnings,
+        state: "1 warning",
+        at: 9,
+    };
+    assert!(
+        !db::advance_build(&mut c, b, "k", w, 3, 5, Some(end))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !db::advance_build(&mut c, b, "stale", w, 4, 5, Some(end))
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        db::get_build(&mut c, b).await.unwrap().unwrap().complete_at,
+        None
+    );
+    // The next messages, ending the build: one statement records and ends it.
+    assert!(
+        db::advance_build(&mut c, b, "k", w, 4, 5, Some(end))
+            .await
+            .unwrap()
+    );
+    let row = db::get_build(&mut c, b).await.unwrap().unwrap();
+    assert_eq!(row.complete_at, Some(9));
+    assert_eq!(row.results, Some(Results::Warnings));
+    assert_eq!(row.state, "1 warning");
+    assert!(
+        !db::advance_build(&mut c, b, "k", w, 6, 6, None)
+            .await
+            .unwrap(),
+        "an ended build takes no more messages"
+    );
 }
 
 async fn builds_are_numbered_per_builder(t: TestDb) {
