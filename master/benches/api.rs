@@ -91,11 +91,13 @@ async fn seed(db: &Db, builds: usize, pending: usize) -> (i64, i64) {
             .await
             .unwrap();
         for s in 0..3 {
-            let step = db::insert_step(&mut tx, build, s, &format!("step {s}"), at)
+            let name = format!("step {s}");
+            let step = db::insert_step(&mut tx, &db::NewStep::started(build, s, &name, at))
                 .await
                 .unwrap();
-            let log = db::insert_log(&mut tx, step, "stdio", "s").await.unwrap();
-            db::append_log(&mut tx, log, &log_text).await.unwrap();
+            let log = db::insert_log(&mut tx, step, "stdio", "s", &log_text, true)
+                .await
+                .unwrap();
             db::finish_step(
                 &mut tx,
                 step,
@@ -109,6 +111,7 @@ async fn seed(db: &Db, builds: usize, pending: usize) -> (i64, i64) {
                     resources: None,
                 },
                 at + 20_000,
+                false,
             )
             .await
             .unwrap();

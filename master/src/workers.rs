@@ -132,11 +132,23 @@ enum Started {
 }
 
 /// What one batch of messages shares while it is applied.
-struct Batch {
+///
+/// Rows first seen in a batch (its steps and logs) are written as it flushes, once each and
+/// whole: a step that starts and ends in the batch is one INSERT with its end, a new log one
+/// INSERT with its line count and state and one chunk. On SQLite every statement holds the
+/// write lock a round trip longer, and most builds' messages arrive in one batch.
+struct Batch<'e> {
     /// Steps that finish in the batch: their live summaries are not worth a write.
     ending: HashSet<(i64, u32)>,
-    /// Log text to append when the batch commits, by log id: one chunk per log per batch.
+    /// Log text to append to stored logs when the batch commits, by log id: one chunk per log
+    /// per batch.
     appends: std::collections::BTreeMap<i64, String>,
+    /// Steps first seen in the batch, in order.
+    new_steps: Vec<NewStep<'e>>,
+    /// Logs first seen in the batch, in order.
+    new_logs: Vec<NewLog<'e>>,
+    /// Stored steps that ended in the batch (their new logs are written complete).
+    closed: HashSet<i64>,
     /// The batch's time.
     now: i64,
     /// Steps that ended, by builder, with their duration and what they used (counted once the
@@ -150,6 +162,71 @@ struct Batch {
     /// Builds whose run of messages in the batch ends with their end, by id: the run's first
     /// and last numbers, checked against the build's row as it ends.
     checks: HashMap<i64, (i64, i64)>,
+}
+
+/// A step as a batch refers to it: by its row, or by its place in the batch's new steps.
+#[derive(Debug, Clone, Copy)]
+enum StepRef {
+    Stored(i64),
+    New(usize),
+}
+
+/// A step first seen in a batch, as it stands when the batch flushes.
+struct NewStep<'e> {
+    build: i64,
+    number: u32,
+    name: &'e str,
+    /// Its latest summary, while it runs.
+    state: Option<&'e str>,
+    /// Its progress metrics, while it runs.
+    progress: Option<serde_json::Value>,
+    /// How it ended, if it did in the batch.
+    end: Option<&'e runtime::StepRecord>,
+}
+
+/// A log first seen in a batch: its step and all its text so far.
+struct NewLog<'e> {
+    build: i64,
+    number: u32,
+    step: StepRef,
+    name: &'e str,
+    text: String,
+}
+
+/// A step's end as the database stores it, from its worker's record.
+struct StepEndRow {
+    record_state: String,
+    urls: serde_json::Value,
+    statistics: serde_json::Value,
+    progress: serde_json::Value,
+}
+
+impl StepEndRow {
+    fn of(record: &runtime::StepRecord) -> anyhow::Result<StepEndRow> {
+        let o = &record.outcome;
+        Ok(StepEndRow {
+            record_state: o
+                .summary
+                .clone()
+                .or_else(|| o.message.clone())
+                .unwrap_or_default(),
+            urls: serde_json::to_value(&o.urls)?,
+            statistics: serde_json::to_value(&o.statistics)?,
+            progress: serde_json::to_value(&o.progress)?,
+        })
+    }
+
+    fn end<'a>(&'a self, record: &runtime::StepRecord) -> db::StepEnd<'a> {
+        db::StepEnd {
+            results: record.outcome.result,
+            state: &self.record_state,
+            hidden: record.hidden,
+            urls: &self.urls,
+            statistics: &self.statistics,
+            progress: &self.progress,
+            resources: record.outcome.resources,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -831,6 +908,9 @@ impl Master {
         let mut batch = Batch {
             ending,
             appends: Default::default(),
+            new_steps: Vec::new(),
+            new_logs: Vec::new(),
+            closed: HashSet::new(),
             now,
             steps_ended: Vec::new(),
             live_steps: Vec::new(),
@@ -934,14 +1014,51 @@ impl Master {
             work.insert(build.id, lease);
         }
         let live = self.live.wanted();
-        let mut live_logs = Vec::new();
+        // The batch's new steps, then its new logs (which may belong to them).
+        let mut step_ids = Vec::with_capacity(batch.new_steps.len());
+        for s in &batch.new_steps {
+            let end = s
+                .end
+                .map(|r| StepEndRow::of(r).map(|e| (e, r)))
+                .transpose()?;
+            let row = db::NewStep {
+                build: BuildId(s.build),
+                number: i64::from(s.number),
+                name: s.name,
+                started_at: now,
+                state: s.state.unwrap_or_default(),
+                progress: s.progress.as_ref(),
+                end: end.as_ref().map(|(e, r)| (e.end(r), now)),
+            };
+            let id = db::insert_step(&mut tx, &row).await?;
+            step_ids.push(id);
+            batch.live_steps.push(id);
+            if let Some(lease) = work.get_mut(&s.build) {
+                lease.steps.insert(s.number, (id, s.name.to_owned()));
+            }
+        }
+        let mut log_ids = Vec::with_capacity(batch.new_logs.len());
+        for l in &batch.new_logs {
+            let (step_id, complete) = match l.step {
+                StepRef::Stored(id) => (id, batch.closed.contains(&id)),
+                StepRef::New(i) => (step_ids[i], batch.new_steps[i].end.is_some()),
+            };
+            let id = db::insert_log(&mut tx, step_id, l.name, "s", &l.text, complete).await?;
+            log_ids.push(id);
+            // Its step's event tells a build page to show the new log.
+            batch.live_steps.push(step_id);
+            if let Some(lease) = work.get_mut(&l.build) {
+                lease.logs.insert((l.number, l.name.to_owned()), id);
+            }
+        }
         for (step_id, progress) in &batch.progress {
             db::set_step_progress(&mut tx, *step_id, progress).await?;
         }
+        let mut live_logs = Vec::new();
         for (log_id, text) in &batch.appends {
             let end = db::append_log(&mut tx, *log_id, text).await?;
             if live {
-                live_logs.push((*log_id, end - text.lines().count() as i64));
+                live_logs.push((*log_id, end - text.lines().count() as i64, text.as_str()));
             }
         }
         tx.commit().await?;
@@ -990,8 +1107,11 @@ impl Master {
         }
         // Live updates last: leases, acknowledgements and dispatch do not wait on them.
         if live {
-            for (log_id, offset) in live_logs {
-                let text = &batch.appends[&log_id];
+            let new_logs = log_ids.iter().zip(&batch.new_logs);
+            for (log_id, offset, text) in live_logs
+                .into_iter()
+                .chain(new_logs.map(|(id, l)| (*id, 0, l.text.as_str())))
+            {
                 self.live
                     .send_log(log_id, || crate::api::log_event(log_id, offset, text));
             }
@@ -1002,20 +1122,27 @@ impl Master {
     }
 
     /// Applies one build event in `tx`. Returns the build's end when it finished.
-    async fn apply_event(
+    async fn apply_event<'e>(
         &self,
         tx: &mut db::Tx,
         lease: &mut Lease,
         build: BuildId,
-        event: &BuildEvent,
-        batch: &mut Batch,
+        event: &'e BuildEvent,
+        batch: &mut Batch<'e>,
     ) -> anyhow::Result<Option<(Outcome, Option<String>)>> {
         match *event {
             BuildEvent::StepStarted { step, ref name } => {
-                let id = db::insert_step(&mut *tx, build, i64::from(step), name, batch.now).await?;
-                lease.steps.insert(step, (id, name.clone()));
+                // A step started twice fails the batch as its second row is written; the
+                // messages are then applied one by one and that one is refused.
+                batch.new_steps.push(NewStep {
+                    build: build.0,
+                    number: step,
+                    name,
+                    state: None,
+                    progress: None,
+                    end: None,
+                });
                 lease.fresh.insert(step);
-                batch.live_steps.push(id);
             }
             BuildEvent::Log {
                 step,
@@ -1023,25 +1150,38 @@ impl Master {
                 channel,
                 ref text,
             } => {
-                let step_id = self.step_of(tx, lease, build, step).await?;
-                let log_id = match lease.logs.get(&(step, log.clone())) {
-                    Some(id) => *id,
-                    None => {
-                        let known = if lease.fresh.contains(&step) {
-                            None
-                        } else {
-                            db::log_id(&mut *tx, step_id, log).await?
-                        };
-                        let id = match known {
-                            Some(id) => id,
-                            None => {
-                                // Its step's event tells a build page to show the new log.
-                                batch.live_steps.push(step_id);
-                                db::insert_log(&mut *tx, step_id, log, "s").await?
+                let step_ref = self.step_of(tx, lease, batch, build, step).await?;
+                // The log's text so far in this batch: a stored log's, or a new one's.
+                let new = batch
+                    .new_logs
+                    .iter()
+                    .position(|l| l.build == build.0 && l.number == step && l.name == log);
+                let target = match (lease.logs.get(&(step, log.clone())), new) {
+                    (Some(id), _) => Ok(*id),
+                    (None, Some(i)) => Err(i),
+                    (None, None) => {
+                        let known = match step_ref {
+                            StepRef::Stored(id) if !lease.fresh.contains(&step) => {
+                                db::log_id(&mut *tx, id, log).await?
                             }
+                            _ => None,
                         };
-                        lease.logs.insert((step, log.clone()), id);
-                        id
+                        match known {
+                            Some(id) => {
+                                lease.logs.insert((step, log.clone()), id);
+                                Ok(id)
+                            }
+                            None => {
+                                batch.new_logs.push(NewLog {
+                                    build: build.0,
+                                    number: step,
+                                    step: step_ref,
+                                    name: log,
+                                    text: String::new(),
+                                });
+                                Err(batch.new_logs.len() - 1)
+                            }
+                        }
                     }
                 };
                 // Buildbot's stream logs: each line starts with its channel (o, e, h).
@@ -1050,8 +1190,11 @@ impl Master {
                     runtime::Channel::Stderr => 'e',
                     runtime::Channel::Header => 'h',
                 };
-                // Appended when the batch commits: one chunk per log per batch.
-                let tagged = batch.appends.entry(log_id).or_default();
+                // Written when the batch commits: one chunk per log per batch.
+                let tagged = match target {
+                    Ok(id) => batch.appends.entry(id).or_default(),
+                    Err(i) => &mut batch.new_logs[i].text,
+                };
                 for line in text.lines() {
                     tagged.push(tag);
                     tagged.push_str(line);
@@ -1066,12 +1209,16 @@ impl Master {
                 }
                 match report {
                     runtime::ReportEvent::Summary { text } => {
-                        let step_id = self.step_of(tx, lease, build, step).await?;
-                        db::set_step_state(&mut *tx, step_id, text).await?;
-                        batch.live_steps.push(step_id);
+                        match self.step_of(tx, lease, batch, build, step).await? {
+                            StepRef::Stored(id) => {
+                                db::set_step_state(&mut *tx, id, text).await?;
+                                batch.live_steps.push(id);
+                            }
+                            StepRef::New(i) => batch.new_steps[i].state = Some(text),
+                        }
                     }
                     runtime::ReportEvent::Progress { metric, value } => {
-                        let step_id = self.step_of(tx, lease, build, step).await?;
+                        let step_ref = self.step_of(tx, lease, batch, build, step).await?;
                         let metrics = lease.progress.entry(step).or_default();
                         // A worker's host bounds a step's metrics; a hostile worker is
                         // bounded here.
@@ -1081,28 +1228,31 @@ impl Master {
                             return Ok(None);
                         }
                         metrics.insert(metric.clone(), *value);
-                        batch
-                            .progress
-                            .insert(step_id, serde_json::to_value(&*metrics)?);
+                        let all = serde_json::to_value(&*metrics)?;
+                        match step_ref {
+                            StepRef::Stored(id) => {
+                                batch.progress.insert(id, all);
+                            }
+                            StepRef::New(i) => batch.new_steps[i].progress = Some(all),
+                        }
                     }
                     _ => {}
                 }
             }
             BuildEvent::StepFinished { step, ref record } => {
-                let step_id = match self.step_of(tx, lease, build, step).await {
-                    Ok(id) => id,
-                    // A step that never started (skipped) gets its row batch.now.
+                let step_ref = match self.step_of(tx, lease, batch, build, step).await {
+                    Ok(r) => r,
+                    // A step that never started (skipped) gets its row as it ends.
                     Err(_) => {
-                        let id = db::insert_step(
-                            &mut *tx,
-                            build,
-                            i64::from(step),
-                            &record.name,
-                            batch.now,
-                        )
-                        .await?;
-                        lease.steps.insert(step, (id, record.name.clone()));
-                        id
+                        batch.new_steps.push(NewStep {
+                            build: build.0,
+                            number: step,
+                            name: &record.name,
+                            state: None,
+                            progress: None,
+                            end: None,
+                        });
+                        StepRef::New(batch.new_steps.len() - 1)
                     }
                 };
                 lease.progress.remove(&step);
@@ -1112,27 +1262,15 @@ impl Master {
                         .steps_ended
                         .push((lease.builder.clone(), o.elapsed, o.resources));
                 }
-                let state = o
-                    .summary
-                    .clone()
-                    .or_else(|| o.message.clone())
-                    .unwrap_or_default();
-                batch.live_steps.push(step_id);
-                db::finish_step(
-                    &mut *tx,
-                    step_id,
-                    &db::StepEnd {
-                        results: o.result,
-                        state: &state,
-                        hidden: record.hidden,
-                        urls: &serde_json::to_value(&o.urls)?,
-                        statistics: &serde_json::to_value(&o.statistics)?,
-                        progress: &serde_json::to_value(&o.progress)?,
-                        resources: o.resources,
-                    },
-                    batch.now,
-                )
-                .await?;
+                match step_ref {
+                    StepRef::New(i) => batch.new_steps[i].end = Some(&**record),
+                    StepRef::Stored(id) => {
+                        let end = StepEndRow::of(record)?;
+                        db::finish_step(&mut *tx, id, &end.end(record), batch.now, true).await?;
+                        batch.closed.insert(id);
+                        batch.live_steps.push(id);
+                    }
+                }
                 let props: Vec<SourcedProperty> = o
                     .properties
                     .iter()
@@ -1215,17 +1353,22 @@ impl Master {
         &self,
         tx: &mut db::Tx,
         lease: &mut Lease,
+        batch: &Batch<'_>,
         build: BuildId,
         step: u32,
-    ) -> anyhow::Result<i64> {
+    ) -> anyhow::Result<StepRef> {
+        let new = |s: &NewStep| s.build == build.0 && s.number == step;
+        if let Some(i) = batch.new_steps.iter().rposition(new) {
+            return Ok(StepRef::New(i));
+        }
         if let Some((id, _)) = lease.steps.get(&step) {
-            return Ok(*id);
+            return Ok(StepRef::Stored(*id));
         }
         let id = db::step_id(&mut *tx, build, i64::from(step))
             .await?
             .with_context(|| format!("step {step} of build {build} has not started"))?;
         lease.steps.insert(step, (id, String::new()));
-        Ok(id)
+        Ok(StepRef::Stored(id))
     }
 
     /// Ends a running build RETRY (its request goes back to the queue) and tells its worker

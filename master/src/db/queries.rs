@@ -1431,32 +1431,89 @@ pub async fn build_properties(
     sourced_properties(&rows)
 }
 
+/// A step's row as it is first written: started, with its summary and progress so far, and
+/// ended too when its end is known (a step that starts and ends in one batch of its worker's
+/// messages is written once, whole).
+#[derive(Debug, Clone)]
+pub struct NewStep<'a> {
+    /// Its build.
+    pub build: BuildId,
+    /// Its number within the build.
+    pub number: i64,
+    /// Its name.
+    pub name: &'a str,
+    /// When it started (ms).
+    pub started_at: i64,
+    /// Its summary so far (a running step's; an ended one's is its end's).
+    pub state: &'a str,
+    /// Its progress metrics so far, as JSON (a running step's; an ended one's are its end's).
+    pub progress: Option<&'a Value>,
+    /// How and when (ms) it ended, if it has.
+    pub end: Option<(StepEnd<'a>, i64)>,
+}
+
+impl<'a> NewStep<'a> {
+    /// A step that has just started.
+    pub fn started(build: BuildId, number: i64, name: &'a str, at: i64) -> NewStep<'a> {
+        NewStep {
+            build,
+            number,
+            name,
+            started_at: at,
+            state: "",
+            progress: None,
+            end: None,
+        }
+    }
+}
+
 /// Adds a step to a build. Returns its id.
-pub async fn insert_step(
-    conn: &mut AnyConnection,
-    build: BuildId,
-    number: i64,
-    name: &str,
-    now: i64,
-) -> Result<i64> {
+pub async fn insert_step(conn: &mut AnyConnection, step: &NewStep<'_>) -> Result<i64> {
+    let empty = Value::Object(Default::default());
+    let end = step.end.as_ref().map(|(e, _)| e);
+    let r = end.and_then(|e| e.resources);
     sqlx::query_scalar(
-        "INSERT INTO steps (build_id, number, name, started_at) VALUES ($1, $2, $3, $4)
+        "INSERT INTO steps (build_id, number, name, started_at, complete_at, results,
+                            state_string, hidden, urls, statistics, cpu_ms, peak_rss_bytes,
+                            guest_memory_bytes, observer_memory_bytes, progress)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
          RETURNING id",
     )
-    .bind(build.0)
-    .bind(number)
-    .bind(name)
-    .bind(now)
+    .bind(step.build.0)
+    .bind(step.number)
+    .bind(step.name)
+    .bind(step.started_at)
+    .bind(step.end.as_ref().map(|(_, at)| *at))
+    .bind(end.map(|e| i64::from(e.results.code())))
+    .bind(end.map_or(step.state, |e| e.state))
+    .bind(end.map_or(0, |e| flag(e.hidden)))
+    .bind(end.map_or_else(|| "[]".into(), |e| json_text(e.urls)))
+    .bind(end.map_or_else(|| "{}".into(), |e| json_text(e.statistics)))
+    .bind(r.map(|r| figure(r.cpu_ms)))
+    .bind(r.and_then(|r| r.peak_rss_bytes).map(figure))
+    .bind(r.map(|r| figure(r.guest_memory_bytes)))
+    .bind(r.and_then(|r| r.observer_memory_bytes).map(figure))
+    .bind(json_text(
+        end.map(|e| e.progress).or(step.progress).unwrap_or(&empty),
+    ))
     .fetch_one(conn)
     .await
 }
 
-/// Adds a log to a step. Returns its id.
+/// A measured figure as the database stores it.
+fn figure(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// Adds a log to a step with its first text (whole lines; may be empty), complete or not.
+/// Returns its id.
 pub async fn insert_log(
     conn: &mut AnyConnection,
     step: i64,
     name: &str,
     kind: &str,
+    text: &str,
+    complete: bool,
 ) -> Result<i64> {
     let slug: String = name
         .chars()
@@ -1468,15 +1525,22 @@ pub async fn insert_log(
             }
         })
         .collect();
-    sqlx::query_scalar(
-        "INSERT INTO logs (step_id, name, slug, kind) VALUES ($1, $2, $3, $4) RETURNING id",
+    let lines = text.lines().count() as i64;
+    let id = sqlx::query_scalar(
+        "INSERT INTO logs (step_id, name, slug, kind, num_lines, num_bytes, complete)
+         VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
     )
     .bind(step)
     .bind(name)
     .bind(slug)
     .bind(kind)
-    .fetch_one(conn)
-    .await
+    .bind(lines)
+    .bind(text.len() as i64)
+    .bind(flag(complete))
+    .fetch_one(&mut *conn)
+    .await?;
+    insert_chunk(conn, id, 0, lines, text).await?;
+    Ok(id)
 }
 
 /// Chunks bigger than this are stored deflated: small ones would not shrink enough to pay for
@@ -1485,7 +1549,6 @@ const COMPRESS_ABOVE: usize = 256;
 
 /// Appends whole lines to a log as one compressed chunk and returns the new line count.
 pub async fn append_log(conn: &mut AnyConnection, log: i64, text: &str) -> Result<i64> {
-    use std::io::Write;
     let lines = text.lines().count() as i64;
     if lines == 0 {
         return sqlx::query_scalar("SELECT num_lines FROM logs WHERE id = $1")
@@ -1502,6 +1565,22 @@ pub async fn append_log(conn: &mut AnyConnection, log: i64, text: &str) -> Resul
     .bind(log)
     .fetch_one(&mut *conn)
     .await?;
+    insert_chunk(conn, log, first, lines, text).await?;
+    Ok(first + lines)
+}
+
+/// Stores `lines` whole lines of a log from line `first` as one chunk (none for no lines).
+async fn insert_chunk(
+    conn: &mut AnyConnection,
+    log: i64,
+    first: i64,
+    lines: i64,
+    text: &str,
+) -> Result<()> {
+    use std::io::Write;
+    if lines == 0 {
+        return Ok(());
+    }
     let (compressed, content) = if text.len() > COMPRESS_ABOVE {
         let mut enc = flate2::write::DeflateEncoder::new(
             Vec::with_capacity(text.len() / 4),
@@ -1525,7 +1604,7 @@ pub async fn append_log(conn: &mut AnyConnection, log: i64, text: &str) -> Resul
     .bind(content)
     .execute(conn)
     .await?;
-    Ok(first + lines)
+    Ok(())
 }
 
 /// Lines `first..=last` of a log (0-based).
@@ -1873,15 +1952,15 @@ pub struct StepEnd<'a> {
     pub resources: Option<runtime::StepResources>,
 }
 
-/// Finishes a step and completes its logs.
+/// Finishes a step and completes its stored logs (`close_logs`: false when it has none).
 pub async fn finish_step(
     conn: &mut AnyConnection,
     step: i64,
     end: &StepEnd<'_>,
     now: i64,
+    close_logs: bool,
 ) -> Result<()> {
     let r = end.resources;
-    let figure = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
     sqlx::query(
         "UPDATE steps SET complete_at = $1, results = $2, state_string = $3, hidden = $4,
                 urls = $5, statistics = $6, cpu_ms = $8, peak_rss_bytes = $9,
@@ -1902,10 +1981,12 @@ pub async fn finish_step(
     .bind(json_text(end.progress))
     .execute(&mut *conn)
     .await?;
-    sqlx::query("UPDATE logs SET complete = 1 WHERE step_id = $1")
-        .bind(step)
-        .execute(conn)
-        .await?;
+    if close_logs {
+        sqlx::query("UPDATE logs SET complete = 1 WHERE step_id = $1")
+            .bind(step)
+            .execute(conn)
+            .await?;
+    }
     Ok(())
 }
 

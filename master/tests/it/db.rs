@@ -680,12 +680,16 @@ async fn logs_are_stored_compressed_and_read_by_line_range(t: TestDb) {
     let (build, _) = db::insert_build(&mut c, r[0].0, None, m, "k", 2)
         .await
         .unwrap();
-    let step = db::insert_step(&mut c, build, 0, "compile", 3)
+    let step = db::insert_step(&mut c, &db::NewStep::started(build, 0, "compile", 3))
         .await
         .unwrap();
-    let log = db::insert_log(&mut c, step, "stdio", "s").await.unwrap();
+    let log = db::insert_log(&mut c, step, "stdio", "s", "", false)
+        .await
+        .unwrap();
     assert!(
-        db::insert_log(&mut c, step, "stdio", "s").await.is_err(),
+        db::insert_log(&mut c, step, "stdio", "s", "", false)
+            .await
+            .is_err(),
         "one stdio"
     );
     let big: String = (0..1000).map(|i| format!("line {i}\n")).collect();
@@ -707,6 +711,22 @@ async fn logs_are_stored_compressed_and_read_by_line_range(t: TestDb) {
             .await
             .unwrap();
     assert!(stored < big.len() as i64 / 3, "compressed: {stored} bytes");
+    // A log written whole as it is first seen: its text, its counts and its state at once.
+    let whole = db::insert_log(&mut c, step, "test results", "s", &big, true)
+        .await
+        .unwrap();
+    assert_eq!(
+        db::log_lines(&mut c, whole, 998, 5000).await.unwrap(),
+        vec!["line 998", "line 999"]
+    );
+    assert_eq!(db::append_log(&mut c, whole, "more\n").await.unwrap(), 1001);
+    let (lines, bytes, complete): (i64, i64, i64) =
+        sqlx::query_as("SELECT num_lines, num_bytes, complete FROM logs WHERE id = $1")
+            .bind(whole)
+            .fetch_one(&mut *c)
+            .await
+            .unwrap();
+    assert_eq!((lines, bytes, complete), (1001, big.len() as i64 + 5, 1));
 }
 
 async fn finished_steps_keep_what_they_used(t: TestDb) {
@@ -726,21 +746,53 @@ async fn finished_steps_keep_what_they_used(t: TestDb) {
         guest_memory_bytes: 2 << 20,
         observer_memory_bytes: None,
     };
-    for (number, resources) in [(0, Some(used)), (1, None)] {
-        let step = db::insert_step(&mut c, build, number, "compile", 3)
-            .await
-            .unwrap();
+    // Steps 0 and 1 are ended by an update; 2 and 3 are written whole, as a step that starts
+    // and ends in one batch of its worker's messages is: the rows must not differ.
+    for (number, resources) in [(0, Some(used)), (1, None), (2, Some(used)), (3, None)] {
         let end = db::StepEnd {
-            results: Results::Success,
-            state: "ok",
-            hidden: false,
-            urls: &json!([]),
-            statistics: &json!({}),
-            progress: &json!({}),
+            results: Results::Warnings,
+            state: "2 warnings",
+            hidden: true,
+            urls: &json!([{"name": "report", "url": "https://ci.example/r"}]),
+            statistics: &json!({"warnings": 2}),
+            progress: &json!({"files": 7}),
             resources,
         };
-        db::finish_step(&mut c, step, &end, 4).await.unwrap();
+        let mut step = db::NewStep::started(build, number, "compile", 3);
+        if number < 2 {
+            let id = db::insert_step(&mut c, &step).await.unwrap();
+            db::finish_step(&mut c, id, &end, 4, true).await.unwrap();
+        } else {
+            step.end = Some((end, 4));
+            db::insert_step(&mut c, &step).await.unwrap();
+        }
     }
+    type Row = (
+        i64,
+        Option<i64>,
+        Option<i64>,
+        String,
+        i64,
+        String,
+        String,
+        String,
+    );
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT started_at, complete_at, results, state_string, hidden, urls, statistics,
+                progress
+         FROM steps WHERE build_id = $1 ORDER BY number",
+    )
+    .bind(build.0)
+    .fetch_all(&mut *c)
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), 4);
+    assert_eq!(rows[0], rows[2]);
+    assert_eq!(rows[1], rows[3]);
+    assert_eq!(
+        (rows[0].1, rows[0].2, rows[0].3.as_str(), rows[0].4),
+        (Some(4), Some(1), "2 warnings", 1)
+    );
     type Figures = (Option<i64>, Option<i64>, Option<i64>, Option<i64>);
     let rows: Vec<Figures> = sqlx::query_as(
         "SELECT cpu_ms, peak_rss_bytes, guest_memory_bytes, observer_memory_bytes FROM steps
@@ -750,12 +802,24 @@ async fn finished_steps_keep_what_they_used(t: TestDb) {
     .fetch_all(&mut *c)
     .await
     .unwrap();
+    let figures = (Some(1500), Some(5 << 30), Some(2 << 20), None);
+    let none = (None, None, None, None);
+    assert_eq!(rows, vec![figures, none, figures, none]);
+    // A running step's summary and progress are written with it too.
+    let mut running = db::NewStep::started(build, 4, "test", 5);
+    running.state = "12 tests";
+    let progress = json!({"tests": 12});
+    running.progress = Some(&progress);
+    let id = db::insert_step(&mut c, &running).await.unwrap();
+    let (state, stored, complete): (String, String, Option<i64>) =
+        sqlx::query_as("SELECT state_string, progress, complete_at FROM steps WHERE id = $1")
+            .bind(id)
+            .fetch_one(&mut *c)
+            .await
+            .unwrap();
     assert_eq!(
-        rows,
-        vec![
-            (Some(1500), Some(5 << 30), Some(2 << 20), None),
-            (None, None, None, None)
-        ]
+        (state.as_str(), stored.as_str(), complete),
+        ("12 tests", r#"{"tests":12}"#, None)
     );
 }
 

@@ -776,6 +776,36 @@ mod liar {
         }
     }
 
+    /// Sends build messages `first..` in one write (so that the master takes them as one
+    /// batch) and waits for the last one's acknowledgement; returns the refusals on the way.
+    pub(crate) async fn burst(
+        ws: &mut Ws,
+        build: &BuildRef,
+        first: u64,
+        events: Vec<BuildEvent>,
+    ) -> Vec<String> {
+        let last = first + events.len() as u64 - 1;
+        for (seq, event) in (first..).zip(events) {
+            let m = ToMaster::Build {
+                build: build.clone(),
+                seq,
+                event,
+            };
+            ws.feed(Message::text(serde_json::to_string(&m).unwrap()))
+                .await
+                .unwrap();
+        }
+        ws.flush().await.unwrap();
+        let mut refusals = Vec::new();
+        loop {
+            match next(ws).await {
+                ToWorker::Ack { seq, .. } if seq == last => return refusals,
+                ToWorker::Error { message } => refusals.push(message),
+                _ => continue,
+            }
+        }
+    }
+
     /// Sends a step start about `build` and returns the master's answer (skipping scans).
     pub(crate) async fn report(ws: &mut Ws, build: BuildRef) -> ToWorker {
         let m = ToMaster::Build {
@@ -796,6 +826,174 @@ mod liar {
             }
         }
     }
+}
+
+/// Messages that arrive together are applied as one batch, whose new steps and logs are each
+/// written once, whole: what is stored must be what one-by-one application would store, and
+/// a message the database cannot take fails the batch, which is then applied one by one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_messages_is_stored_as_if_applied_one_by_one() {
+    use runtime::protocol::{BuildEvent, ToWorker};
+    use runtime::{Channel, ReportEvent, StepOutcome, StepRecord};
+    let mut farm = Farm::new(&format!("{}{}", workers(&["w1"], false), slow("1")));
+    farm.start_master();
+    let (mut ws, welcome) = liar::connect(farm.port, "w1", "t-w1").await;
+    assert!(matches!(welcome, ToWorker::Welcome { .. }), "{welcome:?}");
+    let (port, token) = (farm.port, farm.token.clone());
+    let api = move || Farm::attach(port, token.clone());
+    let forced = api();
+    let request =
+        tokio::task::spawn_blocking(move || forced.force("force", json!({"parameters": {}})))
+            .await
+            .unwrap();
+    let job = loop {
+        match liar::next(&mut ws).await {
+            ToWorker::Start(job) => break job,
+            ToWorker::Scan { .. } => continue,
+            other => panic!("{other:?}"),
+        }
+    };
+    let build = job.build.clone();
+    let started = |step: u32, name: &str| BuildEvent::StepStarted {
+        step,
+        name: name.into(),
+    };
+    let log = |step: u32, log: &str, channel, text: &str| BuildEvent::Log {
+        step,
+        log: log.into(),
+        channel,
+        text: text.into(),
+    };
+    let report = |step: u32, report| BuildEvent::Report { step, report };
+    let ended = |step: u32, name: &str, summary: &str| BuildEvent::StepFinished {
+        step,
+        record: Box::new(StepRecord {
+            name: name.into(),
+            ran: true,
+            hidden: false,
+            outcome: StepOutcome {
+                result: runtime::Outcome::Warnings,
+                summary: Some(summary.into()),
+                message: None,
+                properties: [("built".to_owned(), json!(name))].into(),
+                statistics: [("warnings".to_owned(), 1.0)].into(),
+                progress: [("files".to_owned(), 3)].into(),
+                urls: Vec::new(),
+                logs: Default::default(),
+                elapsed: Duration::from_millis(5),
+                resources: None,
+            },
+        }),
+    };
+    let summary = |text: &str| ReportEvent::Summary { text: text.into() };
+    let progress = |value| ReportEvent::Progress {
+        metric: "tests".into(),
+        value,
+    };
+    // One burst: step 0 starts, logs, reports and ends; step 1 starts, logs and reports.
+    let first = vec![
+        started(0, "compile"),
+        report(0, summary("compiling")),
+        log(0, "stdio", Channel::Stdout, "a\nb\n"),
+        log(0, "warnings", Channel::Stderr, "w\n"),
+        log(0, "stdio", Channel::Stderr, "c\n"),
+        started(1, "test"),
+        report(1, summary("3 tests")),
+        report(1, progress(3)),
+        log(1, "stdio", Channel::Stdout, "t1\n"),
+        ended(0, "compile", "1 warning"),
+    ];
+    let refusals = liar::burst(&mut ws, &build, 1, first).await;
+    assert_eq!(refusals, Vec::<String>::new());
+    let b = {
+        let api = api();
+        let id = build.id;
+        tokio::task::spawn_blocking(move || api.build(id))
+            .await
+            .unwrap()
+    };
+    let steps = b["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 2, "{b:#}");
+    assert_eq!(steps[0]["state_string"], "1 warning", "{b:#}");
+    assert!(steps[0]["complete_at"].is_i64(), "{b:#}");
+    assert_eq!(steps[0]["statistics"]["warnings"], 1.0, "{b:#}");
+    assert_eq!(steps[1]["state_string"], "3 tests", "{b:#}");
+    assert!(steps[1]["complete_at"].is_null(), "{b:#}");
+    assert_eq!(steps[1]["progress"]["tests"], 3, "{b:#}");
+    let logs = |step: &Value| -> Vec<(String, i64, bool)> {
+        step["logs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| {
+                (
+                    l["name"].as_str().unwrap().to_owned(),
+                    l["num_lines"].as_i64().unwrap(),
+                    l["complete"].as_bool().unwrap(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        logs(&steps[0]),
+        [("stdio".into(), 3, true), ("warnings".into(), 1, true)],
+        "{b:#}"
+    );
+    assert_eq!(logs(&steps[1]), [("stdio".into(), 1, false)], "{b:#}");
+    let stdio = steps[0]["logs"][0]["logid"].as_i64().unwrap();
+    let test_log = steps[1]["logs"][0]["logid"].as_i64().unwrap();
+
+    // A second burst: step 1's log goes on, a second start of step 1 cannot be stored (the
+    // batch fails and is applied one by one, refusing that message alone), step 1 and the
+    // build end.
+    let second = vec![
+        log(1, "stdio", Channel::Stdout, "t2\n"),
+        report(1, progress(5)),
+        started(1, "test"),
+        log(1, "junit", Channel::Stdout, "<xml/>\n"),
+        ended(1, "test", "3 passed"),
+        BuildEvent::Finished {
+            result: runtime::Outcome::Warnings,
+            message: None,
+            properties: Default::default(),
+        },
+    ];
+    let refusals = liar::burst(&mut ws, &build, 11, second).await;
+    assert_eq!(refusals.len(), 1, "{refusals:?}");
+    assert!(
+        refusals[0].contains("message 13 could not be stored"),
+        "{refusals:?}"
+    );
+    let b = {
+        let api = api();
+        tokio::task::spawn_blocking(move || api.finished_build(request, 0, Duration::from_secs(10)))
+            .await
+            .unwrap()
+    };
+    assert_eq!(b["results"], "WARNINGS", "{b:#}");
+    let steps = b["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 2, "{b:#}");
+    assert_eq!(steps[1]["state_string"], "3 passed", "{b:#}");
+    assert_eq!(steps[1]["results"], "WARNINGS", "{b:#}");
+    assert_eq!(steps[1]["progress"], json!({"files": 3}), "{b:#}");
+    assert_eq!(
+        b["properties"]["built"],
+        json!(["test", "Step test"]),
+        "{b:#}"
+    );
+    assert_eq!(
+        logs(&steps[1]),
+        [("stdio".into(), 2, true), ("junit".into(), 1, true)],
+        "{b:#}"
+    );
+    let (stdio_text, test_text) = {
+        let api = api();
+        tokio::task::spawn_blocking(move || (api.log_text(stdio), api.log_text(test_log)))
+            .await
+            .unwrap()
+    };
+    assert_eq!(stdio_text, "a\nb\nc\n");
+    assert_eq!(test_text, "t1\nt2\n");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
