@@ -195,6 +195,21 @@ impl TempPostgres {
         format!("postgres://postgres@127.0.0.1:{}/{name}", self.port)
     }
 
+    /// `psql` connected to database `name` on this server, quiet, stopping at the first error.
+    pub fn psql(&self, name: &str) -> Command {
+        let mut cmd = Command::new(self.bin.join("psql"));
+        cmd.args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &self.port.to_string(),
+            "-U",
+            "postgres",
+        ])
+        .args(["-q", "-v", "ON_ERROR_STOP=1", "-d", name]);
+        cmd
+    }
+
     /// Creates a new, empty database and returns its URL.
     pub fn create_database(&self) -> anyhow::Result<String> {
         static NEXT: AtomicU32 = AtomicU32::new(0);

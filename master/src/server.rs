@@ -234,18 +234,19 @@ impl Master {
             cache_dir: crate::step_cmd::default_cache_dir(),
         })?);
         let now = now_ms();
-        let mut conn = db.pool().acquire().await?;
-        let id = db::register_master(&mut conn, &config.master.name, now).await?;
+        // One transaction: one commit (a disk sync on PostgreSQL) for the start's writes.
+        let mut tx = db.begin().await?;
+        let id = db::register_master(&mut tx, &config.master.name, now).await?;
         // Claims this master held before a restart, with no build behind them, go back to
         // the queue.
-        let released = db::release_master_claims(&mut conn, id).await?;
+        let released = db::release_master_claims(&mut tx, id).await?;
+        tx.commit().await?;
         if !released.is_empty() {
             tracing::info!(
                 count = released.len(),
                 "requeued requests claimed before a restart"
             );
         }
-        drop(conn);
         let state = build_state(&runtime, &db, config).await?;
         let master = Arc::new(Master {
             db,
@@ -270,7 +271,7 @@ impl Master {
 
     async fn sync_tables(&self) -> anyhow::Result<()> {
         let state = self.state();
-        let mut conn = self.db.pool().acquire().await?;
+        let mut tx = self.db.begin().await?;
         let builders: Vec<(String, String, Vec<String>)> = state
             .config
             .builders
@@ -283,7 +284,7 @@ impl Master {
                 )
             })
             .collect();
-        db::sync_builders(&mut conn, &builders).await?;
+        db::sync_builders(&mut tx, &builders).await?;
         let workers: Vec<(String, serde_json::Value)> = state
             .config
             .workers
@@ -298,7 +299,8 @@ impl Master {
                 )
             })
             .collect();
-        db::sync_workers(&mut conn, &workers).await?;
+        db::sync_workers(&mut tx, &workers).await?;
+        tx.commit().await?;
         Ok(())
     }
 

@@ -47,6 +47,37 @@ impl Backend {
             Backend::Postgres(pg) => pg.create_database().expect("creating a database"),
         }
     }
+
+    /// How long the database's own client takes to create Kiln's schema on a new database:
+    /// every migration applied by `psql` in one session (PostgreSQL only: SQLite's schema
+    /// costs a master a few milliseconds).
+    pub fn schema_alone(&self) -> Option<Duration> {
+        let Backend::Postgres(pg) = self else {
+            return None;
+        };
+        let url = pg.create_database().expect("creating a database");
+        let name = url.rsplit('/').next().unwrap_or_default().to_owned();
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/postgres");
+        let mut files: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "sql"))
+            .collect();
+        files.sort();
+        let mut psql = pg.psql(&name);
+        for f in &files {
+            psql.arg("-f").arg(f);
+        }
+        let t = Instant::now();
+        let out = psql.output().expect("running psql");
+        let took = t.elapsed();
+        assert!(
+            out.status.success(),
+            "psql: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Some(took)
+    }
 }
 
 /// A free port on 127.0.0.1 (free when asked; the master binds it a moment later).
