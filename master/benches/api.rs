@@ -111,7 +111,6 @@ async fn seed(db: &Db, builds: usize, pending: usize) -> (i64, i64) {
                     resources: None,
                 },
                 at + 20_000,
-                false,
             )
             .await
             .unwrap();

@@ -195,7 +195,7 @@ struct NewLog<'e> {
 
 /// A step's end as the database stores it, from its worker's record.
 struct StepEndRow {
-    record_state: String,
+    state: String,
     urls: serde_json::Value,
     statistics: serde_json::Value,
     progress: serde_json::Value,
@@ -205,7 +205,7 @@ impl StepEndRow {
     fn of(record: &runtime::StepRecord) -> anyhow::Result<StepEndRow> {
         let o = &record.outcome;
         Ok(StepEndRow {
-            record_state: o
+            state: o
                 .summary
                 .clone()
                 .or_else(|| o.message.clone())
@@ -219,7 +219,7 @@ impl StepEndRow {
     fn end<'a>(&'a self, record: &runtime::StepRecord) -> db::StepEnd<'a> {
         db::StepEnd {
             results: record.outcome.result,
-            state: &self.record_state,
+            state: &self.state,
             hidden: record.hidden,
             urls: &self.urls,
             statistics: &self.statistics,
@@ -1266,7 +1266,7 @@ impl Master {
                     StepRef::New(i) => batch.new_steps[i].end = Some(&**record),
                     StepRef::Stored(id) => {
                         let end = StepEndRow::of(record)?;
-                        db::finish_step(&mut *tx, id, &end.end(record), batch.now, true).await?;
+                        db::finish_step(&mut *tx, id, &end.end(record), batch.now).await?;
                         batch.closed.insert(id);
                         batch.live_steps.push(id);
                     }

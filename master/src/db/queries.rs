@@ -1952,13 +1952,12 @@ pub struct StepEnd<'a> {
     pub resources: Option<runtime::StepResources>,
 }
 
-/// Finishes a step and completes its stored logs (`close_logs`: false when it has none).
+/// Finishes a step and completes its logs.
 pub async fn finish_step(
     conn: &mut AnyConnection,
     step: i64,
     end: &StepEnd<'_>,
     now: i64,
-    close_logs: bool,
 ) -> Result<()> {
     let r = end.resources;
     sqlx::query(
@@ -1981,12 +1980,10 @@ pub async fn finish_step(
     .bind(json_text(end.progress))
     .execute(&mut *conn)
     .await?;
-    if close_logs {
-        sqlx::query("UPDATE logs SET complete = 1 WHERE step_id = $1")
-            .bind(step)
-            .execute(conn)
-            .await?;
-    }
+    sqlx::query("UPDATE logs SET complete = 1 WHERE step_id = $1")
+        .bind(step)
+        .execute(conn)
+        .await?;
     Ok(())
 }
 

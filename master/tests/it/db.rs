@@ -761,7 +761,7 @@ async fn finished_steps_keep_what_they_used(t: TestDb) {
         let mut step = db::NewStep::started(build, number, "compile", 3);
         if number < 2 {
             let id = db::insert_step(&mut c, &step).await.unwrap();
-            db::finish_step(&mut c, id, &end, 4, true).await.unwrap();
+            db::finish_step(&mut c, id, &end, 4).await.unwrap();
         } else {
             step.end = Some((end, 4));
             db::insert_step(&mut c, &step).await.unwrap();
