@@ -197,16 +197,16 @@ impl TempPostgres {
 
     /// `psql` connected to database `name` on this server, quiet, stopping at the first error.
     pub fn psql(&self, name: &str) -> Command {
-        let mut cmd = Command::new(self.bin.join("psql"));
-        cmd.args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &self.port.to_string(),
-            "-U",
-            "postgres",
-        ])
-        .args(["-q", "-v", "ON_ERROR_STOP=1", "-d", name]);
+        let mut cmd = self.client("psql");
+        cmd.args(["-q", "-v", "ON_ERROR_STOP=1", "-d", name]);
+        cmd
+    }
+
+    /// One of PostgreSQL's client programs, pointed at this server as its superuser.
+    fn client(&self, program: &str) -> Command {
+        let mut cmd = Command::new(self.bin.join(program));
+        cmd.args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(["-U", "postgres"]);
         cmd
     }
 
@@ -218,15 +218,8 @@ impl TempPostgres {
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         );
-        let out = Command::new(self.bin.join("createdb"))
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-U",
-                "postgres",
-            ])
+        let out = self
+            .client("createdb")
             .arg(&name)
             .output()
             .context("running createdb")?;

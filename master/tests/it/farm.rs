@@ -776,6 +776,26 @@ mod liar {
         }
     }
 
+    /// Connects as worker `name` (token `t-NAME`), forces a build on the `force` scheduler and
+    /// waits for its Start: returns the connection, the request and the build it was given.
+    pub(crate) async fn forced_build(farm: &super::Farm, name: &str) -> (Ws, i64, BuildRef) {
+        let (mut ws, welcome) = connect(farm.port, name, &format!("t-{name}")).await;
+        assert!(matches!(welcome, ToWorker::Welcome { .. }), "{welcome:?}");
+        let (port, token) = (farm.port, farm.token.clone());
+        let request = tokio::task::spawn_blocking(move || {
+            super::Farm::attach(port, token).force("force", serde_json::json!({"parameters": {}}))
+        })
+        .await
+        .unwrap();
+        loop {
+            match next(&mut ws).await {
+                ToWorker::Start(job) => return (ws, request, job.build),
+                ToWorker::Scan { .. } => continue,
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
     /// Sends build messages `first..` in one write (so that the master takes them as one
     /// batch) and waits for the last one's acknowledgement; returns the refusals on the way.
     pub(crate) async fn burst(
@@ -833,27 +853,13 @@ mod liar {
 /// a message the database cannot take fails the batch, which is then applied one by one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_messages_is_stored_as_if_applied_one_by_one() {
-    use runtime::protocol::{BuildEvent, ToWorker};
+    use runtime::protocol::BuildEvent;
     use runtime::{Channel, ReportEvent, StepOutcome, StepRecord};
     let mut farm = Farm::new(&format!("{}{}", workers(&["w1"], false), slow("1")));
     farm.start_master();
-    let (mut ws, welcome) = liar::connect(farm.port, "w1", "t-w1").await;
-    assert!(matches!(welcome, ToWorker::Welcome { .. }), "{welcome:?}");
+    let (mut ws, request, build) = liar::forced_build(&farm, "w1").await;
     let (port, token) = (farm.port, farm.token.clone());
     let api = move || Farm::attach(port, token.clone());
-    let forced = api();
-    let request =
-        tokio::task::spawn_blocking(move || forced.force("force", json!({"parameters": {}})))
-            .await
-            .unwrap();
-    let job = loop {
-        match liar::next(&mut ws).await {
-            ToWorker::Start(job) => break job,
-            ToWorker::Scan { .. } => continue,
-            other => panic!("{other:?}"),
-        }
-    };
-    let build = job.build.clone();
     let started = |step: u32, name: &str| BuildEvent::StepStarted {
         step,
         name: name.into(),
@@ -1456,23 +1462,8 @@ async fn the_lease_holders_bad_messages_are_refused_one_by_one_and_its_build_goe
     let farm = Farm::new(&format!("{}{}", workers(&["w1"], false), slow("1")));
     let mut farm = farm;
     farm.start_master();
-    let (mut ws, welcome) = liar::connect(farm.port, "w1", "t-w1").await;
-    assert!(matches!(welcome, ToWorker::Welcome { .. }), "{welcome:?}");
+    let (mut ws, request, build) = liar::forced_build(&farm, "w1").await;
     let port = farm.port;
-    let token = farm.token.clone();
-    let request = tokio::task::spawn_blocking(move || {
-        Farm::attach(port, token.clone()).force("force", json!({"parameters": {}}))
-    })
-    .await
-    .unwrap();
-    let job = loop {
-        match liar::next(&mut ws).await {
-            ToWorker::Start(job) => break job,
-            ToWorker::Scan { .. } => continue,
-            other => panic!("{other:?}"),
-        }
-    };
-    let build = job.build.clone();
     let refused = |answer: ToWorker, what: &str| match answer {
         ToWorker::Error { message } => assert!(message.contains(what), "{message}"),
         other => panic!("expected a refusal ({what}), got {other:?}"),
