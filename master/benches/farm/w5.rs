@@ -39,7 +39,11 @@ const BUILDER: &str = "sim";
 /// How big W5 is: `KILN_BENCH_W5` as `REQUESTS,WORKERS` scales it (to profile, or try it out).
 pub fn scale() -> (usize, usize) {
     let Ok(text) = std::env::var("KILN_BENCH_W5") else {
-        return (100_000, 1_000);
+        return if super::benchmarking() {
+            (100_000, 1_000)
+        } else {
+            (500, 50)
+        };
     };
     let (r, w) = text
         .split_once(',')
