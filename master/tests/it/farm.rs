@@ -753,6 +753,16 @@ mod liar {
         }
     }
 
+    /// Build message `seq` about `build`, as a worker sends it.
+    fn frame(build: &BuildRef, seq: u64, event: BuildEvent) -> Message {
+        let m = ToMaster::Build {
+            build: build.clone(),
+            seq,
+            event,
+        };
+        Message::text(serde_json::to_string(&m).unwrap())
+    }
+
     /// Sends build message `seq` and returns the master's next answer (skipping scans).
     pub(crate) async fn send(
         ws: &mut Ws,
@@ -760,14 +770,7 @@ mod liar {
         seq: u64,
         event: BuildEvent,
     ) -> ToWorker {
-        let m = ToMaster::Build {
-            build: build.clone(),
-            seq,
-            event,
-        };
-        ws.send(Message::text(serde_json::to_string(&m).unwrap()))
-            .await
-            .unwrap();
+        ws.send(frame(build, seq, event)).await.unwrap();
         loop {
             match next(ws).await {
                 ToWorker::Scan { .. } => continue,
@@ -806,14 +809,7 @@ mod liar {
     ) -> Vec<String> {
         let last = first + events.len() as u64 - 1;
         for (seq, event) in (first..).zip(events) {
-            let m = ToMaster::Build {
-                build: build.clone(),
-                seq,
-                event,
-            };
-            ws.feed(Message::text(serde_json::to_string(&m).unwrap()))
-                .await
-                .unwrap();
+            ws.feed(frame(build, seq, event)).await.unwrap();
         }
         ws.flush().await.unwrap();
         let mut refusals = Vec::new();
