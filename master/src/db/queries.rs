@@ -664,12 +664,9 @@ pub async fn buildset_sourcestamps(
     for r in &rows {
         let ssid: i64 = r.try_get("id")?;
         let change = r.try_get::<Option<i64>, _>("change_id")?.map(ChangeId);
-        if last == Some(ssid) {
-            stamps
-                .last_mut()
-                .expect("a stamp before its second row")
-                .changes
-                .extend(change);
+        // A further change of the stamp just read.
+        if let (Some(stamp), true) = (stamps.last_mut(), last == Some(ssid)) {
+            stamp.changes.extend(change);
             continue;
         }
         last = Some(ssid);
