@@ -3,8 +3,8 @@
 //! durably; schedulers then read it from the database, so a change that was accepted is never
 //! lost, whichever master or process accepted it.
 
-use crate::db::{self, Db};
-use crate::model::{ChangeId, NewChange, now_ms};
+use kiln_db::model::{ChangeId, NewChange, now_ms};
+use kiln_db::{self as db, Db};
 
 /// Longest author, branch, revision, repository, project, category or link accepted.
 pub const MAX_FIELD: usize = 1024;
@@ -87,7 +87,7 @@ pub fn validate(change: &NewChange) -> Result<(), ChangeError> {
         ));
     }
     for name in change.properties.keys() {
-        runtime::props::check_property_name(name)
+        kiln_protocol::props::check_property_name(name)
             .map_err(|e| ChangeError(format!("property {name:?}: {e}")))?;
     }
     if let Some(when) = change.when_ms

@@ -1,29 +1,13 @@
 //! The master's file cache: uploaded modules stored by content, named by SHA-1 and verified by
-//! SHA-256 and size, and served to workers at `GET /filecache/{sha1}`.
+//! SHA-256 and size, and served to workers at `GET /filecache/{sha1}` (by the HTTP layer).
 //!
 //! SHA-1 names files because that is what the protocol carries; it is safe only because content
 //! showing a SHA-1 collision attack pattern (SHAttered, SHAmbles) is refused before it is named
 //! ([`digests`]), and because workers verify every file by its SHA-256 as well.
 
-use std::sync::Arc;
-
 use anyhow::Context;
-use axum::extract::{Path, State};
-use axum::http::{HeaderName, header};
-use axum::response::{IntoResponse, Response};
+use kiln_db as db;
 use sha2::Digest;
-
-use crate::api::ApiError;
-use crate::db;
-use crate::server::Master;
-
-/// The route [`serve`] answers; the protocol's [`runtime::protocol::FILECACHE_PATH`] followed by
-/// the name.
-pub const ROUTE: &str = "/filecache/{sha1}";
-
-/// The response header that carries the file's SHA-256, so a worker can tell a replaced file
-/// from a broken transfer.
-pub const SHA256_HEADER: HeaderName = HeaderName::from_static("x-kiln-sha256");
 
 /// A file's names and size.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,45 +77,8 @@ pub async fn store(
     Ok(Ok(digests))
 }
 
-/// `GET /filecache/{sha1}`: the file's bytes (`application/octet-stream`, with its SHA-256 in
-/// `x-kiln-sha256`); 400 for a name that is not a SHA-1, 404 for a file the master does not
-/// have, both with a JSON `{"error": ...}`.
-pub async fn serve(State(master): State<Arc<Master>>, Path(sha1): Path<String>) -> Response {
-    match file(&master, &sha1).await {
-        Ok(response) => response,
-        Err(e) => e.into_response(),
-    }
-}
-
-async fn file(master: &Master, sha1: &str) -> Result<Response, ApiError> {
-    if !runtime::protocol::is_sha1(sha1) {
-        return Err(ApiError::BadRequest(format!(
-            "{sha1:?} is not a file name; files are named by their SHA-1, 40 lowercase hex digits"
-        )));
-    }
-    let mut conn = master.db.pool().acquire().await?;
-    let (sha256, content) = db::get_file(&mut conn, sha1).await?.ok_or_else(|| {
-        ApiError::NotFound(format!(
-            "the master has no file {sha1}; upload the module again"
-        ))
-    })?;
-    drop(conn);
-    Ok((
-        [
-            (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
-            (header::CONTENT_LENGTH, content.len().to_string()),
-            (SHA256_HEADER, sha256),
-        ],
-        content,
-    )
-        .into_response())
-}
-
 #[cfg(test)]
 mod tests {
-    use axum::http::StatusCode;
-    use serde_json::Value;
-
     use super::*;
 
     #[test]
@@ -211,81 +158,5 @@ mod tests {
             "refused: this file contains a SHA-1 collision attack pattern (like SHAttered); it \
              cannot be named by SHA-1 safely"
         );
-    }
-
-    #[test]
-    fn the_route_is_the_protocols_path() {
-        assert_eq!(
-            ROUTE,
-            format!("{}{{sha1}}", runtime::protocol::FILECACHE_PATH)
-        );
-    }
-
-    async fn body(response: Response) -> Vec<u8> {
-        axum::body::to_bytes(response.into_body(), usize::MAX)
-            .await
-            .unwrap()
-            .to_vec()
-    }
-
-    async fn json_error(response: Response) -> String {
-        let v: Value = serde_json::from_slice(&body(response).await).unwrap();
-        v["error"].as_str().unwrap().to_owned()
-    }
-
-    #[tokio::test]
-    async fn stored_files_are_served_by_sha1() {
-        let dir = tempfile::tempdir().unwrap();
-        let origin = dir.path().join("kiln.toml");
-        let config = crate::config::parse("[master]\nname = \"m1\"\n", &origin).unwrap();
-        let url = format!(
-            "sqlite://{}?mode=rwc",
-            dir.path().join("kiln.sqlite").display()
-        );
-        let master = Master::start(config, Some(&url)).await.unwrap();
-        let get = |name: &str| serve(State(master.clone()), Path(name.to_owned()));
-
-        let content = b"\0asm a module".to_vec();
-        let mut conn = master.db.pool().acquire().await.unwrap();
-        let stored = store(&mut conn, &content, 1).await.unwrap().unwrap();
-        assert_eq!(stored, digests(&content).unwrap());
-        // Again: the same content is fine.
-        assert_eq!(
-            store(&mut conn, &content, 2).await.unwrap(),
-            Ok(stored.clone())
-        );
-        // A collision is refused and nothing is stored.
-        let [one, _] = shattered();
-        assert_eq!(
-            store(&mut conn, &one, 3).await.unwrap(),
-            Err(CollisionError)
-        );
-        let one_sha1 = plain_sha1(&one);
-        assert_eq!(db::get_file(&mut conn, &one_sha1).await.unwrap(), None);
-        drop(conn);
-
-        let response = get(&stored.sha1).await;
-        assert_eq!(response.status(), StatusCode::OK);
-        let headers = response.headers().clone();
-        assert_eq!(headers[header::CONTENT_TYPE], "application/octet-stream");
-        assert_eq!(headers[header::CONTENT_LENGTH], content.len().to_string());
-        assert_eq!(headers[SHA256_HEADER], stored.sha256);
-        assert_eq!(body(response).await, content);
-
-        let response = get(&one_sha1).await;
-        assert_eq!(response.status(), StatusCode::NOT_FOUND);
-        let error = json_error(response).await;
-        assert!(error.contains(&one_sha1), "{error}");
-
-        for bad in [
-            stored.sha1.to_uppercase(),
-            stored.sha1[1..].to_owned(),
-            "..".to_owned(),
-        ] {
-            let response = get(&bad).await;
-            assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{bad:?}");
-            let error = json_error(response).await;
-            assert!(error.contains("40 lowercase hex digits"), "{error}");
-        }
     }
 }

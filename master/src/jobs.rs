@@ -7,13 +7,13 @@
 
 use std::collections::BTreeMap;
 
+use kiln_protocol::{BuildRef, Job, ModuleSpec};
 use runtime::Outcome;
 use runtime::policy::WorkerInfo;
-use runtime::protocol::{BuildRef, Job, ModuleSpec};
 
-use crate::build_cmd::{PlanError, job_grant, job_steps};
-use crate::config::{Builder, ModuleRef};
-use crate::model::SourceStamp;
+use crate::plan::{PlanError, job_grant, job_steps};
+use kiln_config::{Builder, ModuleRef};
+use kiln_db::model::SourceStamp;
 
 /// Why a behaviour could not do what was asked.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -227,7 +227,7 @@ mod tests {
 
     #[test]
     fn an_untrusted_build_gets_no_network_whatever_its_builder_grants() {
-        let config = crate::config::parse(
+        let config = kiln_config::parse(
             r#"
 [[workers]]
 name = "w"

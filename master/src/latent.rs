@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use tokio::process::{Child, Command};
 
-use crate::config::{Config, Latent, Worker, WorkerAuth};
-use crate::db;
 use crate::server::Master;
+use kiln_config::{Config, Latent, Worker, WorkerAuth};
+use kiln_db as db;
 
 /// How long a started instance may take to connect before it is stopped and started again.
 const START_TIMEOUT: Duration = Duration::from_secs(60);

@@ -1,26 +1,24 @@
-//! The Kiln master and the `kiln` command line. The master proper (configuration, database,
-//! schedulers, workers and dispatch, API) and the `kiln` command line.
+//! The Kiln master's core: what a master does, whatever speaks to it.
+//!
+//! Changes enter through [`changes`] (from the [`poller`], the webhooks' [`forges`], the API or
+//! `kiln sendchange`); [`schedulers`] turn them into buildsets and [`requests`] collapse and
+//! plan them; [`workers`] holds the connected workers, applies what they send and dispatches
+//! builds to them as jobs ([`jobs`], made from a builder's [`plan`]); [`latent`] starts and
+//! stops workers on demand; [`reporters`] tell the world; [`metrics`] count; [`live`] is the
+//! bus of live events. [`server::Master`] ties them together.
+//!
+//! No HTTP here: the HTTP layer (`kiln-http`) serves the API, the UI, the webhooks, the worker
+//! endpoint and the file cache over this crate, which never imports it.
 
-pub mod api;
-pub mod auth;
-mod build_cmd;
-pub mod change_hooks;
 pub mod changes;
-pub mod cli;
-pub mod client;
-mod client_cmd;
-pub mod config;
-pub mod db;
-pub mod demo;
 pub mod filecache;
-mod follow;
+pub mod forges;
 pub mod hooks;
 pub mod jobs;
 pub mod latent;
-mod master_cmd;
+pub mod live;
 pub mod metrics;
-pub mod model;
-pub mod pgtemp;
+pub mod plan;
 pub mod poller;
 pub mod properties;
 pub mod reporters;
@@ -28,9 +26,4 @@ pub mod requests;
 pub mod schedulers;
 pub mod secrets;
 pub mod server;
-pub mod step_cmd;
-pub mod tls;
-mod token_cmd;
-mod try_cmd;
-pub mod ui;
 pub mod workers;

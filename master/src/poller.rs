@@ -27,10 +27,10 @@ use anyhow::{Context, bail};
 use serde::Serialize;
 use tokio::sync::{Notify, watch};
 
-use crate::config::{ChangeSource, ChangeSourceKind, Globs};
-use crate::db;
-use crate::model::{NewChange, now_ms};
 use crate::server::Master;
+use kiln_config::{ChangeSource, ChangeSourceKind, Globs};
+use kiln_db as db;
+use kiln_db::model::{NewChange, now_ms};
 
 /// Longest any one git command may run; a fetch that hangs (a server that never answers) is
 /// killed, with every process it started, and the poll fails and is retried.

@@ -6,7 +6,7 @@
 
 use serde_json::{Map, Value};
 
-use crate::model::{SourceStamp, SourcedProperty};
+use kiln_db::model::{SourceStamp, SourcedProperty};
 use runtime::Properties;
 
 /// Facts about the build itself, set with source "Build".

@@ -7,12 +7,12 @@ use std::collections::BTreeMap;
 
 use anyhow::Context;
 use runtime::policy::{BuilderInfo, RequestInfo, WorkerInfo};
-use serde_json::{Value, json};
+use serde_json::json;
 use sqlx::AnyConnection;
 
-use crate::db::{self, Db};
 use crate::hooks::Hooks;
-use crate::model::*;
+use kiln_db::model::*;
+use kiln_db::{self as db, Db};
 
 /// Builder settings that matter for queueing and dispatch.
 #[derive(Debug, Clone, PartialEq)]
@@ -123,41 +123,7 @@ async fn request_info(conn: &mut AnyConnection, r: &QueuedRequest) -> anyhow::Re
     })
 }
 
-/// Properties that differ between otherwise identical requests without making them different
-/// builds: where the request came from, not what it builds.
-const COLLAPSE_IGNORED_PROPERTIES: &[&str] = &["scheduler", "reason", "owner"];
-
-/// Buildbot's default collapse rule as a key: two buildsets' requests may merge when their keys
-/// are equal. The key covers, per codebase, the repository, branch and project, and either
-/// "has changes" or the exact revision (requests built from changes merge; a forced build of a
-/// revision merges only with the same revision), plus the properties apart from those
-/// recording where each request came from (change properties and
-/// [`COLLAPSE_IGNORED_PROPERTIES`]). A patch means no key: try builds never merge.
-pub fn collapse_key(stamps: &[SourceStamp], properties: &[SourcedProperty]) -> Option<String> {
-    use sha2::Digest;
-    if stamps.iter().any(|s| s.patch.is_some()) {
-        return None;
-    }
-    let mut stamps: Vec<Value> = stamps
-        .iter()
-        .map(|s| {
-            let what = if s.changes.is_empty() {
-                json!({"revision": s.revision})
-            } else {
-                json!("changes")
-            };
-            json!([s.codebase, s.repository, s.branch, s.project, what])
-        })
-        .collect();
-    stamps.sort_by_key(|v| v.to_string());
-    let props: BTreeMap<&str, &Value> = properties
-        .iter()
-        .filter(|p| p.source != "Change" && !COLLAPSE_IGNORED_PROPERTIES.contains(&p.name.as_str()))
-        .map(|p| (p.name.as_str(), &p.value))
-        .collect();
-    let text = json!([stamps, props]).to_string();
-    Some(hex::encode(sha2::Sha256::digest(text.as_bytes())))
-}
+pub use kiln_db::model::collapse_key;
 
 /// Whether two buildsets' requests may merge by Kiln's default rule ([`collapse_key`]).
 pub async fn can_collapse(
@@ -493,6 +459,7 @@ pub async fn plan_for_workers(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
 
     fn stamp(branch: &str, revision: Option<&str>, changes: &[i64]) -> SourceStamp {
         SourceStamp {

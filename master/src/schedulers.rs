@@ -15,13 +15,14 @@ use chrono::{DateTime, Utc};
 use runtime::policy::{ChangeInfo, ChangeVerdict};
 use serde_json::{Map, Value, json};
 
-use crate::config::{
-    ChangeFilter, Config, ForceParameterKind, PolicyRef, Scheduler, SchedulerKind,
-};
-use crate::db::{self, Db};
 use crate::hooks::{Hooks, Policy};
-use crate::model::*;
 use crate::requests::{self, BuilderQueueing, Submitted};
+use kiln_config::{
+    ChangeFilter, Config, ForceParameterKind, ModuleSource, PolicyRef, Scheduler, SchedulerKind,
+};
+use kiln_db::model::*;
+use kiln_db::{self as db, Db};
+pub use kiln_protocol::api::{ForceRequest, TryBody};
 
 /// Changes read per scheduler pass.
 const CHANGE_BATCH: i64 = 500;
@@ -203,7 +204,7 @@ fn classify(
     env: &Env<'_>,
     s: &Scheduler,
     branch: Option<&str>,
-    branches: Option<&crate::config::Globs>,
+    branches: Option<&kiln_config::Globs>,
     filter: &ChangeFilter,
     change: &Change,
 ) -> Option<bool> {
@@ -311,7 +312,7 @@ async fn change_scheduler(
     env: &Env<'_>,
     s: &Scheduler,
     branch: Option<&String>,
-    branches: Option<&crate::config::Globs>,
+    branches: Option<&kiln_config::Globs>,
     filter: &ChangeFilter,
     now: i64,
     pass: &mut Pass,
@@ -542,28 +543,130 @@ async fn dependent_scheduler(
     Ok(())
 }
 
-/// A user's request to force a build.
-#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize, serde::Serialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct ForceRequest {
-    /// Builders to build on (a subset of the scheduler's); empty for all of them.
-    pub builders: Vec<String>,
-    /// Why.
-    pub reason: String,
-    /// Who asked.
-    pub owner: String,
-    /// Branch to build.
-    pub branch: Option<String>,
-    /// Revision to build.
-    pub revision: Option<String>,
-    /// Repository to build.
-    pub repository: Option<String>,
-    /// Project.
-    pub project: Option<String>,
-    /// Values of the scheduler's parameters.
-    pub parameters: Map<String, Value>,
-    /// Request priority.
-    pub priority: i64,
+/// Refuses a try on builders that would not apply its patch: a builder of try scheduler
+/// `scheduler` (those named, or all of its builders) needs a built-in `git` step whose
+/// arguments name no patch of their own. Unknown schedulers and builders are left for
+/// `schedulers::try_build` to refuse.
+pub fn check_builders(config: &Config, scheduler: &str, builders: &[String]) -> Result<(), String> {
+    let Some(s) = config.scheduler(scheduler) else {
+        return Ok(());
+    };
+    let names = if builders.is_empty() {
+        &s.builders
+    } else {
+        builders
+    };
+    for name in names {
+        let Some(b) = config.builder(name).filter(|_| s.builders.contains(name)) else {
+            continue;
+        };
+        let takes_patch = b.steps.iter().any(|step| {
+            matches!(&step.module, ModuleSource::Builtin(m) if *m == "git")
+                && step.args.get("patch").is_none()
+        });
+        if !takes_patch {
+            return Err(format!(
+                "builder {name:?} has no git step to apply the patch to (a built-in git step without a patch of its own); try on a builder that checks out the source"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Highest `-p` level a patch may give.
+const MAX_PATCH_LEVEL: u32 = 32;
+
+/// Largest total size of a try request's properties, as JSON.
+const MAX_PROPERTIES: usize = 64 << 10;
+
+/// Checks a try request's body (`POST /api/v2/tryschedulers/{name}`) and turns it into a try
+/// request from `who`; the message says what to fix.
+pub fn try_request(body: TryBody, who: &str) -> Result<TryRequest, String> {
+    let this = body;
+    let rev = &this.baserev;
+    if !(rev.len() == 40 || rev.len() == 64) || !rev.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(format!(
+            "baserev {:?} is not a full commit id (40 or 64 hex digits)",
+            rev.chars().take(80).collect::<String>()
+        ));
+    }
+    for (name, value) in [
+        ("branch", this.branch.as_deref().unwrap_or_default()),
+        ("repository", &this.repository),
+        ("project", &this.project),
+    ] {
+        if value.len() > crate::changes::MAX_FIELD || value.contains('\0') {
+            return Err(format!(
+                "{name} is longer than {} bytes or contains NUL",
+                crate::changes::MAX_FIELD
+            ));
+        }
+    }
+    if this.comment.len() > crate::changes::MAX_FIELD {
+        return Err(format!(
+            "the comment is {} bytes; the limit is {}",
+            this.comment.len(),
+            crate::changes::MAX_FIELD
+        ));
+    }
+    if this.patch.trim().is_empty() {
+        return Err("the patch is empty: there is nothing to try".into());
+    }
+    if this.patch.len() > MAX_TRY_PATCH {
+        return Err(format!(
+            "the patch is {} bytes; the limit is {} MiB",
+            this.patch.len(),
+            MAX_TRY_PATCH >> 20
+        ));
+    }
+    // Escaped as JSON (in the job a worker receives), control characters grow sixfold.
+    let escaped = serde_json::to_string(&this.patch).map_or(usize::MAX, |s| s.len());
+    if escaped > MAX_TRY_PATCH * 3 / 2 {
+        return Err(format!(
+            "the patch is {escaped} bytes escaped as JSON (it has many control characters); \
+             the limit is {} bytes",
+            MAX_TRY_PATCH * 3 / 2
+        ));
+    }
+    if this.patch.contains('\0') {
+        return Err("the patch contains a NUL character; make binary files git binary patches (git diff --binary)".into());
+    }
+    if this.patch_level > MAX_PATCH_LEVEL {
+        return Err(format!(
+            "patch_level {} is more than {MAX_PATCH_LEVEL}",
+            this.patch_level
+        ));
+    }
+    let props = serde_json::to_string(&this.properties).map_or(usize::MAX, |s| s.len());
+    if props > MAX_PROPERTIES {
+        return Err(format!(
+            "the properties are {props} bytes of JSON; the limit is {MAX_PROPERTIES}"
+        ));
+    }
+    for name in this.properties.keys() {
+        kiln_protocol::props::check_property_name(name)
+            .map_err(|e| format!("property {name:?}: {e}"))?;
+    }
+    Ok(TryRequest {
+        who: who.to_owned(),
+        builders: this.builders,
+        sourcestamp: SourceStamp {
+            repository: this.repository,
+            branch: this.branch.filter(|b| !b.is_empty()),
+            revision: Some(this.baserev.to_ascii_lowercase()),
+            project: this.project,
+            patch: Some(Patch {
+                level: i64::from(this.patch_level),
+                body: this.patch.into_bytes(),
+                author: Some(who.to_owned()),
+                comment: Some(this.comment.clone()).filter(|c| !c.is_empty()),
+                subdir: None,
+            }),
+            ..Default::default()
+        },
+        properties: this.properties,
+        comment: this.comment,
+    })
 }
 
 /// Why a force, trigger or try request was refused.
@@ -978,4 +1081,60 @@ pub async fn try_build(
         .context("a try buildset cannot be a duplicate")?;
     tx.commit().await?;
     Ok(Ok(submitted))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn try_body() -> TryBody {
+        TryBody {
+            baserev: "a".repeat(40),
+            patch: "diff --git a/x b/x\n".into(),
+            patch_level: 1,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_try_request_is_checked_before_anything_is_stored() {
+        let r = try_request(try_body(), "ada").unwrap();
+        let ss = &r.sourcestamp;
+        assert_eq!(ss.revision.as_deref(), Some("a".repeat(40).as_str()));
+        let patch = ss.patch.as_ref().unwrap();
+        assert_eq!((patch.level, patch.author.as_deref()), (1, Some("ada")));
+        let bad = |f: &dyn Fn(&mut TryBody)| {
+            let mut b = try_body();
+            f(&mut b);
+            try_request(b, "ada").unwrap_err()
+        };
+        assert_eq!(
+            bad(&|b| b.baserev = "main".into()),
+            "baserev \"main\" is not a full commit id (40 or 64 hex digits)"
+        );
+        assert_eq!(
+            bad(&|b| b.patch = " \n".into()),
+            "the patch is empty: there is nothing to try"
+        );
+        assert_eq!(
+            bad(&|b| b.patch = "x".repeat(MAX_TRY_PATCH + 1)),
+            format!(
+                "the patch is {} bytes; the limit is 2 MiB",
+                MAX_TRY_PATCH + 1
+            )
+        );
+        assert!(bad(&|b| b.patch = "\u{1}".repeat(MAX_TRY_PATCH / 2)).contains("escaped as JSON"));
+        assert!(bad(&|b| b.patch = "a\0b".into()).contains("NUL"));
+        assert_eq!(
+            bad(&|b| b.patch_level = 99),
+            "patch_level 99 is more than 32"
+        );
+        assert!(
+            bad(&|b| {
+                b.properties.insert("".into(), Value::Null);
+            })
+            .starts_with("property \"\":")
+        );
+        assert!(bad(&|b| b.branch = Some("x".repeat(2000))).starts_with("branch is longer"));
+    }
 }

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 /// Where secrets come from, tried in order: the configuration's `[secrets]` (a directory of
 /// files named after their secret, whose content without a trailing newline is the value; then
 /// environment variables with a prefix).
-pub type SecretProviders = crate::config::SecretsConfig;
+pub type SecretProviders = kiln_config::SecretsConfig;
 
 /// Why a build cannot have its secrets.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -53,9 +53,15 @@ fn valid_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
 }
 
-impl SecretProviders {
+/// Reading a secret from the configured providers (at dispatch, never before: the
+/// configuration only says where secrets are).
+pub trait SecretLookup {
     /// The value of a secret, or an error saying where Kiln looked.
-    pub fn get(&self, name: &str) -> Result<String, SecretError> {
+    fn get(&self, name: &str) -> Result<String, SecretError>;
+}
+
+impl SecretLookup for SecretProviders {
+    fn get(&self, name: &str) -> Result<String, SecretError> {
         if !valid_name(name) {
             return Err(SecretError::BadName(name.into()));
         }

@@ -10,14 +10,14 @@ use anyhow::{Context, bail};
 use sha2::Digest;
 use tokio::sync::Notify;
 
-use crate::config::{self, Config, ConfigDiff, HookChoice, PolicyRef, WorkerSelector};
-use crate::db::{self, Db};
 use crate::hooks::{
     CanStartHook, CollapseHook, Hooks, NextBuildHook, NextWorkerHook, Policy, PrioritizeHook,
 };
-use crate::model::*;
 use crate::requests::BuilderQueueing;
 use crate::schedulers::{self, Env, Pass};
+use kiln_config::{self as config, Config, ConfigDiff, HookChoice, PolicyRef, WorkerSelector};
+use kiln_db::model::*;
+use kiln_db::{self as db, Db};
 
 /// What the master works from; replaced whole by a reload, so a pass always sees one
 /// consistent configuration.
@@ -66,7 +66,7 @@ pub fn queueing(config: &Config) -> BTreeMap<String, BuilderQueueing> {
 }
 
 /// Every policy the configuration names (hooks and schedulers' change filters).
-pub(crate) fn policy_refs(config: &Config) -> Vec<PolicyRef> {
+pub fn policy_refs(config: &Config) -> Vec<PolicyRef> {
     let h = &config.hooks;
     let mut refs = Vec::new();
     let mut add = |r: Option<&PolicyRef>| {
@@ -203,9 +203,7 @@ pub struct Master {
     /// What `GET /metrics` reports.
     pub metrics: crate::metrics::Metrics,
     /// Live updates for `GET /api/v2/events`.
-    pub live: crate::api::Live,
-    /// Stream tickets this master issued.
-    pub tickets: crate::auth::Tickets,
+    pub live: crate::live::Live,
     /// The git pollers of the configuration in force.
     pub pollers: crate::poller::Pollers,
     /// The reporters' task's wake-up.
@@ -231,7 +229,7 @@ impl Master {
         let url = db_url.unwrap_or(config.master.database.as_str()).to_owned();
         let db = Db::open(&url).await?;
         let runtime = Arc::new(runtime::Runtime::new(runtime::RuntimeConfig {
-            cache_dir: crate::step_cmd::default_cache_dir(),
+            cache_dir: runtime::RuntimeConfig::default_cache_dir(),
         })?);
         let now = now_ms();
         // One transaction: one commit (a disk sync on PostgreSQL) for the start's writes.
@@ -258,7 +256,6 @@ impl Master {
             latent: Default::default(),
             metrics: Default::default(),
             live: Default::default(),
-            tickets: Default::default(),
             pollers: Default::default(),
             reporters: Default::default(),
             dispatch: Notify::new(),
@@ -491,7 +488,7 @@ impl Master {
                     let wait = match self.scheduler_pass().await {
                         Ok(pass) => {
                             let made: Vec<i64> = pass.buildsets.iter().map(|(_, b)| b.0).collect();
-                            crate::api::publish_buildsets(&self, &made).await;
+                            crate::live::publish_buildsets(&self, &made).await;
                             let until_timer = pass.next_timer_ms.map(|t| {
                                 Duration::from_millis((t - now_ms()).max(0) as u64)
                             });

@@ -29,25 +29,21 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use axum::extract::State;
-use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::response::Response;
-use futures_util::{FutureExt, SinkExt, StreamExt};
+use futures_util::{FutureExt, Sink, SinkExt, Stream, StreamExt};
+use kiln_protocol::{
+    BuildEvent, BuildRef, Capabilities, PROTOCOL_VERSION, Running, ToMaster, ToWorker,
+};
 use runtime::Outcome;
 use runtime::policy::WorkerInfo;
-use runtime::protocol::{
-    BuildEvent, BuildRef, Capabilities, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, Running, ToMaster,
-    ToWorker,
-};
 use serde_json::json;
 use tokio::sync::mpsc;
 
-use crate::config;
-use crate::db;
 use crate::jobs::{self, IdleBehaviour, JobBehaviour, JobContext, RequestFate};
-use crate::model::*;
 use crate::requests::Assignment;
 use crate::server::{Master, State as MasterState};
+use kiln_config as config;
+use kiln_db as db;
+use kiln_db::model::*;
 
 /// Failures in a row that quarantine a worker.
 pub const QUARANTINE_AFTER: i64 = 3;
@@ -118,7 +114,7 @@ struct Prepared<'a> {
 enum Started {
     /// Its job goes to its worker under `lease`.
     Running {
-        job: Box<runtime::protocol::Job>,
+        job: Box<kiln_protocol::Job>,
         number: i64,
         reported: bool,
         lease: Box<Lease>,
@@ -287,26 +283,22 @@ impl Workers {
     }
 }
 
-/// Bytes read from a worker's socket at a time. tungstenite's default, 128 KiB, is zeroed
-/// before each read and so stays resident for every connection: 125 MiB for 1,000 workers
-/// (the farm benchmark's W5). A larger frame (a 64 KiB log chunk) still arrives whole, over
-/// several reads.
-const READ_BUFFER_BYTES: usize = 16 << 10;
-
-/// `GET /workers/connect`: the worker endpoint.
-pub async fn connect(State(master): State<Arc<Master>>, ws: WebSocketUpgrade) -> Response {
-    ws.max_message_size(MAX_MESSAGE_BYTES)
-        .max_frame_size(MAX_MESSAGE_BYTES)
-        .read_buffer_size(READ_BUFFER_BYTES)
-        .on_upgrade(move |socket| serve(master, socket))
+/// A frame read from a worker's connection, as the HTTP layer hands it over (it owns the
+/// WebSocket; the master reads messages, not sockets).
+#[derive(Debug)]
+pub enum Frame<T> {
+    /// A text frame: one message.
+    Text(T),
+    /// The worker closed the connection.
+    Close,
+    /// A ping, pong or binary frame: ignored.
+    Other,
+    /// The connection failed.
+    Broken,
 }
 
-fn text(message: &ToWorker) -> Message {
-    Message::Text(
-        serde_json::to_string(message)
-            .unwrap_or_else(|_| "{}".into())
-            .into(),
-    )
+fn text(message: &ToWorker) -> String {
+    serde_json::to_string(message).unwrap_or_else(|_| "{}".into())
 }
 
 /// A refusal to say hello.
@@ -315,10 +307,17 @@ struct Refusal {
     retry: bool,
 }
 
-async fn serve(master: Arc<Master>, socket: WebSocket) {
-    let (mut sink, mut stream) = socket.split();
+/// Serves one worker connection: its hello, then its messages and the master's, until it
+/// closes, falls silent or is replaced. `stream` is what the worker sends, `sink` what the
+/// master sends it (text frames; closing the sink closes the connection).
+pub async fn serve<T, S, K>(master: Arc<Master>, mut stream: S, mut sink: K)
+where
+    T: AsRef<str>,
+    S: Stream<Item = Frame<T>> + Unpin,
+    K: Sink<String> + Unpin,
+{
     let hello = match tokio::time::timeout(Duration::from_secs(10), stream.next()).await {
-        Ok(Some(Ok(Message::Text(t)))) => serde_json::from_str::<ToMaster>(&t).ok(),
+        Ok(Some(Frame::Text(t))) => serde_json::from_str::<ToMaster>(t.as_ref()).ok(),
         _ => None,
     };
     let Some(ToMaster::Hello {
@@ -361,11 +360,13 @@ async fn serve(master: Arc<Master>, socket: WebSocket) {
     let why = loop {
         tokio::select! {
             frame = stream.next() => {
-                let Some(Ok(frame)) = frame else { break "the connection closed".to_owned() };
+                let Some(frame) = frame.filter(|f| !matches!(f, Frame::Broken)) else {
+                    break "the connection closed".to_owned()
+                };
                 let mut batch = Vec::new();
                 let mut closed = false;
-                let mut push = |frame: Message, batch: &mut Vec<ToMaster>| match frame {
-                    Message::Text(t) => match serde_json::from_str::<ToMaster>(&t) {
+                let mut push = |frame: Frame<T>, batch: &mut Vec<ToMaster>| match frame {
+                    Frame::Text(t) => match serde_json::from_str::<ToMaster>(t.as_ref()) {
                         Ok(m) => batch.push(m),
                         Err(e) => {
                             tracing::warn!(worker = %name, error = %e, "a message from a worker could not be read");
@@ -374,14 +375,16 @@ async fn serve(master: Arc<Master>, socket: WebSocket) {
                             });
                         }
                     },
-                    Message::Close(_) => closed = true,
-                    _ => {}
+                    Frame::Close | Frame::Broken => closed = true,
+                    Frame::Other => {}
                 };
                 push(frame, &mut batch);
                 // Whatever else has already arrived joins this batch: one transaction.
                 while batch.len() < BATCH {
                     match stream.next().now_or_never() {
-                        Some(Some(Ok(frame))) => push(frame, &mut batch),
+                        Some(Some(frame @ (Frame::Text(_) | Frame::Close | Frame::Other))) => {
+                            push(frame, &mut batch)
+                        }
                         Some(_) => { closed = true; break }
                         None => break,
                     }
@@ -1113,10 +1116,10 @@ impl Master {
                 .chain(new_logs.map(|(id, l)| (*id, 0, l.text.as_str())))
             {
                 self.live
-                    .send_log(log_id, || crate::api::log_event(log_id, offset, text));
+                    .send_log(log_id, || crate::live::log_event(log_id, offset, text));
             }
             let ended: Vec<i64> = finished.iter().map(|(id, ..)| *id).collect();
-            crate::api::publish(self, &batch.live_steps, &ended).await;
+            crate::live::publish(self, &batch.live_steps, &ended).await;
         }
         Ok(())
     }
@@ -1424,7 +1427,7 @@ impl Master {
                 );
             }
             self.wake_dispatch();
-            crate::api::publish(self, &[], &[build]).await;
+            crate::live::publish(self, &[], &[build]).await;
         }
         Ok(ended)
     }
@@ -1744,7 +1747,7 @@ impl Master {
                 config::ModuleVersion::Latest => versions.max_by_key(|s| s.uploaded_ms),
                 config::ModuleVersion::Exact(v) => versions.into_iter().find(|s| &s.version == v),
             }?;
-            Some(runtime::protocol::ModuleSpec::File {
+            Some(kiln_protocol::ModuleSpec::File {
                 label: m.to_string(),
                 sha1: module.sha1.clone(),
                 sha256: module.sha256.clone(),
@@ -1843,7 +1846,7 @@ impl Master {
                 self.metrics
                     .build_finished(builder, Outcome::Exception, None);
                 tracing::error!(build, %builder, %message, "build cannot run");
-                crate::api::publish(self, &[], &[*build]).await;
+                crate::live::publish(self, &[], &[*build]).await;
             }
             Started::Running {
                 job,
@@ -1864,7 +1867,7 @@ impl Master {
                         l.orphaned.get_or_insert(Instant::now());
                     }
                 }
-                crate::api::publish(self, &[], &[id]).await;
+                crate::live::publish(self, &[], &[id]).await;
             }
         }
     }

@@ -181,6 +181,17 @@ pub struct RuntimeConfig {
     pub cache_dir: Option<PathBuf>,
 }
 
+impl RuntimeConfig {
+    /// The compile cache every Kiln command uses unless told otherwise:
+    /// `$XDG_CACHE_HOME/kiln/components`, else `~/.cache/kiln/components`.
+    pub fn default_cache_dir() -> Option<PathBuf> {
+        let base = std::env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+        Some(base.join("kiln").join("components"))
+    }
+}
+
 /// The thread that advances the engine's epoch, on which every deadline depends. The runtime
 /// and every [`PolicyComponent`] hold it, so a policy called after its runtime is gone still
 /// has a deadline. The last holder stops it.

@@ -10,9 +10,10 @@
 //! A [`Loaded::Policy`] is the master's customization hooks (Buildbot's `collapseRequests`,
 //! `nextWorker` and the like) as a component with no capabilities: see [`policy`].
 //!
-//! [`worker`] is the worker process: it connects to the master, speaks the [`protocol`] (the
-//! one place the master-worker messages are defined) and runs builds with the runtime. The
-//! runtime knows nothing of the master's database.
+//! The runtime is the host alone: it has no network client and knows nothing of the master or
+//! its database. The worker (`kiln-worker`) drives it for a master; the data it shares with
+//! the master (outcomes, properties, step options, log channels) is `kiln-protocol`'s, and is
+//! re-exported here because the runtime's own API speaks it.
 
 pub mod artifacts;
 mod bindings;
@@ -23,14 +24,10 @@ pub mod files;
 pub mod grant;
 mod host;
 pub mod logs;
-mod outcome;
 pub mod policy;
-pub mod props;
-pub mod protocol;
 pub mod redact;
 mod run;
 pub mod trigger;
-pub mod worker;
 
 pub use artifacts::{Artifact, ArtifactStore, DirStore};
 pub use build::{BuildOutcome, BuildProgress, BuildStep, Condition, StepOptions, StepRecord};
@@ -41,9 +38,8 @@ pub use engine::{
 };
 pub use grant::{Grant, Limits};
 pub use host::report::MAX_NAMES as MAX_REPORT_NAMES;
+pub use kiln_protocol::{LogStats, Outcome, Properties, Property, StepOutcome, StepResources, Url};
 pub use logs::{Channel, LogLimits, NoEvents, ReportEvent, StepEvents};
-pub use outcome::{LogStats, Outcome, StepOutcome, StepResources, Url};
 pub use policy::PolicyComponent;
-pub use props::{Properties, Property};
 pub use run::{CancelToken, ObserverSpec, StepRun, human_duration};
 pub use trigger::{LocalTriggers, TriggerRequest, TriggerResponse, TriggeredBuild, Triggers};

@@ -10,65 +10,18 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
+use kiln_protocol::LogStats;
+pub use kiln_protocol::logs::{Channel, LogLimits, ReportEvent};
 
-use crate::outcome::{LogStats, Url};
 use crate::redact::Redactor;
 
-/// The channel of a line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Channel {
-    /// Ordinary output.
-    Stdout,
-    /// Error output.
-    Stderr,
-    /// Kiln's own lines about the step.
-    Header,
-}
-
-impl Channel {
-    fn index(self) -> usize {
-        match self {
-            Channel::Stdout => 0,
-            Channel::Stderr => 1,
-            Channel::Header => 2,
-        }
+/// The index of a channel's pending line.
+fn channel_index(channel: Channel) -> usize {
+    match channel {
+        Channel::Stdout => 0,
+        Channel::Stderr => 1,
+        Channel::Header => 2,
     }
-}
-
-/// Something a step or observer reported, streamed live to the [`StepEvents`] sink.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "kebab-case")]
-pub enum ReportEvent {
-    /// A progress metric moved.
-    Progress {
-        /// The metric.
-        metric: String,
-        /// Its value.
-        value: u64,
-    },
-    /// A statistic changed.
-    Statistic {
-        /// The statistic.
-        name: String,
-        /// Its new value.
-        value: f64,
-    },
-    /// A property was set.
-    Property {
-        /// The property.
-        name: String,
-        /// Its value.
-        value: serde_json::Value,
-    },
-    /// A link was added.
-    Url(Url),
-    /// The summary changed.
-    Summary {
-        /// The new summary.
-        text: String,
-    },
 }
 
 /// Receives what a step run produces, as it happens. The worker forwards these to the master;
@@ -91,27 +44,6 @@ pub trait StepEvents: Send + Sync {
 pub struct NoEvents;
 
 impl StepEvents for NoEvents {}
-
-/// Limits on logs, from the grant.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LogLimits {
-    /// Longest line kept whole, in bytes; longer lines are split.
-    pub max_line_bytes: usize,
-    /// Largest log, in bytes; output past it is dropped with a marker line.
-    pub max_log_bytes: u64,
-    /// Most distinct logs one step may create.
-    pub max_logs: usize,
-}
-
-impl Default for LogLimits {
-    fn default() -> Self {
-        LogLimits {
-            max_line_bytes: 64 * 1024,
-            max_log_bytes: 64 * 1024 * 1024,
-            max_logs: 64,
-        }
-    }
-}
 
 #[derive(Debug, Default)]
 struct LogState {
@@ -171,7 +103,7 @@ impl Logs {
             self.logs.insert(log.to_owned(), LogState::default());
         }
         let state = self.logs.get_mut(log).expect("inserted above");
-        let pending = &mut state.pending[channel.index()];
+        let pending = &mut state.pending[channel_index(channel)];
         let owned;
         let data: &[u8] = if pending.is_empty() {
             bytes
@@ -187,16 +119,17 @@ impl Logs {
             self.emit(log, channel, &text, feed);
         }
         let state = self.logs.get_mut(log).expect("inserted above");
-        let pending = &mut state.pending[channel.index()];
+        let pending = &mut state.pending[channel_index(channel)];
         pending.clear();
         pending.extend_from_slice(tail);
         // An unfinished line may not grow without bound: split it, keeping back enough bytes that
         // a secret straddling the cut is still seen whole.
         let holdback = self.redactor.longest();
-        while self.logs[log].pending[channel.index()].len() >= self.limits.max_line_bytes + holdback
+        while self.logs[log].pending[channel_index(channel)].len()
+            >= self.limits.max_line_bytes + holdback
         {
             let state = self.logs.get_mut(log).expect("exists");
-            let pending = std::mem::take(&mut state.pending[channel.index()]);
+            let pending = std::mem::take(&mut state.pending[channel_index(channel)]);
             let valid = complete_utf8_len(&pending);
             let decoded = String::from_utf8_lossy(&pending[..valid]);
             let redacted = self.redactor.redact(&decoded);
@@ -206,7 +139,7 @@ impl Logs {
             piece.push('\n');
             let mut rest = redacted.as_bytes()[cut..].to_vec();
             rest.extend_from_slice(&pending[valid..]);
-            self.logs.get_mut(log).expect("exists").pending[channel.index()] = rest;
+            self.logs.get_mut(log).expect("exists").pending[channel_index(channel)] = rest;
             self.emit_redacted(log, channel, &piece, feed);
         }
     }
@@ -218,7 +151,7 @@ impl Logs {
         for name in names {
             for channel in [Channel::Stdout, Channel::Stderr, Channel::Header] {
                 let state = self.logs.get_mut(&name).expect("listed");
-                let mut pending = std::mem::take(&mut state.pending[channel.index()]);
+                let mut pending = std::mem::take(&mut state.pending[channel_index(channel)]);
                 if !pending.is_empty() {
                     pending.push(b'\n');
                     let text = lines_to_text(&pending, self.limits.max_line_bytes);

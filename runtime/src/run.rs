@@ -17,9 +17,9 @@ use crate::host::{
     limit_store,
 };
 use crate::logs::{Channel, Logs, StepEvents};
-use crate::outcome::{Outcome, StepOutcome, StepResources};
-use crate::props::{Properties, interpolate};
 use crate::redact::Redactor;
+use kiln_protocol::outcome::{Outcome, StepOutcome, StepResources};
+use kiln_protocol::props::{Properties, interpolate};
 
 /// Stops a running step from another thread: the guest is interrupted at the next epoch tick
 /// and a running command's process group is killed. The step ends CANCELLED.

@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::outcome::Outcome;
 use crate::run::CancelToken;
+use kiln_protocol::outcome::Outcome;
 
 /// What a step asked to trigger.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

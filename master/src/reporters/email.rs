@@ -12,8 +12,8 @@ use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 
 use super::payload::{BuildReport, BuildsetReport, build_url, buildset_url};
 use super::{DeliveryError, Event};
-use crate::config::{Lookup, Reporter, ReporterKind};
 use crate::server::Master;
+use kiln_config::{Lookup, Reporter, ReporterKind};
 
 /// The SMTP port when the relay names none.
 pub const DEFAULT_PORT: u16 = 25;
@@ -87,7 +87,7 @@ fn recipients(reporter: &Reporter, blamelist: &[String]) -> Vec<String> {
 
 fn stamps_and_changes(
     out: &mut String,
-    stamps: &[crate::model::SourceStamp],
+    stamps: &[kiln_db::model::SourceStamp],
     changes: &[serde_json::Value],
     blamelist: &[String],
 ) {
@@ -332,7 +332,7 @@ mod tests {
                 lookup: Some(Lookup::Map(
                     [("jane".to_owned(), "jane@corp.example".to_owned())].into(),
                 )),
-                mode: crate::config::ReportMode::All,
+                mode: kiln_config::ReportMode::All,
                 smtp_auth: None,
             },
         };

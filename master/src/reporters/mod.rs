@@ -23,10 +23,11 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 
-use crate::config::{ReportMode, Reporter, ReporterKind, SecretValue};
-use crate::db::{self, DueDelivery};
-use crate::model::{Results, now_ms};
+use crate::secrets::SecretLookup as _;
 use crate::server::Master;
+use kiln_config::{ReportMode, Reporter, ReporterKind, SecretValue};
+use kiln_db::model::{Results, now_ms};
+use kiln_db::{self as db, DueDelivery};
 
 /// Deliveries sent at once; more wait for a free slot (a slow receiver holds only its own).
 pub const CONCURRENCY: usize = 8;
@@ -211,7 +212,7 @@ impl DeliveryError {
             }
             msg
         };
-        DeliveryError::transient(format!("POST {}: {what}", crate::db::redact_url(url)))
+        DeliveryError::transient(format!("POST {}: {what}", kiln_db::redact_url(url)))
     }
 }
 
@@ -226,7 +227,7 @@ pub async fn check_status(url: &str, response: reqwest::Response) -> Result<(), 
     let body: String = body.trim().chars().take(200).collect();
     let message = format!(
         "POST {} answered {status}{}{body}",
-        crate::db::redact_url(url),
+        kiln_db::redact_url(url),
         if body.is_empty() { "" } else { ": " }
     );
     let retry = status.is_server_error()
@@ -588,7 +589,7 @@ async fn follow_buildsets(m: &Master) -> anyhow::Result<()> {
             };
             let failing = e.payload["results"]
                 .as_i64()
-                .and_then(crate::model::results_from_code)
+                .and_then(kiln_db::model::results_from_code)
                 .or_else(|| serde_json::from_value(e.payload["results"].clone()).ok())
                 .is_some_and(is_failing);
             let builders = db::buildset_builders(&mut tx, e.subject).await?;

@@ -5,8 +5,8 @@
 use serde_json::{Map, Value, json};
 use sqlx::AnyConnection;
 
-use crate::db::{self, Listing, views};
-use crate::model::{BuildId, BuildsetId, SourceStamp};
+use kiln_db::model::{BuildId, BuildsetId, SourceStamp};
+use kiln_db::{self as db, Listing, views};
 
 /// A build as reporters see it.
 #[derive(Debug, Clone)]

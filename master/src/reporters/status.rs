@@ -13,8 +13,8 @@ use serde_json::{Value, json};
 
 use super::payload::{BuildReport, build_url};
 use super::{DeliveryError, Event};
-use crate::config::Forge;
-use crate::model::Results;
+use kiln_config::Forge;
+use kiln_db::model::Results;
 
 /// Where statuses go.
 #[derive(Debug)]
@@ -112,7 +112,7 @@ fn render_context(template: &str, build: &BuildReport) -> String {
     {
         props.set("buildername", json!(b), "build");
     }
-    match runtime::props::interpolate(&json!(template), &props, &Default::default()) {
+    match kiln_protocol::props::interpolate(&json!(template), &props, &Default::default()) {
         Ok(Value::String(s)) => s,
         // A context naming a property the build lacks still gets a status, under the
         // template's own text.
@@ -159,7 +159,7 @@ pub async fn post(
         .or_else(|| {
             build.build["results"]
                 .as_i64()
-                .and_then(crate::model::results_from_code)
+                .and_then(kiln_db::model::results_from_code)
         });
     let state = state_name(target.forge, event, result);
     let builder = build.build["builder"].as_str().unwrap_or_default();

@@ -265,7 +265,7 @@ impl Host for ContextState {
             }
             let mut properties = std::collections::BTreeMap::new();
             for (name, json) in &request.properties {
-                crate::props::check_property_name(name).map_err(HostError::Invalid)?;
+                kiln_protocol::props::check_property_name(name).map_err(HostError::Invalid)?;
                 if json.len() > self.grant.limits.max_property_bytes {
                     return Err(HostError::TooLarge(format!(
                         "property {name:?} is too large to pass on"

@@ -18,9 +18,9 @@ use crate::engine::ObserverComponent;
 use crate::host::context::check_log_name;
 use crate::host::{Limiter, ObserverState, ReportState, describe_error, limit_store};
 use crate::logs::{Channel, StepEvents};
-use crate::props::Properties;
 use crate::redact::Redactor;
 use crate::run::CancelToken;
+use kiln_protocol::props::Properties;
 
 /// Bytes of lines gathered before an observer is called. Large batches keep the per-call cost
 /// negligible next to the cost of the lines themselves.

@@ -10,9 +10,9 @@ use crate::bindings::HostError;
 use crate::bindings::step::kiln::step::report::Host;
 use crate::host::HostLimit;
 use crate::logs::{ReportEvent, StepEvents};
-use crate::outcome::Url;
-use crate::props::{Properties, check_property_name};
 use crate::redact::Redactor;
+use kiln_protocol::outcome::Url;
+use kiln_protocol::props::{Properties, check_property_name};
 
 /// Longest summary kept, in bytes; longer ones are cut.
 const MAX_SUMMARY: usize = 1024;

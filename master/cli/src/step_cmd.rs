@@ -1,0 +1,434 @@
+//! `kiln step run` and `kiln step list`: run one step locally in exactly the sandbox a worker
+//! uses, printing its logs live and its outcome at the end.
+
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use runtime::{
+    CancelToken, Channel, Confinement, DirStore, Grant, Helper, Loaded, ObserverSpec, Outcome,
+    Properties, Runtime, RuntimeConfig, StepEvents, StepOutcome, StepResources, StepRun,
+};
+use serde_json::Value;
+
+use crate::cli::RunArgs;
+
+pub(crate) fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    // Every input is checked before anything runs.
+    let step_args: Value = serde_json::from_str(&args.args).context("--args is not valid JSON")?;
+    let mut properties = Properties::new();
+    for p in &args.props {
+        let (name, value) = parse_prop(p)?;
+        properties.set(name, value, "Command line");
+    }
+    let mut env = BTreeMap::new();
+    for e in &args.env {
+        let (name, value) = split_pair(e, "--env")?;
+        env.insert(name.to_owned(), value.to_owned());
+    }
+    let mut secrets = BTreeMap::new();
+    for s in &args.secrets {
+        let (name, value) = match s.split_once('=') {
+            Some((n, v)) => (n.to_owned(), v.to_owned()),
+            None => {
+                let v = std::env::var(s).with_context(|| {
+                    format!("--secret {s}: environment variable {s} is not set")
+                })?;
+                (s.clone(), v)
+            }
+        };
+        if name.is_empty() || value.is_empty() {
+            bail!("--secret {name}: a secret needs a name and a non-empty value");
+        }
+        secrets.insert(name, value);
+    }
+    if !args.workdir.is_dir() {
+        bail!(
+            "--workdir {}: no such directory; create it first",
+            args.workdir.display()
+        );
+    }
+    let deadline = Duration::try_from_secs_f64(args.timeout)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .with_context(|| {
+            format!(
+                "--timeout {:?}: give a positive number of seconds",
+                args.timeout
+            )
+        })?;
+    if !(1..=4096).contains(&args.memory) {
+        bail!(
+            "--memory {}: give 1 to 4096 MiB (a wasm32 guest cannot use more than 4 GiB)",
+            args.memory
+        );
+    }
+    if args.log_limit == 0 {
+        bail!("--log-limit 0: give at least 1 MiB");
+    }
+    if !(16..=64 << 20).contains(&args.max_line) {
+        bail!("--max-line {}: give 16 bytes to 64 MiB", args.max_line);
+    }
+    for dir in &args.ro_dirs {
+        if !dir.is_absolute() || !dir.is_dir() {
+            bail!(
+                "--ro-dir {}: give an existing directory by absolute path",
+                dir.display()
+            );
+        }
+    }
+    let confinement = confinement(args.sandbox)?;
+
+    let cache_dir = args
+        .cache_dir
+        .clone()
+        .or_else(runtime::RuntimeConfig::default_cache_dir);
+    let rt = Runtime::new(RuntimeConfig { cache_dir })?;
+    let (step, builtin) = match load(&rt, &args.module)? {
+        (Loaded::Step(s), builtin) => (s, builtin),
+        (Loaded::Observer(_), _) => bail!(
+            "{} is a log observer, not a step; pass it with --observer",
+            args.module
+        ),
+        (Loaded::Policy(_), _) => bail!(
+            "{} is a policy (customization hooks), not a step; name it in the master's \
+             [hooks] or a scheduler's `policy`",
+            args.module
+        ),
+    };
+    // A built-in step brings its preset arguments and its own observers (compile: warnings).
+    let mut observers = Vec::new();
+    let step_args = match builtin {
+        Some(b) => {
+            let merged = b
+                .args(&step_args)
+                .map_err(|e| anyhow::anyhow!("--args: {e}"))?;
+            for (observer, obs_args) in b.default_observers(&merged) {
+                let Loaded::Observer(component) = rt.load(observer.wasm, observer.name)? else {
+                    bail!("built-in {} is not an observer", observer.name)
+                };
+                observers.push(ObserverSpec {
+                    component,
+                    name: observer.name.to_owned(),
+                    args: obs_args,
+                    log: "stdio".into(),
+                });
+            }
+            merged
+        }
+        None => step_args,
+    };
+    for spec in &args.observers {
+        let (module, obs_args) = match spec.split_once('=') {
+            Some((m, json)) => (
+                m,
+                serde_json::from_str(json)
+                    .with_context(|| format!("--observer {spec}: arguments are not valid JSON"))?,
+            ),
+            None => (spec.as_str(), Value::Null),
+        };
+        let component = match load(&rt, module)?.0 {
+            Loaded::Observer(o) => o,
+            Loaded::Step(_) => bail!("--observer {module}: this is a step, not a log observer"),
+            Loaded::Policy(_) => bail!("--observer {module}: this is a policy, not a log observer"),
+        };
+        let name = Path::new(module)
+            .file_stem()
+            .map_or(module.to_owned(), |s| s.to_string_lossy().into_owned());
+        observers.push(ObserverSpec {
+            component,
+            name,
+            args: obs_args,
+            log: "stdio".into(),
+        });
+    }
+
+    let workdir = args
+        .workdir
+        .canonicalize()
+        .with_context(|| format!("--workdir {}", args.workdir.display()))?;
+    let mut grant = Grant::new(workdir, Arc::new(DirStore::new(&args.artifacts)?));
+    grant.ro_dirs = args.ro_dirs.clone();
+    grant.env = env;
+    grant.programs = args.programs.clone();
+    grant.secrets = secrets;
+    grant.limits.deadline = deadline;
+    grant.limits.memory_bytes = args.memory.saturating_mul(1 << 20);
+    grant.limits.logs.max_log_bytes = args.log_limit.saturating_mul(1 << 20);
+    grant.limits.logs.max_line_bytes = args.max_line;
+    grant.command_network = args.network;
+    grant.confinement = confinement;
+
+    let cancel = cancel_on_ctrlc()?;
+    let printer = Arc::new(Printer::new());
+    let outcome = rt.run_step(StepRun {
+        step: &step,
+        args: &step_args,
+        properties: &properties,
+        observers: &observers,
+        grant: &grant,
+        events: printer.clone(),
+        cancel,
+    });
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&outcome)?);
+    } else {
+        print_outcome(&outcome, printer.color);
+    }
+    Ok(exit_code(outcome.result))
+}
+
+/// The exit status for a result: 0 for SUCCESS and WARNINGS, 1 for FAILURE, 3 for the rest
+/// (2 is bad input).
+pub(crate) fn exit_code(result: Outcome) -> ExitCode {
+    ExitCode::from(match result {
+        Outcome::Success | Outcome::Warnings => 0,
+        Outcome::Failure => 1,
+        _ => 3,
+    })
+}
+
+/// A `--prop NAME=VALUE`: VALUE is read as JSON if it parses, else as a string.
+pub(crate) fn parse_prop(p: &str) -> anyhow::Result<(&str, Value)> {
+    let (name, value) = split_pair(p, "--prop")?;
+    kiln_protocol::props::check_property_name(name)
+        .map_err(|e| anyhow::anyhow!("--prop {p}: {e}"))?;
+    let value = serde_json::from_str(value).unwrap_or_else(|_| Value::String(value.to_owned()));
+    Ok((name, value))
+}
+
+/// Sandbox mode's confinement, probed (refused with the reason on a kernel that cannot
+/// enforce it), or `None` without `--sandbox`.
+pub(crate) fn confinement(sandbox: bool) -> anyhow::Result<Option<Arc<Confinement>>> {
+    if !sandbox {
+        return Ok(None);
+    }
+    let helper = Helper::current_exe().context("finding the kiln binary for the sandbox helper")?;
+    Ok(Some(Arc::new(Confinement::probe(helper)?)))
+}
+
+/// A token that Ctrl-C cancels.
+pub(crate) fn cancel_on_ctrlc() -> anyhow::Result<CancelToken> {
+    let cancel = CancelToken::new();
+    let handler = cancel.clone();
+    ctrlc::set_handler(move || handler.cancel()).context("installing the Ctrl-C handler")?;
+    Ok(cancel)
+}
+
+pub(crate) fn list() {
+    let width = steps::BUILTINS
+        .iter()
+        .map(|b| b.name.len())
+        .max()
+        .unwrap_or(4);
+    println!("{:<width$}  {:<8}  DESCRIPTION", "NAME", "KIND");
+    for b in steps::BUILTINS {
+        let kind = match b.kind {
+            steps::Kind::Step => "step",
+            steps::Kind::Observer => "observer",
+        };
+        println!("{:<width$}  {kind:<8}  {}", b.name, b.description);
+    }
+}
+
+/// Loads a component from a file, or a built-in by name (returned too: it brings a preset and
+/// default observers).
+fn load(rt: &Runtime, module: &str) -> anyhow::Result<(Loaded, Option<&'static steps::Builtin>)> {
+    let path = Path::new(module);
+    if path.exists() || module.ends_with(".wasm") || module.contains('/') {
+        return Ok((rt.load_file(path)?, None));
+    }
+    match steps::find(module) {
+        Some(b) => Ok((rt.load(b.wasm, b.name)?, Some(b))),
+        None => {
+            let names: Vec<&str> = steps::BUILTINS.iter().map(|b| b.name).collect();
+            bail!(
+                "{module}: no such file, and no built-in step or observer has that name (built in: {})",
+                names.join(", ")
+            )
+        }
+    }
+}
+
+fn split_pair<'a>(pair: &'a str, flag: &str) -> anyhow::Result<(&'a str, &'a str)> {
+    match pair.split_once('=') {
+        Some((name, value)) if !name.is_empty() => Ok((name, value)),
+        _ => bail!("{flag} {pair}: write NAME=VALUE"),
+    }
+}
+
+/// Prints log lines as they arrive: `[out]`, `[err]` and `[hdr]` tell the channels apart (and
+/// colours, on a terminal); logs other than stdio carry their name.
+pub(crate) struct Printer {
+    /// Whether stdout is a terminal, so colours are used.
+    pub(crate) color: bool,
+}
+
+impl Printer {
+    /// A printer to stdout, in colour on a terminal.
+    pub(crate) fn new() -> Self {
+        Printer {
+            color: std::io::stdout().is_terminal(),
+        }
+    }
+}
+
+impl StepEvents for Printer {
+    fn log(&self, log: &str, channel: Channel, text: &str) {
+        let tag = match channel {
+            Channel::Stdout => "out",
+            Channel::Stderr => "err",
+            Channel::Header => "hdr",
+        };
+        let (start, end) = match (self.color, channel) {
+            (true, Channel::Stderr) => ("\x1b[31m", "\x1b[0m"),
+            (true, Channel::Header) => ("\x1b[36m", "\x1b[0m"),
+            _ => ("", ""),
+        };
+        let prefix = if log == "stdio" {
+            format!("[{tag}] ")
+        } else {
+            format!("[{log}:{tag}] ")
+        };
+        let mut buf = String::with_capacity(text.len() + 64);
+        for line in text.split_terminator('\n') {
+            buf.push_str(start);
+            buf.push_str(&prefix);
+            buf.push_str(line);
+            buf.push_str(end);
+            buf.push('\n');
+        }
+        // A closed stdout (a pipe into `head`) must not kill the step.
+        let _ = std::io::stdout().lock().write_all(buf.as_bytes());
+    }
+}
+
+/// The colour codes (start, reset) a result is printed in; empty when `color` is off.
+pub(crate) fn paint(result: Outcome, color: bool) -> (&'static str, &'static str) {
+    let start = match (color, result) {
+        (false, _) => "",
+        (true, Outcome::Success) => "\x1b[32m",
+        (true, Outcome::Warnings) => "\x1b[33m",
+        (true, _) => "\x1b[31m",
+    };
+    (start, if color { "\x1b[0m" } else { "" })
+}
+
+fn print_outcome(o: &StepOutcome, color: bool) {
+    let (paint, reset) = paint(o.result, color);
+    let mut out = format!("result:     {paint}{}{reset}\n", o.result);
+    if let Some(s) = &o.summary {
+        out.push_str(&format!("summary:    {s}\n"));
+    }
+    if let Some(m) = &o.message
+        && o.summary.as_deref() != Some(m)
+    {
+        out.push_str(&format!("message:    {m}\n"));
+    }
+    for (k, v) in &o.properties {
+        out.push_str(&format!("property:   {k} = {v}\n"));
+    }
+    for (k, v) in &o.statistics {
+        out.push_str(&format!("statistic:  {k} = {v}\n"));
+    }
+    for (k, v) in &o.progress {
+        out.push_str(&format!("progress:   {k} = {v}\n"));
+    }
+    for u in &o.urls {
+        out.push_str(&format!("url:        {} {}\n", u.name, u.url));
+    }
+    for (name, s) in &o.logs {
+        let dropped = if s.dropped_bytes > 0 {
+            format!(", {} bytes dropped", s.dropped_bytes)
+        } else {
+            String::new()
+        };
+        out.push_str(&format!(
+            "log:        {name}: {} lines, {} bytes{dropped}\n",
+            s.lines, s.bytes
+        ));
+    }
+    out.push_str(&format!(
+        "elapsed:    {}\n",
+        runtime::human_duration(o.elapsed)
+    ));
+    if let Some(r) = &o.resources {
+        out.push_str(&resource_lines(r));
+    }
+    let _ = std::io::stdout().lock().write_all(out.as_bytes());
+}
+
+/// "cpu:        1.5 s in 2 commands" and "memory:     commands 130.0 MiB, guest 1.1 MiB".
+fn resource_lines(r: &StepResources) -> String {
+    let plural = if r.commands == 1 { "" } else { "s" };
+    let mut out = format!(
+        "cpu:        {} in {} command{plural}\n",
+        runtime::human_duration(std::time::Duration::from_millis(r.cpu_ms)),
+        r.commands
+    );
+    out.push_str("memory:     ");
+    match r.peak_rss_bytes {
+        Some(rss) => out.push_str(&format!("commands {}, ", human_bytes(rss))),
+        None if r.commands > 0 => out.push_str("commands not measured, "),
+        None => {}
+    }
+    out.push_str(&format!("guest {}", human_bytes(r.guest_memory_bytes)));
+    if let Some(m) = r.observer_memory_bytes {
+        out.push_str(&format!(", observers {}", human_bytes(m)));
+    }
+    out.push('\n');
+    out
+}
+
+/// "512 KiB", "130.0 MiB", "2.1 GiB".
+pub(crate) fn human_bytes(n: u64) -> String {
+    const KIB: u64 = 1 << 10;
+    const MIB: u64 = 1 << 20;
+    const GIB: u64 = 1 << 30;
+    match n {
+        n if n < MIB => format!("{} KiB", n.div_ceil(KIB)),
+        n if n < GIB => format!("{:.1} MiB", n as f64 / MIB as f64),
+        n => format!("{:.1} GiB", n as f64 / GIB as f64),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resources_read_in_units_people_use() {
+        let r = StepResources {
+            commands: 2,
+            cpu_ms: 1500,
+            peak_rss_bytes: Some(130 << 20),
+            guest_memory_bytes: 1_114_112,
+            observer_memory_bytes: Some(512 << 10),
+        };
+        assert_eq!(
+            resource_lines(&r),
+            "cpu:        1.5 s in 2 commands\nmemory:     commands 130.0 MiB, guest 1.1 MiB, observers 512 KiB\n"
+        );
+        let none = StepResources {
+            commands: 0,
+            guest_memory_bytes: 3 << 30,
+            ..StepResources::default()
+        };
+        assert_eq!(
+            resource_lines(&none),
+            "cpu:        0 ms in 0 commands\nmemory:     guest 3.0 GiB\n"
+        );
+        let brief = StepResources {
+            commands: 1,
+            ..none
+        };
+        assert_eq!(
+            resource_lines(&brief),
+            "cpu:        0 ms in 1 command\nmemory:     commands not measured, guest 3.0 GiB\n"
+        );
+    }
+}

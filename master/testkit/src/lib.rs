@@ -1,0 +1,8 @@
+//! Test support shared by Kiln's tests and benchmarks, used only as a dev-dependency (nothing
+//! of it reaches a production binary): [`pgtemp`], a throwaway PostgreSQL server from Debian's
+//! package; [`cdp`], a headless Chromium driven over the DevTools protocol; [`bins`], the
+//! workspace's binaries for tests of another package.
+
+pub mod bins;
+pub mod cdp;
+pub mod pgtemp;
