@@ -98,12 +98,26 @@ pub fn policy_refs(config: &Config) -> Vec<PolicyRef> {
 }
 
 /// Loads one policy: a file next to the config, or an uploaded module (verified against its
-/// recorded SHA-256 before use).
-async fn load_policy(runtime: &runtime::Runtime, db: &Db, r: &PolicyRef) -> anyhow::Result<Policy> {
+/// recorded SHA-256 before use). Reading the file and compiling the component (which takes
+/// Cranelift tens of milliseconds or more) happen on a blocking thread, never on the master's
+/// one async thread, which meanwhile goes on serving workers and the API.
+async fn load_policy(
+    runtime: &Arc<runtime::Runtime>,
+    db: &Db,
+    r: &PolicyRef,
+) -> anyhow::Result<Policy> {
     let label = r.to_string();
     let bytes = match r {
-        PolicyRef::File(path) => std::fs::read(path)
-            .with_context(|| format!("policy {label}: cannot read {}", path.display()))?,
+        PolicyRef::File(path) => {
+            let path = path.clone();
+            let what = label.clone();
+            tokio::task::spawn_blocking(move || {
+                std::fs::read(&path)
+                    .with_context(|| format!("policy {what}: cannot read {}", path.display()))
+            })
+            .await
+            .context("reading a policy")??
+        }
         PolicyRef::Uploaded { name, version } => {
             let mut conn = db.pool().acquire().await?;
             let versions = db::step_modules(&mut conn, Some(name)).await?;
@@ -133,9 +147,13 @@ async fn load_policy(runtime: &runtime::Runtime, db: &Db, r: &PolicyRef) -> anyh
             content
         }
     };
-    let component = runtime
-        .load_policy(&bytes, &label)
-        .map_err(|e| anyhow::anyhow!("policy {label}: {e}"))?;
+    let component = {
+        let (runtime, name) = (runtime.clone(), label.clone());
+        tokio::task::spawn_blocking(move || runtime.load_policy(&bytes, &name))
+            .await
+            .context("compiling a policy")?
+            .map_err(|e| anyhow::anyhow!("policy {label}: {e}"))?
+    };
     Ok(Policy {
         name: label,
         component: Arc::new(component),
@@ -144,7 +162,7 @@ async fn load_policy(runtime: &runtime::Runtime, db: &Db, r: &PolicyRef) -> anyh
 
 /// Builds the state for a configuration: loads its policies and resolves its hooks.
 pub async fn build_state(
-    runtime: &runtime::Runtime,
+    runtime: &Arc<runtime::Runtime>,
     db: &Db,
     config: Config,
 ) -> anyhow::Result<State> {
@@ -210,6 +228,10 @@ pub struct Master {
     pub reporters: crate::reporters::Reporters,
     dispatch: Notify,
     address: std::sync::OnceLock<std::net::SocketAddr>,
+    /// Held for a whole reload, so two at once (SIGHUP and `POST /api/v2/control/reconfig`)
+    /// run one after the other: each diffs against the state the previous one installed, and
+    /// the last one asked for is the one in force.
+    reloading: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Master {
@@ -260,6 +282,7 @@ impl Master {
             reporters: Default::default(),
             dispatch: Notify::new(),
             address: Default::default(),
+            reloading: Default::default(),
         });
         master.sync_tables().await?;
         tracing::info!(master = %master.state().config.master.name, id = %id, "master started");
@@ -311,8 +334,12 @@ impl Master {
     /// (requests of a removed builder stay queued until it returns, and its running builds
     /// finish).
     pub async fn reload(&self) -> anyhow::Result<ConfigDiff> {
+        let _one_at_a_time = self.reloading.lock().await;
         let old = self.state();
-        let new = config::load(&old.config.path)?;
+        let path = old.config.path.clone();
+        let new = tokio::task::spawn_blocking(move || config::load(&path))
+            .await
+            .context("reading the configuration")??;
         let diff = old.config.diff(&new);
         for setting in diff
             .master
@@ -508,5 +535,41 @@ impl Master {
         db::deactivate_master(&mut conn, self.id).await?;
         tracing::info!("master stopped");
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures_util::FutureExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn reloads_run_one_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kiln.toml");
+        std::fs::write(&path, "[master]\nname = \"m1\"\n").unwrap();
+        let url = format!(
+            "sqlite://{}?mode=rwc",
+            dir.path().join("kiln.sqlite").display()
+        );
+        let master = Master::start(config::load(&path).unwrap(), Some(&url))
+            .await
+            .unwrap();
+        // A reload in progress (held here) makes the next one wait for it.
+        let held = master.reloading.lock().await;
+        std::fs::write(&path, "[master]\nname = \"m1\"\nheartbeat = \"7s\"\n").unwrap();
+        let mut second = Box::pin(master.reload());
+        assert!(second.as_mut().now_or_never().is_none(), "it did not wait");
+        assert_ne!(
+            master.state().config.master.heartbeat,
+            Duration::from_secs(7)
+        );
+        drop(held);
+        second.await.unwrap();
+        assert_eq!(
+            master.state().config.master.heartbeat,
+            Duration::from_secs(7)
+        );
     }
 }

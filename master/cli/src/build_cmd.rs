@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
 use clap::{Args, Subcommand};
-use runtime::{BuildOutcome, DirStore, Outcome, Properties, Runtime, RuntimeConfig, StepEvents};
+use runtime::{BuildOutcome, DirStore, Properties, Runtime, RuntimeConfig, StepEvents};
 use serde_json::{Map, Value};
 
 use kiln_config::{self as config, Builder, Config, ModuleRef, ModuleSource};
@@ -24,7 +24,8 @@ use kiln_db::model::SourceStamp;
 use master::plan::{ModuleFiles, plan_build};
 use master::properties::BuildFacts;
 
-use crate::step_cmd::{self, Printer};
+use crate::step_cmd;
+use crate::term::{self, Printer};
 
 /// `kiln build ...`.
 #[derive(Debug, Subcommand)]
@@ -55,10 +56,8 @@ pub struct BuildRunArgs {
     /// the builder's `workdir` under the worker's base directory).
     #[arg(long, value_name = "DIR")]
     pub workdir: PathBuf,
-    /// A build property, NAME=VALUE (VALUE is read as JSON if it parses, else as a string),
-    /// with source "Command line": it wins over global and builder properties.
-    #[arg(long = "prop", value_name = "NAME=VALUE")]
-    pub props: Vec<String>,
+    #[command(flatten)]
+    pub props: crate::props::BuildProps,
     /// The branch built (property `branch`, `%(src::branch)s`).
     #[arg(long)]
     pub branch: Option<String>,
@@ -99,8 +98,8 @@ fn run_build(args: BuildRunArgs) -> anyhow::Result<ExitCode> {
     let config = config::load(&args.config).map_err(|e| anyhow!("{e}"))?;
     let builder = find_builder(&config, &args.builder, &args.config)?;
     let mut command_line = Vec::new();
-    for p in &args.props {
-        let (name, value) = step_cmd::parse_prop(p)?;
+    for p in &args.props.props {
+        let (name, value) = (p.name.as_str(), p.json());
         if let Some(flag) = ["branch", "revision", "repository"]
             .into_iter()
             .find(|f| *f == name)
@@ -276,72 +275,49 @@ fn build_properties(
     props
 }
 
-/// One line of the results table.
-struct Row<'a> {
-    name: &'a str,
-    result: Outcome,
-    elapsed: String,
-    summary: &'a str,
-}
-
 /// Prints the table of steps (name, result, elapsed, summary), the properties the steps set,
 /// and the build's result.
 fn print_build(outcome: &BuildOutcome, elapsed: Duration, color: bool) {
-    let rows: Vec<Row<'_>> = outcome
+    let rows: Vec<Vec<String>> = outcome
         .steps
         .iter()
-        .map(|s| Row {
-            name: &s.name,
-            result: s.outcome.result,
-            // A step that did not run has no time of its own.
-            elapsed: if s.ran {
-                runtime::human_duration(s.outcome.elapsed)
-            } else {
-                "-".to_owned()
-            },
-            summary: s
-                .outcome
-                .summary
-                .as_deref()
-                .or(s.outcome.message.as_deref())
-                .unwrap_or(""),
+        .map(|s| {
+            vec![
+                s.name.clone(),
+                s.outcome.result.as_str().to_owned(),
+                // A step that did not run has no time of its own.
+                if s.ran {
+                    runtime::human_duration(s.outcome.elapsed)
+                } else {
+                    "-".to_owned()
+                },
+                s.outcome
+                    .summary
+                    .as_deref()
+                    .or(s.outcome.message.as_deref())
+                    .unwrap_or("")
+                    .to_owned(),
+            ]
         })
         .collect();
-    let width = |title: &str, cell: fn(&Row<'_>) -> usize| {
-        rows.iter()
-            .map(cell)
-            .chain([title.len()])
-            .max()
-            .unwrap_or(0)
-    };
-    let name_w = width("STEP", |r| r.name.chars().count());
-    let result_w = width("RESULT", |r| r.result.as_str().len());
-    let elapsed_w = width("ELAPSED", |r| r.elapsed.chars().count());
-    let mut out = format!(
-        "\n{:<name_w$}  {:<result_w$}  {:<elapsed_w$}  SUMMARY\n",
-        "STEP", "RESULT", "ELAPSED"
+    let mut out = String::from("\n");
+    out += &term::table(
+        &["STEP", "RESULT", "ELAPSED", "SUMMARY"],
+        &rows,
+        |col, t| {
+            if col == 1 {
+                term::result_paint(t, color)
+            } else {
+                ("", "")
+            }
+        },
     );
-    for r in &rows {
-        let (start, end) = if r.result == Outcome::Skipped {
-            ("", "")
-        } else {
-            step_cmd::paint(r.result, color)
-        };
-        let line = format!(
-            "{:<name_w$}  {start}{:<result_w$}{end}  {:<elapsed_w$}  {}",
-            r.name,
-            r.result.as_str(),
-            r.elapsed,
-            r.summary
-        );
-        let _ = writeln!(out, "{}", line.trim_end());
-    }
     for (name, p) in outcome.properties.iter() {
         if p.source.starts_with("Step ") {
             let _ = writeln!(out, "property:   {name} = {} ({})", p.value, p.source);
         }
     }
-    let (start, end) = step_cmd::paint(outcome.result, color);
+    let (start, end) = term::paint(outcome.result, color);
     let _ = writeln!(out, "result:     {start}{}{end}", outcome.result);
     let _ = writeln!(out, "elapsed:    {}", runtime::human_duration(elapsed));
     let _ = std::io::stdout().lock().write_all(out.as_bytes());

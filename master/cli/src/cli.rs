@@ -110,9 +110,8 @@ pub struct RunArgs {
     /// The step's arguments as JSON. `%(prop:NAME)s` and `%(secret:NAME)s` are interpolated.
     #[arg(long, value_name = "JSON", default_value = "{}")]
     pub args: String,
-    /// A build property, NAME=VALUE; VALUE is read as JSON if it parses, else as a string.
-    #[arg(long = "prop", value_name = "NAME=VALUE")]
-    pub props: Vec<String>,
+    #[command(flatten)]
+    pub props: crate::props::BuildProps,
     /// An observer of the stdio log: a .wasm file or a built-in name, optionally =JSON args
     /// (`--observer line-counter`, `--observer obs.wasm='{"x":1}'`).
     #[arg(long = "observer", value_name = "OBSERVER[=JSON]")]

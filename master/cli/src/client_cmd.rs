@@ -10,18 +10,17 @@ use std::future::Future;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use runtime::Outcome;
 use serde_json::{Value, json};
 
 use kiln_client::ClientError;
 
 use crate::cli::ClientArgs;
 use crate::master_cmd::FarmArgs;
-use crate::step_cmd::{human_bytes, paint};
+use crate::props::PropArg;
+use crate::term::{ago, human_bytes, local_time, result_paint, span, summary, table, text};
 use kiln_db::model::NewChange;
 
 /// Runs a client command on a runtime of its own; a [`ClientError`] is printed here with
@@ -63,72 +62,6 @@ pub(crate) fn segment(text: &str) -> String {
     url.path()[1..].to_owned()
 }
 
-/// A table: left-aligned columns two spaces apart, the last one unpadded. `paint` gives the
-/// colour codes of a cell (column, text), applied around the padded text.
-pub(crate) fn table(
-    headers: &[&str],
-    rows: &[Vec<String>],
-    paint: impl Fn(usize, &str) -> (&'static str, &'static str),
-) -> String {
-    let rows: Vec<Vec<String>> = rows
-        .iter()
-        .map(|r| r.iter().map(|t| printable(t)).collect())
-        .collect();
-    let rows = &rows;
-    let widths: Vec<usize> = (0..headers.len())
-        .map(|i| {
-            rows.iter()
-                .map(|r| r[i].chars().count())
-                .chain([headers[i].len()])
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    let line = |cells: Vec<(String, (&str, &str))>| {
-        let mut out = String::new();
-        let last = cells.len() - 1;
-        for (i, (text, (start, end))) in cells.into_iter().enumerate() {
-            let pad = if i == last {
-                0
-            } else {
-                widths[i] - text.chars().count() + 2
-            };
-            out.push_str(start);
-            out.push_str(&text);
-            out.push_str(end);
-            out.push_str(&" ".repeat(pad));
-        }
-        out.trim_end().to_owned() + "\n"
-    };
-    let mut out = line(headers.iter().map(|h| (h.to_string(), ("", ""))).collect());
-    for r in rows {
-        out += &line(
-            r.iter()
-                .enumerate()
-                .map(|(i, t)| (t.clone(), paint(i, t)))
-                .collect(),
-        );
-    }
-    out
-}
-
-/// Text from the master made safe for a terminal: control characters (an escape sequence in a
-/// step's summary, a newline in a worker's note) are shown as escapes, not obeyed.
-pub(crate) fn printable(text: &str) -> String {
-    if !text.chars().any(char::is_control) {
-        return text.to_owned();
-    }
-    text.chars()
-        .map(|c| {
-            if c.is_control() {
-                c.escape_default().to_string()
-            } else {
-                c.to_string()
-            }
-        })
-        .collect()
-}
-
 /// The (request id, builder) of each request a submission (force, try) made.
 pub(crate) fn submitted_requests(submitted: &Value) -> Vec<(i64, String)> {
     submitted["buildrequests"]
@@ -139,72 +72,6 @@ pub(crate) fn submitted_requests(submitted: &Value) -> Vec<(i64, String)> {
                 .collect()
         })
         .unwrap_or_default()
-}
-
-/// A result's name as an [`Outcome`].
-pub(crate) fn outcome(results: &Value) -> Option<Outcome> {
-    serde_json::from_value(results.clone()).ok()
-}
-
-/// The colours of a result's name, on a terminal.
-pub(crate) fn result_paint(text: &str, color: bool) -> (&'static str, &'static str) {
-    match outcome(&Value::String(text.to_owned())) {
-        Some(Outcome::Skipped) | None => ("", ""),
-        Some(o) => paint(o, color),
-    }
-}
-
-/// "2024-05-01 12:03" in local time, from ms since the epoch.
-fn local_time(ms: &Value) -> String {
-    ms.as_i64()
-        .and_then(chrono::DateTime::from_timestamp_millis)
-        .map(|t| {
-            t.with_timezone(&chrono::Local)
-                .format("%Y-%m-%d %H:%M")
-                .to_string()
-        })
-        .unwrap_or_else(|| "-".into())
-}
-
-/// "12 s ago", "5 min ago", "3 h ago", "2 days ago".
-fn ago(ms: &Value) -> String {
-    let Some(ms) = ms.as_i64() else {
-        return "-".into();
-    };
-    let s = (kiln_db::model::now_ms() - ms).max(0) / 1000;
-    match s {
-        s if s < 60 => format!("{s} s ago"),
-        s if s < 3600 => format!("{} min ago", s / 60),
-        s if s < 86_400 => format!("{} h ago", s / 3600),
-        s => format!("{} days ago", s / 86_400),
-    }
-}
-
-/// How long from `start` to `end` (or to now, for what still runs), from ms since the epoch.
-pub(crate) fn span(start: &Value, end: &Value) -> String {
-    let Some(start) = start.as_i64() else {
-        return "-".into();
-    };
-    let end = end.as_i64().unwrap_or_else(kiln_db::model::now_ms);
-    runtime::human_duration(Duration::from_millis((end - start).max(0) as u64))
-}
-
-/// A build's or step's `state_string`, unless it only repeats the result.
-pub(crate) fn summary(item: &Value) -> String {
-    let state = text(&item["state_string"]);
-    if state == text(&item["results"]) {
-        String::new()
-    } else {
-        state
-    }
-}
-
-pub(crate) fn text(v: &Value) -> String {
-    match v {
-        Value::Null => String::new(),
-        Value::String(s) => s.clone(),
-        v => v.to_string(),
-    }
 }
 
 fn print_json(v: &Value) -> anyhow::Result<()> {
@@ -554,8 +421,8 @@ pub struct SendchangeArgs {
     #[arg(long)]
     when: Option<f64>,
     /// A change property, NAME=VALUE (VALUE read as JSON if it parses).
-    #[arg(long = "property", value_name = "NAME=VALUE")]
-    properties: Vec<String>,
+    #[arg(long = "property", value_name = "NAME=VALUE", value_parser = PropArg::parse)]
+    properties: Vec<PropArg>,
     /// Mark the change untrusted: its builds run only on sandbox workers, without secrets.
     #[arg(long)]
     untrusted: bool,
@@ -567,12 +434,7 @@ impl SendchangeArgs {
     fn change(&self) -> anyhow::Result<NewChange> {
         let mut properties = serde_json::Map::new();
         for p in &self.properties {
-            let (n, v) = p
-                .split_once('=')
-                .filter(|(n, _)| !n.is_empty())
-                .with_context(|| format!("--property {p}: write NAME=VALUE"))?;
-            let v = serde_json::from_str(v).unwrap_or_else(|_| Value::String(v.to_owned()));
-            properties.insert(n.to_owned(), v);
+            properties.insert(p.name.clone(), p.json());
         }
         let when_ms = match self.when {
             Some(s) if s.is_finite() && s >= 0.0 => Some((s * 1000.0) as i64),
@@ -639,8 +501,8 @@ pub struct ForceArgs {
     builders: Vec<String>,
     /// A parameter of the force scheduler, NAME=VALUE; VALUE is converted to the parameter's
     /// type (int, bool, string, choice) and checked by the master.
-    #[arg(long = "prop", visible_alias = "param", value_name = "NAME=VALUE")]
-    props: Vec<String>,
+    #[arg(long = "prop", visible_alias = "param", value_name = "NAME=VALUE", value_parser = PropArg::parse)]
+    props: Vec<PropArg>,
     /// Why.
     #[arg(long, default_value = "")]
     reason: String,
@@ -740,18 +602,12 @@ fn pick_scheduler(args: &ForceArgs, schedulers: &[Value]) -> anyhow::Result<(Val
 
 /// The scheduler's parameters from `--prop NAME=VALUE`, typed as the scheduler declares them
 /// (a value that does not convert is sent as given, for the master to refuse with its reason).
-fn parameters(
-    scheduler: &Value,
-    props: &[String],
-) -> anyhow::Result<serde_json::Map<String, Value>> {
+fn parameters(scheduler: &Value, props: &[PropArg]) -> serde_json::Map<String, Value> {
     let mut out = serde_json::Map::new();
-    for p in props {
-        let Some((name, value)) = p.split_once('=').filter(|(n, _)| !n.is_empty()) else {
-            bail!("--prop {p}: write NAME=VALUE");
-        };
+    for PropArg { name, value } in props {
         let kind = scheduler["parameters"]
             .as_array()
-            .and_then(|ps| ps.iter().find(|x| x["name"] == name))
+            .and_then(|ps| ps.iter().find(|x| x["name"] == name.as_str()))
             .and_then(|x| x["type"].as_str())
             .unwrap_or("string");
         let typed = match kind {
@@ -768,7 +624,7 @@ fn parameters(
             typed.unwrap_or_else(|| Value::String(value.to_owned())),
         );
     }
-    Ok(out)
+    out
 }
 
 /// `kiln force`: forces a build through a force scheduler; with `--wait`, follows it.
@@ -794,7 +650,7 @@ pub fn force(args: ForceArgs) -> anyhow::Result<ExitCode> {
         let mut body = json!({
             "builders": builders,
             "reason": args.reason,
-            "parameters": parameters(&scheduler, &args.props)?,
+            "parameters": parameters(&scheduler, &args.props),
             "priority": args.priority,
         });
         for (key, value) in [
@@ -1000,19 +856,6 @@ pub fn delete(args: DeleteArgs) -> anyhow::Result<ExitCode> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn tables_show_control_characters_rather_than_obey_them() {
-        let rows = vec![vec![
-            "\u{1b}]0;owned\u{7}\u{1b}[2Jgone".to_owned(),
-            "two\nlines".to_owned(),
-        ]];
-        let out = table(&["STATE", "NOTE"], &rows, |_, _| ("", ""));
-        assert!(!out.contains('\u{1b}') && !out.contains('\u{7}'), "{out:?}");
-        assert!(out.contains("\\u{1b}]0;owned"), "{out}");
-        assert_eq!(out.lines().count(), 2, "{out}");
-        assert_eq!(printable("plain · text"), "plain · text");
-    }
-
     fn scheds() -> Vec<Value> {
         vec![
             json!({"name": "force", "builders": ["linux", "mac"], "parameters": [
@@ -1099,32 +942,22 @@ mod tests {
     #[test]
     fn props_are_typed_by_the_parameters() {
         let s = &scheds()[0];
-        let props: Vec<String> = ["jobs=8", "fast=yes", "who=ada=b", "other=1", "jobs2=x"]
+        let props: Vec<PropArg> = ["jobs=8", "fast=yes", "who=ada=b", "other=1", "jobs2=x"]
             .into_iter()
-            .map(String::from)
+            .map(|p| PropArg::parse(p).unwrap())
             .collect();
-        let p = parameters(s, &props).unwrap();
+        let p = parameters(s, &props);
         assert_eq!(
             Value::Object(p),
             json!({"jobs": 8, "fast": true, "who": "ada=b", "other": "1", "jobs2": "x"})
         );
         // What does not convert goes as given: the master says why it is wrong.
-        let p = parameters(s, &["jobs=many".into()]).unwrap();
+        let p = parameters(s, &[PropArg::parse("jobs=many").unwrap()]);
         assert_eq!(p["jobs"], "many");
-        assert_eq!(
-            parameters(s, &["=1".into()]).unwrap_err().to_string(),
-            "--prop =1: write NAME=VALUE"
-        );
     }
 
     #[test]
-    fn tables_align_and_encode_nothing_twice() {
-        let t = table(
-            &["A", "LONGER"],
-            &[vec!["xyz".into(), "1".into()], vec!["é".into(), "".into()]],
-            |_, _| ("", ""),
-        );
-        assert_eq!(t, "A    LONGER\nxyz  1\né\n");
+    fn queries_and_segments_encode_nothing_twice() {
         assert_eq!(
             with_query("/api/v2/builds", &[("builder", "a b&c"), ("limit", "2")]),
             "/api/v2/builds?builder=a+b%26c&limit=2"

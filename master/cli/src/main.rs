@@ -10,7 +10,9 @@ mod client_cmd;
 mod demo;
 mod follow;
 mod master_cmd;
+mod props;
 mod step_cmd;
+mod term;
 mod token_cmd;
 mod try_cmd;
 

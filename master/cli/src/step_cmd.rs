@@ -2,7 +2,7 @@
 //! uses, printing its logs live and its outcome at the end.
 
 use std::collections::BTreeMap;
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -10,20 +10,20 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use runtime::{
-    CancelToken, Channel, Confinement, DirStore, Grant, Helper, Loaded, ObserverSpec, Outcome,
-    Properties, Runtime, RuntimeConfig, StepEvents, StepOutcome, StepResources, StepRun,
+    CancelToken, Confinement, DirStore, Grant, Helper, Loaded, ObserverSpec, Outcome, Properties,
+    Runtime, RuntimeConfig, StepOutcome, StepResources, StepRun,
 };
 use serde_json::Value;
 
 use crate::cli::RunArgs;
+use crate::term::{Printer, human_bytes, paint};
 
 pub(crate) fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     // Every input is checked before anything runs.
     let step_args: Value = serde_json::from_str(&args.args).context("--args is not valid JSON")?;
     let mut properties = Properties::new();
-    for p in &args.props {
-        let (name, value) = parse_prop(p)?;
-        properties.set(name, value, "Command line");
+    for p in &args.props.props {
+        properties.set(&p.name, p.json(), "Command line");
     }
     let mut env = BTreeMap::new();
     for e in &args.env {
@@ -192,15 +192,6 @@ pub(crate) fn exit_code(result: Outcome) -> ExitCode {
     })
 }
 
-/// A `--prop NAME=VALUE`: VALUE is read as JSON if it parses, else as a string.
-pub(crate) fn parse_prop(p: &str) -> anyhow::Result<(&str, Value)> {
-    let (name, value) = split_pair(p, "--prop")?;
-    kiln_protocol::props::check_property_name(name)
-        .map_err(|e| anyhow::anyhow!("--prop {p}: {e}"))?;
-    let value = serde_json::from_str(value).unwrap_or_else(|_| Value::String(value.to_owned()));
-    Ok((name, value))
-}
-
 /// Sandbox mode's confinement, probed (refused with the reason on a kernel that cannot
 /// enforce it), or `None` without `--sandbox`.
 pub(crate) fn confinement(sandbox: bool) -> anyhow::Result<Option<Arc<Confinement>>> {
@@ -259,63 +250,6 @@ fn split_pair<'a>(pair: &'a str, flag: &str) -> anyhow::Result<(&'a str, &'a str
         Some((name, value)) if !name.is_empty() => Ok((name, value)),
         _ => bail!("{flag} {pair}: write NAME=VALUE"),
     }
-}
-
-/// Prints log lines as they arrive: `[out]`, `[err]` and `[hdr]` tell the channels apart (and
-/// colours, on a terminal); logs other than stdio carry their name.
-pub(crate) struct Printer {
-    /// Whether stdout is a terminal, so colours are used.
-    pub(crate) color: bool,
-}
-
-impl Printer {
-    /// A printer to stdout, in colour on a terminal.
-    pub(crate) fn new() -> Self {
-        Printer {
-            color: std::io::stdout().is_terminal(),
-        }
-    }
-}
-
-impl StepEvents for Printer {
-    fn log(&self, log: &str, channel: Channel, text: &str) {
-        let tag = match channel {
-            Channel::Stdout => "out",
-            Channel::Stderr => "err",
-            Channel::Header => "hdr",
-        };
-        let (start, end) = match (self.color, channel) {
-            (true, Channel::Stderr) => ("\x1b[31m", "\x1b[0m"),
-            (true, Channel::Header) => ("\x1b[36m", "\x1b[0m"),
-            _ => ("", ""),
-        };
-        let prefix = if log == "stdio" {
-            format!("[{tag}] ")
-        } else {
-            format!("[{log}:{tag}] ")
-        };
-        let mut buf = String::with_capacity(text.len() + 64);
-        for line in text.split_terminator('\n') {
-            buf.push_str(start);
-            buf.push_str(&prefix);
-            buf.push_str(line);
-            buf.push_str(end);
-            buf.push('\n');
-        }
-        // A closed stdout (a pipe into `head`) must not kill the step.
-        let _ = std::io::stdout().lock().write_all(buf.as_bytes());
-    }
-}
-
-/// The colour codes (start, reset) a result is printed in; empty when `color` is off.
-pub(crate) fn paint(result: Outcome, color: bool) -> (&'static str, &'static str) {
-    let start = match (color, result) {
-        (false, _) => "",
-        (true, Outcome::Success) => "\x1b[32m",
-        (true, Outcome::Warnings) => "\x1b[33m",
-        (true, _) => "\x1b[31m",
-    };
-    (start, if color { "\x1b[0m" } else { "" })
 }
 
 fn print_outcome(o: &StepOutcome, color: bool) {
@@ -382,18 +316,6 @@ fn resource_lines(r: &StepResources) -> String {
     }
     out.push('\n');
     out
-}
-
-/// "512 KiB", "130.0 MiB", "2.1 GiB".
-pub(crate) fn human_bytes(n: u64) -> String {
-    const KIB: u64 = 1 << 10;
-    const MIB: u64 = 1 << 20;
-    const GIB: u64 = 1 << 30;
-    match n {
-        n if n < MIB => format!("{} KiB", n.div_ceil(KIB)),
-        n if n < GIB => format!("{:.1} MiB", n as f64 / MIB as f64),
-        n => format!("{:.1} GiB", n as f64 / GIB as f64),
-    }
 }
 
 #[cfg(test)]

@@ -19,7 +19,8 @@ use clap::Args;
 use serde_json::{Map, Value};
 
 use crate::cli::ClientArgs;
-use crate::client_cmd::{block_on, segment, text};
+use crate::client_cmd::{block_on, segment};
+use crate::term::text;
 use kiln_protocol::api::TryBody;
 use master::schedulers::MAX_TRY_PATCH;
 
@@ -61,8 +62,8 @@ pub struct TryArgs {
     #[arg(long, short = 'm', default_value = "")]
     comment: String,
     /// A build property, NAME=VALUE (VALUE read as JSON if it parses).
-    #[arg(long = "property", value_name = "NAME=VALUE")]
-    properties: Vec<String>,
+    #[arg(long = "property", value_name = "NAME=VALUE", value_parser = crate::props::PropArg::parse)]
+    properties: Vec<crate::props::PropArg>,
     /// Print what would be sent (the base, the branch and the patch) and send nothing.
     #[arg(long)]
     dry_run: bool,
@@ -390,12 +391,7 @@ pub fn try_build(args: TryArgs) -> anyhow::Result<ExitCode> {
     let local = local(&args)?;
     let mut properties = Map::new();
     for p in &args.properties {
-        let (n, v) = p
-            .split_once('=')
-            .filter(|(n, _)| !n.is_empty())
-            .with_context(|| format!("--property {p}: write NAME=VALUE"))?;
-        let v = serde_json::from_str(v).unwrap_or_else(|_| Value::String(v.to_owned()));
-        properties.insert(n.to_owned(), v);
+        properties.insert(p.name.clone(), p.json());
     }
     if args.dry_run {
         println!("base:       {}", local.baserev);

@@ -4,6 +4,8 @@
 //! API's JSON errors turned into messages that say what to do, and a reader of the
 //! Server-Sent Events of `GET /api/v2/events`.
 
+pub mod follow;
+
 use std::collections::VecDeque;
 use std::fmt;
 use std::path::{Path, PathBuf};

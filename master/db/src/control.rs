@@ -222,9 +222,8 @@ fn step_timings(rows: &[sqlx::any::AnyRow]) -> Result<Vec<StepTiming>> {
                 name: r.try_get("name")?,
                 started_at: r.try_get("started_at")?,
                 complete_at: r.try_get("complete_at")?,
-                // Written only by the master, from a map of counters; anything else is
-                // no expectation rather than an error.
-                progress: serde_json::from_str(&progress).unwrap_or_default(),
+                // Written only by the master, from a map of counters.
+                progress: crate::queries::parse_json(&progress, "progress")?,
             })
         })
         .collect()

@@ -82,7 +82,7 @@ pub async fn get_delivery(
         let ids: String = r.try_get("change_ids")?;
         Ok(RecordedDelivery {
             received_ms: r.try_get("received_at")?,
-            changes: serde_json::from_str(&ids).unwrap_or_default(),
+            changes: crate::queries::parse_json(&ids, "change_ids")?,
         })
     })
     .transpose()

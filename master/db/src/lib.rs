@@ -260,23 +260,45 @@ impl Db {
     }
 }
 
-/// The URL with any password replaced, for messages.
-pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.find('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
-            match userinfo.find(':') {
-                Some(colon) => format!(
-                    "{}{}:***{}",
-                    &url[..scheme + 3],
-                    &userinfo[..colon],
-                    &url[at..]
-                ),
-                None => url.to_string(),
+/// Query parameters whose values are credentials (libpq's `password` and `sslpassword`, and the
+/// tokens and keys a reporter's URL may carry), matched ignoring case.
+const SECRET_QUERY_KEYS: &[&str] = &["password", "passwd", "pwd", "token", "secret", "key"];
+
+/// The URL with its password and credential-bearing query values replaced by `***`, for
+/// messages. Parsed as a URL (WHATWG rules: the userinfo ends at the authority's last `@`, so a
+/// password containing `@` is hidden whole). A string that does not parse is cut down to its
+/// scheme, so nothing of it can leak.
+pub fn redact_url(text: &str) -> String {
+    let Ok(mut url) = url::Url::parse(text) else {
+        return match text.split_once("://") {
+            Some((scheme, _)) if !scheme.is_empty() && !scheme.contains(['@', ':', '/']) => {
+                format!("{scheme}://*** (not a valid URL)")
             }
-        }
-        _ => url.to_string(),
+            _ => "*** (not a valid URL)".to_owned(),
+        };
+    };
+    if url.password().is_some() {
+        let _ = url.set_password(Some("***"));
     }
+    let secret = |key: &str| {
+        let key = key.to_ascii_lowercase();
+        SECRET_QUERY_KEYS.iter().any(|s| key.contains(s))
+    };
+    if url.query_pairs().any(|(k, _)| secret(&k)) {
+        let pairs: Vec<(String, String)> = url
+            .query_pairs()
+            .map(|(k, v)| {
+                let v = if secret(&k) {
+                    "***".into()
+                } else {
+                    v.into_owned()
+                };
+                (k.into_owned(), v)
+            })
+            .collect();
+        url.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    url.to_string()
 }
 
 #[cfg(test)]
@@ -297,5 +319,41 @@ mod tests {
             redact_url("sqlite:///tmp/k.sqlite"),
             "sqlite:///tmp/k.sqlite"
         );
+        assert_eq!(
+            redact_url("sqlite://kiln.sqlite?mode=rwc"),
+            "sqlite://kiln.sqlite?mode=rwc"
+        );
+    }
+
+    #[test]
+    fn a_password_with_an_at_sign_is_hidden_whole() {
+        let shown = redact_url("postgres://u:p@ss@h/db");
+        assert_eq!(shown, "postgres://u:***@h/db");
+        assert!(!shown.contains("ss"), "{shown}");
+    }
+
+    #[test]
+    fn credentials_in_the_query_are_hidden() {
+        assert_eq!(
+            redact_url("postgres://kiln@db/kiln?sslmode=require&password=hunter2"),
+            "postgres://kiln@db/kiln?sslmode=require&password=***"
+        );
+        assert_eq!(
+            redact_url("postgresql:///kiln?host=/run/pg&sslpassword=x&PassWord=y"),
+            "postgresql:///kiln?host=%2Frun%2Fpg&sslpassword=***&PassWord=***"
+        );
+        assert_eq!(
+            redact_url("https://hooks.example/notify?token=abc&channel=ci"),
+            "https://hooks.example/notify?token=***&channel=ci"
+        );
+    }
+
+    #[test]
+    fn what_does_not_parse_shows_only_its_scheme() {
+        assert_eq!(
+            redact_url("postgres://u:hunter2@h:99999/db"),
+            "postgres://*** (not a valid URL)"
+        );
+        assert_eq!(redact_url("hunter2@db"), "*** (not a valid URL)");
     }
 }

@@ -396,11 +396,10 @@ pub fn row_json(view: &View, r: &AnyRow) -> Result<Value, sqlx::Error> {
             Kind::Text => r
                 .try_get::<Option<String>, _>(*name)?
                 .map_or(Value::Null, Value::from),
-            Kind::Json => r
-                .try_get::<Option<String>, _>(*name)?
-                .map_or(Value::Null, |t| {
-                    serde_json::from_str(&t).unwrap_or(Value::Null)
-                }),
+            Kind::Json => match r.try_get::<Option<String>, _>(*name)? {
+                Some(t) => crate::queries::parse_json(&t, name)?,
+                None => Value::Null,
+            },
         };
         item.insert((*name).to_owned(), value);
     }

@@ -165,7 +165,7 @@ impl WorkerProc {
     pub fn spawn(dir: &Path, port: u16, i: usize, timed: bool) -> (WorkerProc, Option<Duration>) {
         let level = if timed {
             // The worker's own "connected" line, nothing more.
-            format!("{},runtime::worker=info", log_level())
+            format!("{},kiln_worker=info", log_level())
         } else {
             log_level()
         };

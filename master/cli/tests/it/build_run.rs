@@ -405,10 +405,6 @@ args = { command = ["echo", "%(secret:token)s"] }
             "--prop branch=dev: the source stamp's branch is set with --branch".into(),
         ),
         (
-            vec!["local", "--config", cfg, "--prop", "novalue"],
-            "--prop novalue: write NAME=VALUE".into(),
-        ),
-        (
             vec!["local", "--config", cfg, "--module", "lint@1.0=lint.wasm"],
             "--module lint@1.0=lint.wasm: builder \"local\" does not use module lint@1.0 (it uses no uploaded modules)".into(),
         ),

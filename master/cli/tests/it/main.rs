@@ -320,10 +320,6 @@ fn bad_input_gets_one_line_that_says_what_to_fix() {
             "--args is not valid JSON: key must be a string at line 1 column 2".into(),
         ),
         (
-            vec![probe(), "--prop", "novalue"],
-            "--prop novalue: write NAME=VALUE".into(),
-        ),
-        (
             vec![probe(), "--observer", probe()],
             format!("--observer {}: this is a step, not a log observer", probe()),
         ),
@@ -396,4 +392,49 @@ fn step_list_names_the_builtins() {
         text.contains("\nset-property-from-command  step      set a property"),
         "{text}"
     );
+}
+
+/// Every command that takes `NAME=VALUE` properties parses them one way: a pair without `=`
+/// or a name the master would refuse is a usage error (exit 2) naming the flag, before the
+/// command reads a file, runs a step or reaches a master (none listens at 127.0.0.1:1, so a
+/// command that got past its flags would fail to connect instead).
+#[test]
+fn every_property_flag_checks_its_names() {
+    let d = dir();
+    let master = ["--master", "http://127.0.0.1:1"];
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["step", "run", probe(), "--prop", "novalue"],
+            "--prop <NAME=VALUE>",
+        ),
+        (
+            vec!["step", "run", probe(), "--prop", "a\u{7}=1"],
+            "--prop <NAME=VALUE>",
+        ),
+        (
+            vec!["build", "run", "b", "--prop", "a\u{1b}=1"],
+            "--prop <NAME=VALUE>",
+        ),
+        (
+            [&["force", "b", "--prop", "x\u{1}y=1"][..], &master[..]].concat(),
+            "--prop <NAME=VALUE>",
+        ),
+        (
+            [&["try", "--property", "=1"][..], &master[..]].concat(),
+            "--property <NAME=VALUE>",
+        ),
+        (
+            [&["sendchange", "--property", "a\tb=1"][..], &master[..]].concat(),
+            "--property <NAME=VALUE>",
+        ),
+    ];
+    for (args, flag) in cases {
+        let out = kiln(&args, &d.workdir);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains(&format!("for '{flag}'")) && err.contains("invalid value"),
+            "{args:?}: {err}"
+        );
+    }
 }
