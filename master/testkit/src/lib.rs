@@ -1,8 +1,10 @@
 //! Test support shared by Kiln's tests and benchmarks, used only as a dev-dependency (nothing
 //! of it reaches a production binary): [`pgtemp`], a throwaway PostgreSQL server from Debian's
-//! package; [`cdp`], a headless Chromium driven over the DevTools protocol; [`bins`], the
-//! workspace's binaries for tests of another package.
+//! package; [`cdp`], a headless Chromium driven over the DevTools protocol; [`farm`], a farm of
+//! real `kiln master` and `kiln-worker` processes; [`bins`], the workspace's binaries for tests
+//! of another package.
 
 pub mod bins;
 pub mod cdp;
+pub mod farm;
 pub mod pgtemp;
