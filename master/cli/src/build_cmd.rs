@@ -179,7 +179,7 @@ fn run_build(args: BuildRunArgs) -> anyhow::Result<ExitCode> {
     } else {
         print_build(&outcome, started.elapsed(), color);
     }
-    Ok(step_cmd::exit_code(outcome.result))
+    Ok(term::exit_code(outcome.result))
 }
 
 fn find_builder<'a>(config: &'a Config, name: &str, file: &Path) -> anyhow::Result<&'a Builder> {

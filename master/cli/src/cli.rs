@@ -1,39 +1,11 @@
 //! Command-line definitions (clap derive) and dispatch.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Parser, Subcommand};
 
 /// Exit status for input Kiln could not use (a bad file, bad JSON, a bad flag).
 pub const EXIT_BAD_INPUT: u8 = 2;
-
-/// Options every command that talks to a master takes.
-#[derive(Debug, Clone, Default, clap::Args)]
-pub struct ClientArgs {
-    /// The master's URL. Default: `master` in ~/.config/kiln/client.toml, else
-    /// http://127.0.0.1:8010.
-    #[arg(long, value_name = "URL", env = "KILN_MASTER")]
-    pub master: Option<String>,
-    /// A file holding the API token (else KILN_TOKEN, else `token` in the client config file).
-    #[arg(long, value_name = "FILE")]
-    pub token_file: Option<PathBuf>,
-    /// A PEM file of certificate authorities to trust beside the public ones (a farm's private
-    /// CA, or the master's own certificate if it is self-signed).
-    #[arg(long, value_name = "FILE", env = "KILN_CA_CERT")]
-    pub ca_cert: Option<PathBuf>,
-}
-
-impl ClientArgs {
-    /// A client of the master these options name.
-    pub fn client(&self) -> anyhow::Result<kiln_client::Client> {
-        kiln_client::Client::new(&kiln_client::ClientOptions {
-            master: self.master.clone(),
-            token_file: self.token_file.clone(),
-            ca_cert: self.ca_cert.clone(),
-        })
-    }
-}
 
 /// Kiln: a build farm whose steps run as sandboxed WebAssembly components.
 #[derive(Debug, Parser)]
@@ -55,7 +27,7 @@ enum Command {
     /// a sandbox worker, forced builds and a committed change; Ctrl-C stops it.
     Demo(crate::demo::DemoArgs),
     /// Check a master configuration without starting anything.
-    Checkconfig(crate::master_cmd::FarmArgs),
+    Checkconfig(crate::args::FarmArgs),
     /// Record a change, as a change source would, for the schedulers to build (through the
     /// master's API; with --direct, in the farm's database).
     Sendchange(Box<crate::client_cmd::SendchangeArgs>),
@@ -89,7 +61,7 @@ enum StepCommand {
     ///
     /// Exit status: 0 for SUCCESS or WARNINGS, 1 for FAILURE, 2 for bad input, 3 for any other
     /// result (EXCEPTION, SKIPPED, RETRY, CANCELLED).
-    Run(Box<RunArgs>),
+    Run(Box<crate::step_cmd::RunArgs>),
     /// List the steps and observers built into Kiln, and the modules uploaded to the master.
     List(crate::client_cmd::ListArgs),
     /// Upload a step, observer or policy component to the master, which checks and stores
@@ -97,70 +69,6 @@ enum StepCommand {
     Upload(crate::client_cmd::UploadArgs),
     /// Delete an uploaded module version that the configuration does not use.
     Delete(crate::client_cmd::DeleteArgs),
-}
-
-/// Arguments of `kiln step run`.
-#[derive(Debug, Args)]
-pub struct RunArgs {
-    /// The step: a .wasm component file, or the name of a built-in step.
-    pub module: String,
-    /// The workdir the step gets read-write (its "."; the cwd of its commands).
-    #[arg(long, value_name = "DIR")]
-    pub workdir: PathBuf,
-    /// The step's arguments as JSON. `%(prop:NAME)s` and `%(secret:NAME)s` are interpolated.
-    #[arg(long, value_name = "JSON", default_value = "{}")]
-    pub args: String,
-    #[command(flatten)]
-    pub props: crate::props::BuildProps,
-    /// An observer of the stdio log: a .wasm file or a built-in name, optionally =JSON args
-    /// (`--observer line-counter`, `--observer obs.wasm='{"x":1}'`).
-    #[arg(long = "observer", value_name = "OBSERVER[=JSON]")]
-    pub observers: Vec<String>,
-    /// A program the step may run, by name (looked up on PATH) or absolute path.
-    #[arg(long = "allow-program", value_name = "PROGRAM")]
-    pub programs: Vec<String>,
-    /// A directory the step may read (at the same path).
-    #[arg(long = "ro-dir", value_name = "DIR")]
-    pub ro_dirs: Vec<PathBuf>,
-    /// An environment variable for the step and its commands, NAME=VALUE.
-    #[arg(long = "env", value_name = "NAME=VALUE")]
-    pub env: Vec<String>,
-    /// A secret, NAME=VALUE, or NAME to take the value from the environment variable NAME.
-    /// Usable as %(secret:NAME)s; redacted from all output.
-    #[arg(long = "secret", value_name = "NAME[=VALUE]")]
-    pub secrets: Vec<String>,
-    /// Wall-clock limit for the whole step, in seconds.
-    #[arg(
-        long,
-        value_name = "SECONDS",
-        default_value_t = 3600.0,
-        allow_negative_numbers = true
-    )]
-    pub timeout: f64,
-    /// Memory limit of the step (and of each observer), in MiB.
-    #[arg(long, value_name = "MB", default_value_t = 512)]
-    pub memory: usize,
-    /// Largest log, in MiB; output past it is dropped with a marker line.
-    #[arg(long, value_name = "MB", default_value_t = 64)]
-    pub log_limit: u64,
-    /// Longest log line kept whole, in bytes; longer lines are split.
-    #[arg(long, value_name = "BYTES", default_value_t = 65536)]
-    pub max_line: usize,
-    /// Sandbox mode: confine commands (Landlock, seccomp, rlimits), as on an untrusted worker.
-    #[arg(long)]
-    pub sandbox: bool,
-    /// Let commands use the network (only enforced in sandbox mode; the step itself never has it).
-    #[arg(long)]
-    pub network: bool,
-    /// The local file store for artifact uploads and downloads.
-    #[arg(long, value_name = "DIR", default_value = "kiln-artifacts")]
-    pub artifacts: PathBuf,
-    /// Where compiled components are cached.
-    #[arg(long, value_name = "DIR", env = "KILN_CACHE_DIR")]
-    pub cache_dir: Option<PathBuf>,
-    /// Print the outcome as JSON instead of the summary table.
-    #[arg(long)]
-    pub json: bool,
 }
 
 /// Sets up logging to stderr: `KILN_LOG` (or `RUST_LOG`) filters, warnings by default.

@@ -15,10 +15,10 @@ use anyhow::{Context, bail};
 use clap::Args;
 use serde_json::{Value, json};
 
-use kiln_client::ClientError;
+use kiln_client::{ClientError, segment, submitted_requests, with_query};
 
-use crate::cli::ClientArgs;
-use crate::master_cmd::FarmArgs;
+use crate::args::ClientArgs;
+use crate::args::FarmArgs;
 use crate::props::PropArg;
 use crate::term::{ago, human_bytes, local_time, result_paint, span, summary, table, text};
 use kiln_db::model::NewChange;
@@ -41,37 +41,6 @@ pub(crate) fn block_on(
             None => Err(e),
         },
     }
-}
-
-/// `path?k=v&...`, the values encoded.
-pub(crate) fn with_query(path: &str, pairs: &[(&str, &str)]) -> String {
-    let mut url = reqwest::Url::parse("http://x/").expect("a fixed URL");
-    url.query_pairs_mut().extend_pairs(pairs);
-    match url.query() {
-        Some(q) if !q.is_empty() => format!("{path}?{q}"),
-        _ => path.to_owned(),
-    }
-}
-
-/// A path segment, encoded (a builder or module name from the command line).
-pub(crate) fn segment(text: &str) -> String {
-    let mut url = reqwest::Url::parse("http://x/").expect("a fixed URL");
-    url.path_segments_mut()
-        .expect("an http URL has segments")
-        .push(text);
-    url.path()[1..].to_owned()
-}
-
-/// The (request id, builder) of each request a submission (force, try) made.
-pub(crate) fn submitted_requests(submitted: &Value) -> Vec<(i64, String)> {
-    submitted["buildrequests"]
-        .as_array()
-        .map(|rs| {
-            rs.iter()
-                .filter_map(|r| Some((r["buildrequestid"].as_i64()?, text(&r["builder"]))))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 fn print_json(v: &Value) -> anyhow::Result<()> {
@@ -954,15 +923,5 @@ mod tests {
         // What does not convert goes as given: the master says why it is wrong.
         let p = parameters(s, &[PropArg::parse("jobs=many").unwrap()]);
         assert_eq!(p["jobs"], "many");
-    }
-
-    #[test]
-    fn queries_and_segments_encode_nothing_twice() {
-        assert_eq!(
-            with_query("/api/v2/builds", &[("builder", "a b&c"), ("limit", "2")]),
-            "/api/v2/builds?builder=a+b%26c&limit=2"
-        );
-        assert_eq!(with_query("/x", &[]), "/x");
-        assert_eq!(segment("a/b c"), "a%2Fb%20c");
     }
 }

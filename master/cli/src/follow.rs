@@ -7,12 +7,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use kiln_client::Client;
 use kiln_client::follow::{FollowView, Follower, Progress};
+use kiln_client::{Client, with_query};
 use runtime::{Channel, StepEvents};
 use serde_json::Value;
 
-use crate::client_cmd::with_query;
 use crate::term::{Printer, outcome, result_paint, span, summary, table, text};
 
 /// A follower's findings on the terminal: log lines and announcements on stdout, notes on
@@ -181,7 +180,7 @@ pub(crate) async fn follow(
     view.bar.finish_and_clear();
     let results = result?;
     Ok(match outcome(&results) {
-        Some(o) => crate::step_cmd::exit_code(o),
+        Some(o) => crate::term::exit_code(o),
         None => ExitCode::from(3),
     })
 }

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+mod args;
 mod build_cmd;
 mod cli;
 mod client_cmd;

@@ -3,7 +3,6 @@
 //! works with the master running or not. The commands that talk to a running master are in
 //! `client_cmd`.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -14,22 +13,7 @@ use kiln_config as config;
 use kiln_db::model::NewChange;
 use master::server::Master;
 
-/// Where the farm is: its configuration, and optionally another database.
-#[derive(Debug, Args)]
-pub struct FarmArgs {
-    /// The master's configuration file.
-    #[arg(
-        long,
-        short,
-        value_name = "FILE",
-        env = "KILN_CONFIG",
-        default_value = "kiln.toml"
-    )]
-    pub config: PathBuf,
-    /// The database URL (sqlite:///PATH or postgres://...), instead of the configuration's.
-    #[arg(long, value_name = "URL", env = "KILN_DATABASE_URL")]
-    pub db: Option<String>,
-}
+use crate::args::FarmArgs;
 
 /// Arguments of `kiln master`.
 #[derive(Debug, Args)]

@@ -3,20 +3,83 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use runtime::{
-    CancelToken, Confinement, DirStore, Grant, Helper, Loaded, ObserverSpec, Outcome, Properties,
-    Runtime, RuntimeConfig, StepOutcome, StepResources, StepRun,
+    CancelToken, Confinement, DirStore, Grant, Helper, Loaded, ObserverSpec, Properties, Runtime,
+    RuntimeConfig, StepOutcome, StepResources, StepRun,
 };
 use serde_json::Value;
 
-use crate::cli::RunArgs;
-use crate::term::{Printer, human_bytes, paint};
+use crate::term::{Printer, exit_code, human_bytes, paint};
+
+/// Arguments of `kiln step run`.
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// The step: a .wasm component file, or the name of a built-in step.
+    pub module: String,
+    /// The workdir the step gets read-write (its "."; the cwd of its commands).
+    #[arg(long, value_name = "DIR")]
+    pub workdir: PathBuf,
+    /// The step's arguments as JSON. `%(prop:NAME)s` and `%(secret:NAME)s` are interpolated.
+    #[arg(long, value_name = "JSON", default_value = "{}")]
+    pub args: String,
+    #[command(flatten)]
+    pub props: crate::props::BuildProps,
+    /// An observer of the stdio log: a .wasm file or a built-in name, optionally =JSON args
+    /// (`--observer line-counter`, `--observer obs.wasm='{"x":1}'`).
+    #[arg(long = "observer", value_name = "OBSERVER[=JSON]")]
+    pub observers: Vec<String>,
+    /// A program the step may run, by name (looked up on PATH) or absolute path.
+    #[arg(long = "allow-program", value_name = "PROGRAM")]
+    pub programs: Vec<String>,
+    /// A directory the step may read (at the same path).
+    #[arg(long = "ro-dir", value_name = "DIR")]
+    pub ro_dirs: Vec<PathBuf>,
+    /// An environment variable for the step and its commands, NAME=VALUE.
+    #[arg(long = "env", value_name = "NAME=VALUE")]
+    pub env: Vec<String>,
+    /// A secret, NAME=VALUE, or NAME to take the value from the environment variable NAME.
+    /// Usable as %(secret:NAME)s; redacted from all output.
+    #[arg(long = "secret", value_name = "NAME[=VALUE]")]
+    pub secrets: Vec<String>,
+    /// Wall-clock limit for the whole step, in seconds.
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = 3600.0,
+        allow_negative_numbers = true
+    )]
+    pub timeout: f64,
+    /// Memory limit of the step (and of each observer), in MiB.
+    #[arg(long, value_name = "MB", default_value_t = 512)]
+    pub memory: usize,
+    /// Largest log, in MiB; output past it is dropped with a marker line.
+    #[arg(long, value_name = "MB", default_value_t = 64)]
+    pub log_limit: u64,
+    /// Longest log line kept whole, in bytes; longer lines are split.
+    #[arg(long, value_name = "BYTES", default_value_t = 65536)]
+    pub max_line: usize,
+    /// Sandbox mode: confine commands (Landlock, seccomp, rlimits), as on an untrusted worker.
+    #[arg(long)]
+    pub sandbox: bool,
+    /// Let commands use the network (only enforced in sandbox mode; the step itself never has it).
+    #[arg(long)]
+    pub network: bool,
+    /// The local file store for artifact uploads and downloads.
+    #[arg(long, value_name = "DIR", default_value = "kiln-artifacts")]
+    pub artifacts: PathBuf,
+    /// Where compiled components are cached.
+    #[arg(long, value_name = "DIR", env = "KILN_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Print the outcome as JSON instead of the summary table.
+    #[arg(long)]
+    pub json: bool,
+}
 
 pub(crate) fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     // Every input is checked before anything runs.
@@ -180,16 +243,6 @@ pub(crate) fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         print_outcome(&outcome, printer.color);
     }
     Ok(exit_code(outcome.result))
-}
-
-/// The exit status for a result: 0 for SUCCESS and WARNINGS, 1 for FAILURE, 3 for the rest
-/// (2 is bad input).
-pub(crate) fn exit_code(result: Outcome) -> ExitCode {
-    ExitCode::from(match result {
-        Outcome::Success | Outcome::Warnings => 0,
-        Outcome::Failure => 1,
-        _ => 3,
-    })
 }
 
 /// Sandbox mode's confinement, probed (refused with the reason on a kernel that cannot

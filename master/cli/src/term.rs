@@ -3,6 +3,7 @@
 //! a step) is made printable first, so it cannot drive the terminal.
 
 use std::io::{IsTerminal as _, Write as _};
+use std::process::ExitCode;
 use std::time::Duration;
 
 use runtime::{Channel, Outcome, StepEvents};
@@ -208,6 +209,16 @@ pub(crate) fn human_bytes(n: u64) -> String {
         n if n < GIB => format!("{:.1} MiB", n as f64 / MIB as f64),
         n => format!("{:.1} GiB", n as f64 / GIB as f64),
     }
+}
+
+/// The exit status for a result: 0 for SUCCESS and WARNINGS, 1 for FAILURE, 3 for the rest
+/// (2 is bad input).
+pub(crate) fn exit_code(result: Outcome) -> ExitCode {
+    ExitCode::from(match result {
+        Outcome::Success | Outcome::Warnings => 0,
+        Outcome::Failure => 1,
+        _ => 3,
+    })
 }
 
 #[cfg(test)]

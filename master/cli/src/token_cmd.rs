@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::bail;
 use clap::{Args, Subcommand};
 
-use crate::master_cmd::FarmArgs;
+use crate::args::FarmArgs;
 use kiln_db as db;
 use kiln_db::model::now_ms;
 use kiln_protocol::api::Role;

@@ -18,9 +18,10 @@ use anyhow::{Context, bail};
 use clap::Args;
 use serde_json::{Map, Value};
 
-use crate::cli::ClientArgs;
-use crate::client_cmd::{block_on, segment};
+use crate::args::ClientArgs;
+use crate::client_cmd::block_on;
 use crate::term::text;
+use kiln_client::{segment, submitted_requests, with_query};
 use kiln_protocol::api::TryBody;
 use master::schedulers::MAX_TRY_PATCH;
 
@@ -438,7 +439,7 @@ pub fn try_build(args: TryArgs) -> anyhow::Result<ExitCode> {
             )
             .await?;
         let buildset = text(&submitted["buildsetid"]);
-        let requests = crate::client_cmd::submitted_requests(&submitted);
+        let requests = submitted_requests(&submitted);
         println!(
             "try buildset {buildset} on {} (base {}{}):",
             scheduler,
@@ -451,10 +452,7 @@ pub fn try_build(args: TryArgs) -> anyhow::Result<ExitCode> {
         for (request, builder) in &requests {
             println!(
                 "  request {request} for {builder}: {}",
-                client.page(&crate::client_cmd::with_query(
-                    "/builds",
-                    &[("builder", builder)]
-                ))
+                client.page(&with_query("/builds", &[("builder", builder)]))
             );
         }
         if !args.wait {

@@ -47,6 +47,42 @@ pub const EXIT_REFUSED: u8 = 2;
 /// Exit status of a command that could not reach the master, or that the master failed.
 pub const EXIT_UNREACHABLE: u8 = 1;
 
+/// `path?k=v&...`, the values encoded.
+pub fn with_query(path: &str, pairs: &[(&str, &str)]) -> String {
+    let mut url = reqwest::Url::parse("http://x/").expect("a fixed URL");
+    url.query_pairs_mut().extend_pairs(pairs);
+    match url.query() {
+        Some(q) if !q.is_empty() => format!("{path}?{q}"),
+        _ => path.to_owned(),
+    }
+}
+
+/// A path segment, encoded (a builder or module name from the command line).
+pub fn segment(text: &str) -> String {
+    let mut url = reqwest::Url::parse("http://x/").expect("a fixed URL");
+    url.path_segments_mut()
+        .expect("an http URL has segments")
+        .push(text);
+    url.path()[1..].to_owned()
+}
+
+/// The (request id, builder) of each request a submission (force, try) made.
+pub fn submitted_requests(submitted: &Value) -> Vec<(i64, String)> {
+    submitted["buildrequests"]
+        .as_array()
+        .map(|rs| {
+            rs.iter()
+                .filter_map(|r| {
+                    Some((
+                        r["buildrequestid"].as_i64()?,
+                        r["builder"].as_str().unwrap_or_default().to_owned(),
+                    ))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// The client configuration file, `~/.config/kiln/client.toml` (or under `$XDG_CONFIG_HOME`).
 #[derive(Debug, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -623,6 +659,16 @@ impl EventStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn queries_and_segments_encode_nothing_twice() {
+        assert_eq!(
+            with_query("/api/v2/builds", &[("builder", "a b&c"), ("limit", "2")]),
+            "/api/v2/builds?builder=a+b%26c&limit=2"
+        );
+        assert_eq!(with_query("/x", &[]), "/x");
+        assert_eq!(segment("a/b c"), "a%2Fb%20c");
+    }
 
     fn parse(chunks: &[&str]) -> Vec<SseEvent> {
         let mut p = SseParser::default();

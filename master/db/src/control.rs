@@ -8,13 +8,14 @@ use crate::model::*;
 type Result<T> = std::result::Result<T, sqlx::Error>;
 
 /// A stored API token (its secret is not kept).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct TokenRow {
     /// Its name.
     pub name: String,
     /// Its role's name.
     pub role: String,
     /// When it was made (ms).
+    #[sqlx(rename = "created_at")]
     pub created_ms: i64,
 }
 
@@ -54,18 +55,9 @@ pub async fn token_by_hash(
 
 /// Every token, by name.
 pub async fn tokens(conn: &mut AnyConnection) -> Result<Vec<TokenRow>> {
-    let rows = sqlx::query("SELECT name, role, created_at FROM api_tokens ORDER BY name")
+    sqlx::query_as("SELECT name, role, created_at FROM api_tokens ORDER BY name")
         .fetch_all(conn)
-        .await?;
-    rows.iter()
-        .map(|r| {
-            Ok(TokenRow {
-                name: r.try_get("name")?,
-                role: r.try_get("role")?,
-                created_ms: r.try_get("created_at")?,
-            })
-        })
-        .collect()
+        .await
 }
 
 /// Deletes a token. False if there was none of that name.

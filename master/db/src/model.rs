@@ -12,8 +12,12 @@ pub use kiln_protocol::Outcome as Results;
 macro_rules! id_type {
     ($($(#[$doc:meta])* $name:ident;)*) => {$(
         $(#[$doc])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+        #[derive(
+            Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+            sqlx::Type,
+        )]
         #[serde(transparent)]
+        #[sqlx(transparent)]
         pub struct $name(pub i64);
 
         impl fmt::Display for $name {
@@ -43,6 +47,24 @@ id_type! {
     WorkerId;
     /// A user (an author in a blamelist).
     UserId;
+}
+
+/// A yes or no stored as an integer (0 or 1), as both databases can hold it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Flag(pub bool);
+
+impl From<i64> for Flag {
+    fn from(stored: i64) -> Self {
+        Flag(stored != 0)
+    }
+}
+
+impl std::ops::Deref for Flag {
+    type Target = bool;
+    fn deref(&self) -> &bool {
+        &self.0
+    }
 }
 
 /// Results as stored: Buildbot's codes 0 (SUCCESS) to 6 (CANCELLED).

@@ -80,7 +80,7 @@ impl Master {
         free.retain(|w| {
             health
                 .get(&w.name)
-                .is_none_or(|h| !h.paused && h.quarantine_until.is_none_or(|until| until <= now))
+                .is_none_or(|h| !*h.paused && h.quarantine_until.is_none_or(|until| until <= now))
         });
         if free.is_empty() {
             return Ok(0);

@@ -354,19 +354,21 @@ pub async fn advance_build(
 }
 
 /// A running build as the master recorded it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct RunningBuild {
     /// The build.
     pub id: BuildId,
     /// Its cookie.
     pub cookie: String,
     /// Its request.
+    #[sqlx(rename = "request_id")]
     pub request: BuildRequestId,
     /// Its builder.
     pub builder: String,
     /// Its worker's name.
     pub worker: Option<String>,
     /// The master that dispatched it.
+    #[sqlx(rename = "master_id")]
     pub master: MasterId,
     /// The last message applied.
     pub last_seq: i64,
@@ -381,7 +383,7 @@ pub async fn running_builds(
     master: Option<MasterId>,
     build: Option<BuildId>,
 ) -> Result<Vec<RunningBuild>> {
-    let rows = sqlx::query(
+    sqlx::query_as(
         "SELECT b.id, b.cookie, b.request_id, bl.name AS builder, w.name AS worker, b.master_id,
                 b.last_seq, b.started_at
          FROM builds b
@@ -395,21 +397,7 @@ pub async fn running_builds(
     .bind(master.map_or(-1, |m| m.0))
     .bind(build.map_or(-1, |b| b.0))
     .fetch_all(conn)
-    .await?;
-    rows.iter()
-        .map(|r| {
-            Ok(RunningBuild {
-                id: BuildId(r.try_get("id")?),
-                cookie: r.try_get("cookie")?,
-                request: BuildRequestId(r.try_get("request_id")?),
-                builder: r.try_get("builder")?,
-                worker: r.try_get("worker")?,
-                master: MasterId(r.try_get("master_id")?),
-                last_seq: r.try_get("last_seq")?,
-                started_at: r.try_get("started_at")?,
-            })
-        })
-        .collect()
+    .await
 }
 
 /// Moves a running build (and its request's claim) to `master`: a worker reconnected to it.

@@ -35,7 +35,7 @@ pub async fn get_file(conn: &mut AnyConnection, sha1: &str) -> Result<Option<(St
 }
 
 /// A registered step module.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct StepModule {
     /// Name.
     pub name: String,
@@ -50,6 +50,7 @@ pub struct StepModule {
     /// Size in bytes.
     pub size: i64,
     /// When (ms).
+    #[sqlx(rename = "uploaded_at")]
     pub uploaded_ms: i64,
 }
 
@@ -74,24 +75,11 @@ pub async fn insert_step_module(conn: &mut AnyConnection, m: &StepModule) -> Res
 
 /// Every version of a module, newest upload first (`name` None: every module).
 pub async fn step_modules(conn: &mut AnyConnection, name: Option<&str>) -> Result<Vec<StepModule>> {
-    let rows = sqlx::query(
+    sqlx::query_as(
         "SELECT name, version, kind, sha1, sha256, size, uploaded_at FROM step_modules
          WHERE $1 IS NULL OR name = $1 ORDER BY name, uploaded_at DESC, id DESC",
     )
     .bind(name)
     .fetch_all(conn)
-    .await?;
-    rows.iter()
-        .map(|r| {
-            Ok(StepModule {
-                name: r.try_get("name")?,
-                version: r.try_get("version")?,
-                kind: r.try_get("kind")?,
-                sha1: r.try_get("sha1")?,
-                sha256: r.try_get("sha256")?,
-                size: r.try_get("size")?,
-                uploaded_ms: r.try_get("uploaded_at")?,
-            })
-        })
-        .collect()
+    .await
 }

@@ -107,7 +107,7 @@ pub async fn set_worker_state(
 }
 
 /// A worker's health as dispatch sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct WorkerHealth {
     /// `ok` or `failed`.
     pub health: String,
@@ -117,31 +117,26 @@ pub struct WorkerHealth {
     pub quarantine_until: Option<i64>,
     /// Why, for people.
     pub notes: String,
-    /// Paused by an administrator.
-    pub paused: bool,
+    /// Paused by an administrator (stored as 0 or 1).
+    #[sqlx(try_from = "i64")]
+    pub paused: Flag,
 }
 
 /// Every worker's health, by name.
 pub async fn worker_health(conn: &mut AnyConnection) -> Result<BTreeMap<String, WorkerHealth>> {
-    let rows = sqlx::query(
+    /// A worker's row: its name and health.
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        name: String,
+        #[sqlx(flatten)]
+        health: WorkerHealth,
+    }
+    let rows: Vec<Row> = sqlx::query_as(
         "SELECT name, health, failure_count, quarantine_until, notes, paused FROM workers",
     )
     .fetch_all(conn)
     .await?;
-    rows.iter()
-        .map(|r| {
-            Ok((
-                r.try_get("name")?,
-                WorkerHealth {
-                    health: r.try_get("health")?,
-                    failure_count: r.try_get("failure_count")?,
-                    quarantine_until: r.try_get("quarantine_until")?,
-                    notes: r.try_get("notes")?,
-                    paused: r.try_get::<i64, _>("paused")? != 0,
-                },
-            ))
-        })
-        .collect()
+    Ok(rows.into_iter().map(|r| (r.name, r.health)).collect())
 }
 
 /// Records how a worker did. `failure: Some(note)` counts a failure in a row and, from

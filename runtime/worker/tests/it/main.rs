@@ -46,15 +46,10 @@ fn says_which_setting_is_missing_and_where_it_goes() {
 #[test]
 fn refuses_a_name_the_master_could_not_hold() {
     for bad in ["../w", "-w", "a b", ""] {
+        // As `--name=VALUE`, so clap takes "-w" for the value, not for a flag.
+        let name = format!("--name={bad}");
         let err = refused(&worker(
-            &[
-                "--master",
-                "http://127.0.0.1:1",
-                "--token",
-                "t",
-                "--name",
-                bad,
-            ],
+            &["--master", "http://127.0.0.1:1", "--token", "t", &name],
             &[],
         ));
         assert!(
