@@ -9,9 +9,6 @@ use serde_json::Value;
 use super::error::{Diagnostic, quote};
 use super::globs::Globs;
 
-/// Longest name of a worker, builder, scheduler, change source or reporter.
-pub(crate) const MAX_NAME: usize = 100;
-
 /// Collects every problem and warning while the file is resolved, so that one run of
 /// `kiln checkconfig` shows them all.
 pub(crate) struct Ctx {
@@ -81,23 +78,9 @@ impl Ctx {
 }
 
 /// Checks the name of a worker, builder, scheduler, change source or reporter: names appear
-/// in URLs, file names and messages.
-pub fn check_name(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.chars().count() <= MAX_NAME
-        && !name.starts_with(['.', '-'])
-        && name
-            .chars()
-            .all(|c| c.is_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "{} is not a valid name; use 1 to {MAX_NAME} letters, digits, '-', '_' and '.', not starting with '-' or '.'",
-            quote(name)
-        ))
-    }
-}
+/// in URLs, file names and messages. The rule is the protocol's, which workers and clients
+/// apply too.
+pub use kiln_protocol::names::check_name;
 
 /// "a" or "an" before a type name in a message ("an http reporter", "an any-branch
 /// scheduler").

@@ -10,7 +10,7 @@ use crate::model::Results;
 type Result<T> = std::result::Result<T, sqlx::Error>;
 
 /// A delivery waiting for its (next) attempt.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct DueDelivery {
     /// Id, also sent to receivers that can use it (`X-Kiln-Delivery`).
     pub id: i64,
@@ -19,6 +19,7 @@ pub struct DueDelivery {
     /// `build.started`, `build.finished`, `buildset.first_failure`, `buildset.complete`.
     pub event: String,
     /// The build or buildset.
+    #[sqlx(rename = "subject_id")]
     pub subject: i64,
     /// Attempts made so far.
     pub attempts: i64,
@@ -78,26 +79,14 @@ pub async fn due_deliveries(
     now: i64,
     limit: i64,
 ) -> Result<Vec<DueDelivery>> {
-    let rows = sqlx::query(
+    sqlx::query_as(
         "SELECT id, reporter, event, subject_id, attempts, next_attempt_at FROM reporter_deliveries
          WHERE state = 'pending' AND next_attempt_at <= $1 ORDER BY id LIMIT $2",
     )
     .bind(now)
     .bind(limit)
     .fetch_all(conn)
-    .await?;
-    rows.iter()
-        .map(|r| {
-            Ok(DueDelivery {
-                id: r.try_get("id")?,
-                reporter: r.try_get("reporter")?,
-                event: r.try_get("event")?,
-                subject: r.try_get("subject_id")?,
-                attempts: r.try_get("attempts")?,
-                next_attempt_at: r.try_get("next_attempt_at")?,
-            })
-        })
-        .collect()
+    .await
 }
 
 /// When the next pending delivery is due, if any.
