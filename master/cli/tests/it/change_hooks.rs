@@ -772,7 +772,8 @@ mod database {
     use kiln_db::{self as db, HookDelivery};
     use master::changes::{Delivered, add_delivery};
 
-    use crate::support::{TestDb, on_both_databases};
+    use kiln_testkit::db::TestDb;
+    use kiln_testkit::on_both_databases;
 
     on_both_databases!(a_delivery_and_its_changes_are_stored_once);
 

@@ -10,7 +10,8 @@ use serde_json::Value;
 
 use crate::farm::Farm;
 use crate::git_step::git;
-use crate::support::{TestDb, on_both_databases};
+use kiln_testkit::db::TestDb;
+use kiln_testkit::on_both_databases;
 
 const WAIT: Duration = Duration::from_secs(30);
 

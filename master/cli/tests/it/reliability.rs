@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use kiln_db::model::*;
 use kiln_db::{self as db, Db};
 
-use crate::support::{TestDb, on_both_databases};
+use kiln_testkit::db::TestDb;
+use kiln_testkit::on_both_databases;
 
 on_both_databases!(a_master_killed_at_any_moment_loses_nothing_and_fires_nothing_twice);
 

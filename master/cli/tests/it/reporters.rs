@@ -577,7 +577,8 @@ mod database {
     use master::reporters::payload;
     use serde_json::json;
 
-    use crate::support::{TestDb, on_both_databases};
+    use kiln_testkit::db::TestDb;
+    use kiln_testkit::on_both_databases;
 
     on_both_databases!(the_delivery_queue_claims_retries_and_lists);
 

@@ -4,17 +4,17 @@
 
 use std::sync::OnceLock;
 
+use crate::pgtemp::TempPostgres;
 use kiln_db::Db;
-use kiln_testkit::pgtemp::TempPostgres;
 
 /// A database for one test; the SQLite file lives as long as this.
-pub(crate) struct TestDb {
-    pub(crate) db: Db,
-    pub(crate) url: String,
+pub struct TestDb {
+    pub db: Db,
+    pub url: String,
     _dir: Option<tempfile::TempDir>,
 }
 
-pub(crate) async fn sqlite() -> TestDb {
+pub async fn sqlite() -> TestDb {
     let dir = tempfile::tempdir().unwrap();
     let url = format!(
         "sqlite://{}?mode=rwc",
@@ -33,7 +33,7 @@ fn server() -> &'static TempPostgres {
 }
 
 /// The URL of a new, empty PostgreSQL database.
-pub(crate) async fn postgres_url() -> String {
+pub async fn postgres_url() -> String {
     if let Ok(base) = std::env::var("KILN_TEST_POSTGRES_URL") {
         use std::sync::atomic::{AtomicU32, Ordering};
         static N: AtomicU32 = AtomicU32::new(0);
@@ -55,7 +55,7 @@ pub(crate) async fn postgres_url() -> String {
         .unwrap()
 }
 
-pub(crate) async fn postgres() -> TestDb {
+pub async fn postgres() -> TestDb {
     let url = postgres_url().await;
     TestDb {
         db: Db::open(&url).await.unwrap(),
@@ -65,19 +65,19 @@ pub(crate) async fn postgres() -> TestDb {
 }
 
 /// Runs an `async fn(TestDb)` against SQLite and against PostgreSQL, as two tests.
+#[macro_export]
 macro_rules! on_both_databases {
     ($($name:ident),* $(,)?) => {$(
         mod $name {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn sqlite() {
-                super::$name(crate::support::sqlite().await).await;
+                super::$name($crate::db::sqlite().await).await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn postgres() {
-                super::$name(crate::support::postgres().await).await;
+                super::$name($crate::db::postgres().await).await;
             }
         }
     )*};
 }
-pub(crate) use on_both_databases;

@@ -9,7 +9,7 @@ use kiln_config::{
     ModuleRef, ModuleSource, ModuleVersion, NextWorker, PolicyRef, ReportMode, ReporterKind,
     SchedulerKind, SecretValue, WorkerAuth, WorkerSelector,
 };
-use runtime::build::{Condition, HideIf};
+use kiln_protocol::build::{Condition, HideIf};
 use serde_json::json;
 
 /// Every problem of a configuration that must not load, one string each.
@@ -440,8 +440,8 @@ fn a_full_config_resolves_every_feature() {
     assert_eq!(
         o.hide_step_if,
         Some(HideIf::Results(vec![
-            runtime::Outcome::Skipped,
-            runtime::Outcome::Success
+            kiln_protocol::Outcome::Skipped,
+            kiln_protocol::Outcome::Success
         ]))
     );
     assert_eq!(
@@ -503,7 +503,7 @@ fn a_full_config_resolves_every_feature() {
     );
     assert_eq!(
         t.steps[0].options.hide_step_if,
-        Some(HideIf::Results(vec![runtime::Outcome::Skipped]))
+        Some(HideIf::Results(vec![kiln_protocol::Outcome::Skipped]))
     );
     assert_eq!(t.properties["toolchain"], "stable");
     assert_eq!(t.properties["rust"], "stable");
@@ -690,7 +690,7 @@ fn secrets_never_show_in_debug_output() {
 
 #[test]
 fn the_example_loads() {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/kiln.example.toml");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("kiln.example.toml");
     let c = config::load(&path).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
         c.summary().to_string(),

@@ -11,7 +11,8 @@ use master::schedulers::{self, ForceRequest, Pass, RequestError, TriggerRequest,
 use master::server::Master;
 use serde_json::json;
 
-use crate::support::{TestDb, on_both_databases};
+use kiln_testkit::db::TestDb;
+use kiln_testkit::on_both_databases;
 
 on_both_databases!(
     single_branch_waits_for_the_tree_to_be_stable,

@@ -1,10 +1,11 @@
-//! Every query of `master::db`, against SQLite and against a real PostgreSQL server.
+//! Every query of `kiln-db`, against SQLite and against a real PostgreSQL server.
 
 use kiln_db::model::*;
 use kiln_db::{self as db, Db};
 use serde_json::json;
 
-use crate::support::{TestDb, on_both_databases};
+use kiln_testkit::db::TestDb;
+use kiln_testkit::on_both_databases;
 
 on_both_databases!(
     changes_are_stored_whole_and_deduplicated,
@@ -739,7 +740,7 @@ async fn finished_steps_keep_what_they_used(t: TestDb) {
     let (build, _) = db::insert_build(&mut c, r[0].0, None, m, "k", 2)
         .await
         .unwrap();
-    let used = runtime::StepResources {
+    let used = kiln_protocol::StepResources {
         commands: 3,
         cpu_ms: 1500,
         peak_rss_bytes: Some(5 << 30),
@@ -917,7 +918,12 @@ async fn workers_are_synced_from_the_configuration(t: TestDb) {
 }
 
 async fn failing_workers_are_quarantined_and_recover(t: TestDb) {
-    use master::workers::{QUARANTINE_AFTER, quarantine_ms};
+    // The master's rule (master::workers::QUARANTINE_AFTER and quarantine_ms, tested with
+    // them): quarantined from the third failure in a row, 30 s doubling up to an hour.
+    const QUARANTINE_AFTER: i64 = 3;
+    fn quarantine_ms(failures: i64) -> i64 {
+        (30_000i64 << (failures - QUARANTINE_AFTER).clamp(0, 7)).min(3_600_000)
+    }
     let db = &t.db;
     let mut c = conn(db).await;
     db::sync_workers(&mut c, &[("w1".into(), json!({}))])
