@@ -188,9 +188,10 @@ pub async fn typical_duration(
 
 /// One step's timing and progress: of a running build, or of the build a builder's running
 /// builds are measured against.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct StepTiming {
     /// The build it belongs to.
+    #[sqlx(rename = "build_id")]
     pub build: i64,
     /// Its number in the build.
     pub number: i64,
@@ -200,31 +201,16 @@ pub struct StepTiming {
     pub started_at: Option<i64>,
     /// When it ended (ms), if it has.
     pub complete_at: Option<i64>,
-    /// Its progress metrics, at their last value.
+    /// Its progress metrics, at their last value (written only by the master, from a map of
+    /// counters).
+    #[sqlx(try_from = "StoredJson")]
     pub progress: std::collections::BTreeMap<String, u64>,
-}
-
-fn step_timings(rows: &[sqlx::any::AnyRow]) -> Result<Vec<StepTiming>> {
-    rows.iter()
-        .map(|r| {
-            let progress: String = r.try_get("progress")?;
-            Ok(StepTiming {
-                build: r.try_get("build_id")?,
-                number: r.try_get("number")?,
-                name: r.try_get("name")?,
-                started_at: r.try_get("started_at")?,
-                complete_at: r.try_get("complete_at")?,
-                // Written only by the master, from a map of counters.
-                progress: crate::queries::parse_json(&progress, "progress")?,
-            })
-        })
-        .collect()
 }
 
 /// The steps of a builder's most recent build that ended SUCCESS or WARNINGS: what its
 /// running builds are expected to do (Buildbot's expectations). Empty when it has none.
 pub async fn expected_steps(conn: &mut AnyConnection, builder_id: i64) -> Result<Vec<StepTiming>> {
-    let rows = sqlx::query(
+    sqlx::query_as(
         "SELECT build_id, number, name, started_at, complete_at, progress FROM steps
          WHERE build_id = (SELECT id FROM builds
                            WHERE builder_id = $1 AND complete_at IS NOT NULL
@@ -234,13 +220,12 @@ pub async fn expected_steps(conn: &mut AnyConnection, builder_id: i64) -> Result
     )
     .bind(builder_id)
     .fetch_all(conn)
-    .await?;
-    step_timings(&rows)
+    .await
 }
 
 /// The steps of a builder's running builds, by build and number.
 pub async fn running_steps(conn: &mut AnyConnection, builder_id: i64) -> Result<Vec<StepTiming>> {
-    let rows = sqlx::query(
+    sqlx::query_as(
         "SELECT s.build_id, s.number, s.name, s.started_at, s.complete_at, s.progress
          FROM steps s JOIN builds b ON b.id = s.build_id
          WHERE b.builder_id = $1 AND b.complete_at IS NULL
@@ -248,8 +233,7 @@ pub async fn running_steps(conn: &mut AnyConnection, builder_id: i64) -> Result<
     )
     .bind(builder_id)
     .fetch_all(conn)
-    .await?;
-    step_timings(&rows)
+    .await
 }
 
 /// A builder's running builds: (id, started at ms), by the index of incomplete builds.

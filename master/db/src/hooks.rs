@@ -1,9 +1,9 @@
 //! Queries of the webhook change sources: the deliveries they accepted, whose unique
 //! `(source, delivery)` key decides whether a delivery is new or a redelivery.
 
-use sqlx::{AnyConnection, Row};
+use sqlx::AnyConnection;
 
-use crate::model::ChangeId;
+use crate::model::{ChangeId, StoredJson};
 
 type Result<T> = std::result::Result<T, sqlx::Error>;
 
@@ -19,11 +19,13 @@ pub struct HookDelivery {
 }
 
 /// A delivery recorded earlier.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct RecordedDelivery {
     /// When it was received (ms).
+    #[sqlx(rename = "received_at")]
     pub received_ms: i64,
     /// The changes it recorded.
+    #[sqlx(rename = "change_ids", try_from = "StoredJson")]
     pub changes: Vec<ChangeId>,
 }
 
@@ -70,22 +72,14 @@ pub async fn get_delivery(
     source: &str,
     delivery: &str,
 ) -> Result<Option<RecordedDelivery>> {
-    let row = sqlx::query(
+    sqlx::query_as(
         "SELECT received_at, change_ids FROM webhook_deliveries
          WHERE source = $1 AND delivery = $2",
     )
     .bind(source)
     .bind(delivery)
     .fetch_optional(conn)
-    .await?;
-    row.map(|r| {
-        let ids: String = r.try_get("change_ids")?;
-        Ok(RecordedDelivery {
-            received_ms: r.try_get("received_at")?,
-            changes: crate::queries::parse_json(&ids, "change_ids")?,
-        })
-    })
-    .transpose()
+    .await
 }
 
 /// How many deliveries a source recorded (for tests and diagnostics).

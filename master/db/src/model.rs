@@ -67,6 +67,51 @@ impl std::ops::Deref for Flag {
     }
 }
 
+/// A JSON column as stored (text), decoded into its value by `TryFrom` in a row's
+/// `#[sqlx(try_from = "StoredJson")]`: text that does not parse is an error naming the column,
+/// never `null`.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::Type)]
+#[sqlx(transparent)]
+pub struct StoredJson(pub String);
+
+impl TryFrom<StoredJson> for Value {
+    type Error = serde_json::Error;
+    fn try_from(stored: StoredJson) -> Result<Self, Self::Error> {
+        serde_json::from_str(&stored.0)
+    }
+}
+
+impl TryFrom<StoredJson> for Vec<ChangeId> {
+    type Error = serde_json::Error;
+    fn try_from(stored: StoredJson) -> Result<Self, Self::Error> {
+        serde_json::from_str(&stored.0)
+    }
+}
+
+impl TryFrom<StoredJson> for BTreeMap<String, u64> {
+    type Error = serde_json::Error;
+    fn try_from(stored: StoredJson) -> Result<Self, Self::Error> {
+        serde_json::from_str(&stored.0)
+    }
+}
+
+/// A results column as stored: Buildbot's code, NULL while unfinished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type)]
+#[sqlx(transparent)]
+pub struct ResultsCode(pub Option<i64>);
+
+impl TryFrom<ResultsCode> for Option<Results> {
+    type Error = String;
+    fn try_from(stored: ResultsCode) -> Result<Self, Self::Error> {
+        stored
+            .0
+            .map(|code| {
+                results_from_code(code).ok_or_else(|| format!("{code} is not a result code"))
+            })
+            .transpose()
+    }
+}
+
 /// Results as stored: Buildbot's codes 0 (SUCCESS) to 6 (CANCELLED).
 pub fn results_from_code(code: i64) -> Option<Results> {
     usize::try_from(code)

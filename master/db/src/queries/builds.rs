@@ -518,7 +518,7 @@ pub async fn finish_step(
 }
 
 /// A build as the API shows it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct BuildRow {
     /// Id.
     pub id: BuildId,
@@ -527,6 +527,7 @@ pub struct BuildRow {
     /// Number within the builder.
     pub number: i64,
     /// Its request.
+    #[sqlx(rename = "request_id")]
     pub request: BuildRequestId,
     /// Worker name.
     pub worker: Option<String>,
@@ -535,8 +536,10 @@ pub struct BuildRow {
     /// Finished (ms).
     pub complete_at: Option<i64>,
     /// One line of state.
+    #[sqlx(rename = "state_string")]
     pub state: String,
     /// Result, when finished.
+    #[sqlx(try_from = "ResultsCode")]
     pub results: Option<Results>,
 }
 
@@ -546,45 +549,27 @@ const BUILD_SELECT: &str = "SELECT b.id, bl.name AS builder, b.number, b.request
      JOIN builders bl ON bl.id = b.builder_id
      LEFT JOIN workers w ON w.id = b.worker_id";
 
-fn build_from_row(r: &AnyRow) -> Result<BuildRow> {
-    Ok(BuildRow {
-        id: BuildId(r.try_get("id")?),
-        builder: r.try_get("builder")?,
-        number: r.try_get("number")?,
-        request: BuildRequestId(r.try_get("request_id")?),
-        worker: r.try_get("worker")?,
-        started_at: r.try_get("started_at")?,
-        complete_at: r.try_get("complete_at")?,
-        state: r.try_get("state_string")?,
-        results: r
-            .try_get::<Option<i64>, _>("results")?
-            .and_then(results_from_code),
-    })
-}
-
 /// Builds, newest first, optionally of one request.
 pub async fn builds(
     conn: &mut AnyConnection,
     request: Option<BuildRequestId>,
     limit: i64,
 ) -> Result<Vec<BuildRow>> {
-    let rows = sqlx::query(&format!(
+    sqlx::query_as(&format!(
         "{BUILD_SELECT} WHERE ($1 < 0 OR b.request_id = $1) ORDER BY b.id DESC LIMIT $2"
     ))
     .bind(request.map_or(-1, |r| r.0))
     .bind(limit)
     .fetch_all(conn)
-    .await?;
-    rows.iter().map(build_from_row).collect()
+    .await
 }
 
 /// One build.
 pub async fn get_build(conn: &mut AnyConnection, id: BuildId) -> Result<Option<BuildRow>> {
-    let row = sqlx::query(&format!("{BUILD_SELECT} WHERE b.id = $1"))
+    sqlx::query_as(&format!("{BUILD_SELECT} WHERE b.id = $1"))
         .bind(id.0)
         .fetch_optional(conn)
-        .await?;
-    row.as_ref().map(build_from_row).transpose()
+        .await
 }
 
 /// A build's steps: (id, number, name, results, state).

@@ -3,17 +3,20 @@
 use super::*;
 
 /// Something that happened, for consumers that read the feed through a watermark.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct Event {
     /// Position in the feed.
     pub id: i64,
     /// What happened: "buildset.complete", "buildset.first_failure", ...
     pub kind: String,
     /// The id of what it happened to.
+    #[sqlx(rename = "subject_id")]
     pub subject: i64,
     /// Details.
+    #[sqlx(try_from = "StoredJson")]
     pub payload: Value,
     /// When (ms).
+    #[sqlx(rename = "created_at")]
     pub created_ms: i64,
 }
 
@@ -39,25 +42,14 @@ pub async fn insert_event(
 
 /// Events after `after`, oldest first.
 pub async fn events_after(conn: &mut AnyConnection, after: i64, limit: i64) -> Result<Vec<Event>> {
-    let rows = sqlx::query(
+    sqlx::query_as(
         "SELECT id, kind, subject_id, payload, created_at FROM events
          WHERE id > $1 ORDER BY id LIMIT $2",
     )
     .bind(after)
     .bind(limit)
     .fetch_all(conn)
-    .await?;
-    rows.iter()
-        .map(|r| {
-            Ok(Event {
-                id: r.try_get("id")?,
-                kind: r.try_get("kind")?,
-                subject: r.try_get("subject_id")?,
-                payload: parse_json(&r.try_get::<String, _>("payload")?, "payload")?,
-                created_ms: r.try_get("created_at")?,
-            })
-        })
-        .collect()
+    .await
 }
 
 /// The newest event's id (0 when there is none).

@@ -25,6 +25,7 @@ on_both_databases!(
     modules_are_registered_once_per_version,
     workers_are_synced_from_the_configuration,
     failing_workers_are_quarantined_and_recover,
+    stored_json_that_does_not_parse_is_an_error_naming_its_column,
 );
 
 fn change(author: &str, branch: &str, key: Option<&str>) -> NewChange {
@@ -562,6 +563,31 @@ async fn events_are_read_in_order(t: TestDb) {
     assert_eq!(events[0].subject, 2);
     assert_eq!(events[0].payload, json!({"results": 2}));
     assert_eq!(db::last_event_id(&mut c).await.unwrap(), ids[4]);
+}
+
+/// A JSON column damaged outside the master (by hand, by another program) is an error that
+/// names the column, never a `null` the master would act on.
+async fn stored_json_that_does_not_parse_is_an_error_naming_its_column(t: TestDb) {
+    let db = &t.db;
+    let mut tx = db.begin().await.unwrap();
+    db.serialize_appends(&mut tx).await.unwrap();
+    let id = db::insert_event(&mut tx, "buildset.complete", 1, &json!({}), 10)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let mut c = conn(db).await;
+    sqlx::query("UPDATE events SET payload = $1 WHERE id = $2")
+        .bind("{\"results\": 2,")
+        .bind(id)
+        .execute(&mut *c)
+        .await
+        .unwrap();
+    match db::events_after(&mut c, 0, 10).await {
+        Err(sqlx::Error::ColumnDecode { index, .. }) => {
+            assert!(index.contains("payload"), "{index}")
+        }
+        other => panic!("a damaged payload read as {other:?}"),
+    }
 }
 
 async fn a_build_advances_and_ends_only_as_its_row_agrees(t: TestDb) {
