@@ -30,23 +30,23 @@ enum Command {
     Checkconfig(crate::args::FarmArgs),
     /// Record a change, as a change source would, for the schedulers to build (through the
     /// master's API; with --direct, in the farm's database).
-    Sendchange(Box<crate::client_cmd::SendchangeArgs>),
+    Sendchange(Box<crate::sendchange_cmd::SendchangeArgs>),
     /// Force a build of a builder; with --wait, follow it live and exit with its result.
     ///
     /// Exit status with --wait: 0 for SUCCESS or WARNINGS, 1 for FAILURE (or a master that
     /// cannot be reached), 2 for a refused request, 3 for any other result.
-    Force(Box<crate::client_cmd::ForceArgs>),
+    Force(Box<crate::force_cmd::ForceArgs>),
     /// Build the local git checkout's uncommitted changes on the farm, as a patch on the
     /// revision it is based on (`buildbot try`); with --wait, follow the builds.
     ///
     /// Exit status with --wait: as `force --wait`, for the worst of the builds.
     Try(Box<crate::try_cmd::TryArgs>),
     /// Recent builds, newest first.
-    Builds(crate::client_cmd::BuildsArgs),
+    Builds(crate::builds_cmd::BuildsArgs),
     /// The farm at a glance: builders, workers, the queue.
-    Status(crate::client_cmd::StatusArgs),
+    Status(crate::status_cmd::StatusArgs),
     /// The configured workers: connected or not, busy, paused, quarantined.
-    Workers(crate::client_cmd::WorkersArgs),
+    Workers(crate::workers_cmd::WorkersArgs),
     /// Run a builder's steps from the configuration locally, exactly as a worker would.
     #[command(subcommand)]
     Build(crate::build_cmd::BuildCommand),
@@ -63,12 +63,12 @@ enum StepCommand {
     /// result (EXCEPTION, SKIPPED, RETRY, CANCELLED).
     Run(Box<crate::step_cmd::RunArgs>),
     /// List the steps and observers built into Kiln, and the modules uploaded to the master.
-    List(crate::client_cmd::ListArgs),
+    List(crate::module_cmd::ListArgs),
     /// Upload a step, observer or policy component to the master, which checks and stores
     /// it; builders can use it by name and version at once.
-    Upload(crate::client_cmd::UploadArgs),
+    Upload(crate::module_cmd::UploadArgs),
     /// Delete an uploaded module version that the configuration does not use.
-    Delete(crate::client_cmd::DeleteArgs),
+    Delete(crate::module_cmd::DeleteArgs),
 }
 
 /// Sets up logging to stderr: `KILN_LOG` (or `RUST_LOG`) filters, warnings by default.
@@ -89,18 +89,18 @@ pub fn init_tracing() {
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Step(StepCommand::Run(args)) => crate::step_cmd::run(*args),
-        Command::Step(StepCommand::List(args)) => crate::client_cmd::list(args),
-        Command::Step(StepCommand::Upload(args)) => crate::client_cmd::upload(args),
-        Command::Step(StepCommand::Delete(args)) => crate::client_cmd::delete(args),
+        Command::Step(StepCommand::List(args)) => crate::module_cmd::list(args),
+        Command::Step(StepCommand::Upload(args)) => crate::module_cmd::upload(args),
+        Command::Step(StepCommand::Delete(args)) => crate::module_cmd::delete(args),
         Command::Master(args) => crate::master_cmd::master(args),
         Command::Demo(args) => crate::demo::demo(args),
         Command::Checkconfig(args) => crate::master_cmd::checkconfig(args),
-        Command::Sendchange(args) => crate::client_cmd::sendchange(*args),
-        Command::Force(args) => crate::client_cmd::force(*args),
+        Command::Sendchange(args) => crate::sendchange_cmd::sendchange(*args),
+        Command::Force(args) => crate::force_cmd::force(*args),
         Command::Try(args) => crate::try_cmd::try_build(*args),
-        Command::Builds(args) => crate::client_cmd::builds(args),
-        Command::Status(args) => crate::client_cmd::status(args),
-        Command::Workers(args) => crate::client_cmd::workers(args),
+        Command::Builds(args) => crate::builds_cmd::builds(args),
+        Command::Status(args) => crate::status_cmd::status(args),
+        Command::Workers(args) => crate::workers_cmd::workers(args),
         Command::Build(command) => crate::build_cmd::run(command),
         Command::Token(command) => crate::token_cmd::run(command),
     }
