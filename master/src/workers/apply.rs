@@ -13,68 +13,68 @@ pub(super) const BATCH: usize = 256;
 /// whole: a step that starts and ends in the batch is one INSERT with its end, a new log one
 /// INSERT with its line count and state and one chunk. On SQLite every statement holds the
 /// write lock a round trip longer, and most builds' messages arrive in one batch.
-pub(super) struct Batch<'e> {
+struct Batch<'e> {
     /// Steps that finish in the batch: their live summaries are not worth a write.
-    pub(super) ending: HashSet<(i64, u32)>,
+    ending: HashSet<(i64, u32)>,
     /// Log text to append to stored logs when the batch commits, by log id: one chunk per log
     /// per batch.
-    pub(super) appends: std::collections::BTreeMap<i64, String>,
+    appends: std::collections::BTreeMap<i64, String>,
     /// Steps first seen in the batch, in order.
-    pub(super) new_steps: Vec<NewStep<'e>>,
+    new_steps: Vec<NewStep<'e>>,
     /// Logs first seen in the batch, in order.
-    pub(super) new_logs: Vec<NewLog<'e>>,
+    new_logs: Vec<NewLog<'e>>,
     /// Stored steps that ended in the batch (their new logs are written complete).
-    pub(super) closed: HashSet<i64>,
+    closed: HashSet<i64>,
     /// The batch's time.
-    pub(super) now: i64,
+    now: i64,
     /// Steps that ended, by builder, with their duration and what they used (counted once the
     /// batch commits).
-    pub(super) steps_ended: Vec<(String, Duration, Option<runtime::StepResources>)>,
+    steps_ended: Vec<(String, Duration, Option<runtime::StepResources>)>,
     /// Steps that started, changed or ended, for live updates (kept only when someone listens).
-    pub(super) live_steps: Vec<i64>,
+    live_steps: Vec<i64>,
     /// Running steps whose progress moved, by step id, with all their metrics: written once
     /// per batch.
-    pub(super) progress: std::collections::BTreeMap<i64, serde_json::Value>,
+    progress: std::collections::BTreeMap<i64, serde_json::Value>,
     /// Builds whose run of messages in the batch ends with their end, by id: the run's first
     /// and last numbers, checked against the build's row as it ends.
-    pub(super) checks: HashMap<i64, (i64, i64)>,
+    checks: HashMap<i64, (i64, i64)>,
 }
 
 /// A step as a batch refers to it: by its row, or by its place in the batch's new steps.
 #[derive(Debug, Clone, Copy)]
-pub(super) enum StepRef {
+enum StepRef {
     Stored(i64),
     New(usize),
 }
 
 /// A step first seen in a batch, as it stands when the batch flushes.
-pub(super) struct NewStep<'e> {
-    pub(super) build: i64,
-    pub(super) number: u32,
-    pub(super) name: &'e str,
+struct NewStep<'e> {
+    build: i64,
+    number: u32,
+    name: &'e str,
     /// Its latest summary, while it runs.
-    pub(super) state: Option<&'e str>,
+    state: Option<&'e str>,
     /// Its progress metrics, while it runs.
-    pub(super) progress: Option<serde_json::Value>,
+    progress: Option<serde_json::Value>,
     /// How it ended, if it did in the batch.
-    pub(super) end: Option<&'e runtime::StepRecord>,
+    end: Option<&'e runtime::StepRecord>,
 }
 
 /// A log first seen in a batch: its step and all its text so far.
-pub(super) struct NewLog<'e> {
-    pub(super) build: i64,
-    pub(super) number: u32,
-    pub(super) step: StepRef,
-    pub(super) name: &'e str,
-    pub(super) text: String,
+struct NewLog<'e> {
+    build: i64,
+    number: u32,
+    step: StepRef,
+    name: &'e str,
+    text: String,
 }
 
 /// A step's end as the database stores it, from its worker's record.
-pub(super) struct StepEndRow {
-    pub(super) state: String,
-    pub(super) urls: serde_json::Value,
-    pub(super) statistics: serde_json::Value,
-    pub(super) progress: serde_json::Value,
+struct StepEndRow {
+    state: String,
+    urls: serde_json::Value,
+    statistics: serde_json::Value,
+    progress: serde_json::Value,
 }
 
 impl StepEndRow {
@@ -162,7 +162,7 @@ impl Master {
 
     /// A worker's status: a heartbeat, or the answer to a scan (builds it forgot are retried;
     /// builds it runs that nobody holds are stopped).
-    pub(super) async fn status(
+    async fn status(
         &self,
         name: &str,
         conn_id: u64,
@@ -248,7 +248,7 @@ impl Master {
     /// A message that failed to apply: if it was next in its build's stream, records it as
     /// received (so the stream goes on), acknowledges it and tells the worker it was
     /// refused. Otherwise the failure was not the message's: `error` is returned.
-    pub(super) async fn skip_message(
+    async fn skip_message(
         &self,
         worker: &str,
         (build, seq, _): &(BuildRef, u64, BuildEvent),
@@ -294,7 +294,7 @@ impl Master {
     }
 
     /// Applies build messages from `worker` in one transaction, then acknowledges them.
-    pub(super) async fn apply_batch(
+    async fn apply_batch(
         &self,
         worker: &str,
         events: &[(BuildRef, u64, BuildEvent)],
@@ -559,7 +559,7 @@ impl Master {
     }
 
     /// Applies one build event in `tx`. Returns the build's end when it finished.
-    pub(super) async fn apply_event<'e>(
+    async fn apply_event<'e>(
         &self,
         tx: &mut db::Tx,
         lease: &mut Lease,
@@ -786,7 +786,7 @@ impl Master {
     }
 
     /// The id of a step of a leased build.
-    pub(super) async fn step_of(
+    async fn step_of(
         &self,
         tx: &mut db::Tx,
         lease: &mut Lease,

@@ -24,7 +24,7 @@ fn text(message: &ToWorker) -> String {
 }
 
 /// A refusal to say hello.
-pub(super) struct Refusal {
+struct Refusal {
     reason: String,
     retry: bool,
 }
@@ -143,7 +143,7 @@ where
 
 impl Master {
     /// Checks a hello and registers the connection; the welcome to send.
-    pub(super) async fn accept_worker(
+    async fn accept_worker(
         &self,
         protocol: u32,
         name: &str,
@@ -261,7 +261,7 @@ impl Master {
 
     /// Decides which of the builds a reconnecting worker runs the master takes back: those
     /// still running in the database on this worker under the same cookie.
-    pub(super) async fn adopt(
+    async fn adopt(
         &self,
         name: &str,
         running: &[Running],
@@ -337,7 +337,7 @@ impl Master {
 
     /// A connection ended: its worker's builds are orphaned (retried if it does not come back
     /// within three heartbeats).
-    pub(super) async fn worker_gone(&self, name: &str, conn_id: u64) {
+    async fn worker_gone(&self, name: &str, conn_id: u64) {
         let gone = {
             let mut inner = self.workers.lock();
             if inner.conns.get(name).is_some_and(|c| c.id == conn_id) {

@@ -5,21 +5,21 @@
 use super::*;
 
 /// A dispatch decision with what starting it reads (before the write lock is taken).
-pub(super) struct Prepared<'a> {
-    pub(super) a: &'a Assignment,
-    pub(super) builder: &'a config::Builder,
-    pub(super) worker_cfg: &'a config::Worker,
-    pub(super) info: WorkerInfo,
-    pub(super) worker_id: WorkerId,
-    pub(super) buildset: Buildset,
-    pub(super) stamps: Vec<SourceStamp>,
-    pub(super) bs_props: Vec<SourcedProperty>,
-    pub(super) blamelist: Vec<String>,
-    pub(super) modules: Vec<db::StepModule>,
+struct Prepared<'a> {
+    a: &'a Assignment,
+    builder: &'a config::Builder,
+    worker_cfg: &'a config::Worker,
+    info: WorkerInfo,
+    worker_id: WorkerId,
+    buildset: Buildset,
+    stamps: Vec<SourceStamp>,
+    bs_props: Vec<SourcedProperty>,
+    blamelist: Vec<String>,
+    modules: Vec<db::StepModule>,
 }
 
 /// A build recorded by a dispatch pass, to announce once its transaction commits.
-pub(super) enum Started {
+enum Started {
     /// Its job goes to its worker under `lease`.
     Running {
         job: Box<kiln_protocol::Job>,
@@ -152,7 +152,7 @@ impl Master {
     }
 
     /// What starting assignment `a` reads, before any lock: its builder, worker and buildset.
-    pub(super) async fn prepare_start<'a>(
+    async fn prepare_start<'a>(
         &self,
         state: &'a MasterState,
         a: &'a Assignment,
@@ -214,7 +214,7 @@ impl Master {
     /// Claims the prepared requests and records their builds in one transaction. A request
     /// another master claimed first is left out; a build that cannot run as configured ends
     /// EXCEPTION in the same transaction.
-    pub(super) async fn start_builds(
+    async fn start_builds(
         &self,
         state: &MasterState,
         prepared: &[Prepared<'_>],
@@ -236,7 +236,7 @@ impl Master {
     }
 
     /// Records the build of a claimed request in `tx` and composes its job.
-    pub(super) async fn record_start(
+    async fn record_start(
         &self,
         tx: &mut db::Tx,
         state: &MasterState,
@@ -393,7 +393,7 @@ impl Master {
     }
 
     /// After the commit: a started build's lease, its job sent to its worker, and the news.
-    pub(super) async fn announce_start(&self, started: &Started) {
+    async fn announce_start(&self, started: &Started) {
         match started {
             Started::Failed {
                 build,

@@ -7,7 +7,7 @@ use super::*;
 
 /// How long a running build nobody holds (a master restarted, a master died) waits for its
 /// worker to reconnect before it is retried.
-pub(super) const UNHELD_GRACE: Duration = Duration::from_secs(30);
+const UNHELD_GRACE: Duration = Duration::from_secs(30);
 
 impl Master {
     /// Ends a running build RETRY (its request goes back to the queue) and tells its worker
