@@ -232,6 +232,9 @@ pub struct Master {
     /// run one after the other: each diffs against the state the previous one installed, and
     /// the last one asked for is the one in force.
     reloading: tokio::sync::Mutex<()>,
+    /// Reloads asked for, and reloads past the lock: what the test of the lock observes.
+    #[cfg(test)]
+    reload_probe: (std::sync::atomic::AtomicU64, std::sync::atomic::AtomicU64),
 }
 
 impl std::fmt::Debug for Master {
@@ -283,6 +286,8 @@ impl Master {
             dispatch: Notify::new(),
             address: Default::default(),
             reloading: Default::default(),
+            #[cfg(test)]
+            reload_probe: Default::default(),
         });
         master.sync_tables().await?;
         tracing::info!(master = %master.state().config.master.name, id = %id, "master started");
@@ -334,7 +339,15 @@ impl Master {
     /// (requests of a removed builder stay queued until it returns, and its running builds
     /// finish).
     pub async fn reload(&self) -> anyhow::Result<ConfigDiff> {
+        #[cfg(test)]
+        self.reload_probe
+            .0
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let _one_at_a_time = self.reloading.lock().await;
+        #[cfg(test)]
+        self.reload_probe
+            .1
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let old = self.state();
         let path = old.config.path.clone();
         let new = tokio::task::spawn_blocking(move || config::load(&path))
@@ -540,12 +553,11 @@ impl Master {
 
 #[cfg(test)]
 mod tests {
-    use futures_util::FutureExt;
-
     use super::*;
 
     #[tokio::test]
     async fn reloads_run_one_at_a_time() {
+        use std::sync::atomic::Ordering::SeqCst;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("kiln.toml");
         std::fs::write(&path, "[master]\nname = \"m1\"\n").unwrap();
@@ -559,14 +571,23 @@ mod tests {
         // A reload in progress (held here) makes the next one wait for it.
         let held = master.reloading.lock().await;
         std::fs::write(&path, "[master]\nname = \"m1\"\nheartbeat = \"7s\"\n").unwrap();
-        let mut second = Box::pin(master.reload());
-        assert!(second.as_mut().now_or_never().is_none(), "it did not wait");
+        let second = tokio::spawn({
+            let master = master.clone();
+            async move { master.reload().await.map(|_| ()) }
+        });
+        // This test's runtime has one thread: the reload runs only while this task yields.
+        // Asking and passing the lock happen in one poll unless the lock holds it back.
+        while master.reload_probe.0.load(SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(master.reload_probe.1.load(SeqCst), 0, "it did not wait");
         assert_ne!(
             master.state().config.master.heartbeat,
             Duration::from_secs(7)
         );
         drop(held);
-        second.await.unwrap();
+        second.await.unwrap().unwrap();
+        assert_eq!(master.reload_probe.1.load(SeqCst), 1);
         assert_eq!(
             master.state().config.master.heartbeat,
             Duration::from_secs(7)

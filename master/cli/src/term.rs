@@ -190,14 +190,7 @@ pub(crate) fn summary(item: &Value) -> String {
     }
 }
 
-/// A string field of the API's JSON, or "" (numbers as written).
-pub(crate) fn text(v: &Value) -> String {
-    match v {
-        Value::Null => String::new(),
-        Value::String(s) => s.clone(),
-        v => v.to_string(),
-    }
-}
+pub(crate) use kiln_client::text;
 
 /// "512 KiB", "130.0 MiB", "2.1 GiB".
 pub(crate) fn human_bytes(n: u64) -> String {

@@ -14,7 +14,7 @@ use std::time::Duration;
 use kiln_protocol::Channel;
 use serde_json::Value;
 
-use crate::{Client, ClientError, EventStream, SseEvent};
+use crate::{Client, ClientError, EventStream, SseEvent, text};
 
 /// How often a build is read when the event stream is not available.
 const POLL: Duration = Duration::from_secs(1);
@@ -115,15 +115,6 @@ enum Next {
     Nothing,
     /// Read the API to catch up.
     Sync,
-}
-
-/// A string field of the API's JSON, or "" (numbers as written).
-fn text(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        Value::Null => String::new(),
-        other => other.to_string(),
-    }
 }
 
 impl<'a> Follower<'a> {

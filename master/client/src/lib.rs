@@ -72,15 +72,20 @@ pub fn submitted_requests(submitted: &Value) -> Vec<(i64, String)> {
         .as_array()
         .map(|rs| {
             rs.iter()
-                .filter_map(|r| {
-                    Some((
-                        r["buildrequestid"].as_i64()?,
-                        r["builder"].as_str().unwrap_or_default().to_owned(),
-                    ))
-                })
+                .filter_map(|r| Some((r["buildrequestid"].as_i64()?, text(&r["builder"]))))
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// A field of the API's JSON as text: a string as it is, null as "", anything else (a number)
+/// as written.
+pub fn text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => String::new(),
+        other => other.to_string(),
+    }
 }
 
 /// The client configuration file, `~/.config/kiln/client.toml` (or under `$XDG_CONFIG_HOME`).

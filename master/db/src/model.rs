@@ -74,26 +74,20 @@ impl std::ops::Deref for Flag {
 #[sqlx(transparent)]
 pub struct StoredJson(pub String);
 
-impl TryFrom<StoredJson> for Value {
-    type Error = serde_json::Error;
-    fn try_from(stored: StoredJson) -> Result<Self, Self::Error> {
-        serde_json::from_str(&stored.0)
-    }
+/// The types rows decode from a [`StoredJson`] column. (One `impl` per type: a blanket one
+/// over `DeserializeOwned` would overlap the standard library's `TryFrom` for `Into`.)
+macro_rules! decoded_from_stored_json {
+    ($($t:ty),* $(,)?) => {$(
+        impl TryFrom<StoredJson> for $t {
+            type Error = serde_json::Error;
+            fn try_from(stored: StoredJson) -> Result<Self, Self::Error> {
+                serde_json::from_str(&stored.0)
+            }
+        }
+    )*};
 }
 
-impl TryFrom<StoredJson> for Vec<ChangeId> {
-    type Error = serde_json::Error;
-    fn try_from(stored: StoredJson) -> Result<Self, Self::Error> {
-        serde_json::from_str(&stored.0)
-    }
-}
-
-impl TryFrom<StoredJson> for BTreeMap<String, u64> {
-    type Error = serde_json::Error;
-    fn try_from(stored: StoredJson) -> Result<Self, Self::Error> {
-        serde_json::from_str(&stored.0)
-    }
-}
+decoded_from_stored_json!(Value, Vec<ChangeId>, BTreeMap<String, u64>);
 
 /// A results column as stored: Buildbot's code, NULL while unfinished.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type)]

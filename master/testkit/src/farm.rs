@@ -9,6 +9,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kiln_db::Db;
+
+use crate::bins::{KILN_SOURCES, WORKER_SOURCES};
 use serde_json::Value;
 
 /// A connection to the master's API, plain or TLS.
@@ -132,7 +134,7 @@ impl Farm {
 
     /// Starts the master and waits for its API.
     pub fn start_master(&mut self) {
-        let child = Command::new(crate::bins::workspace_bin("kiln"))
+        let child = Command::new(crate::bins::workspace_bin("kiln", KILN_SOURCES))
             .args(["master", "--poll", "0.05"])
             .current_dir(self.path())
             .env("KILN_LOG", "info")
@@ -160,7 +162,7 @@ impl Farm {
 
     /// Makes an API token with `kiln token create`, as an administrator would.
     pub fn make_token(&self, name: &str, role: &str) -> String {
-        let out = Command::new(crate::bins::workspace_bin("kiln"))
+        let out = Command::new(crate::bins::workspace_bin("kiln", KILN_SOURCES))
             .args(["token", "create", name, "--role", role])
             .current_dir(self.path())
             .output()
@@ -182,7 +184,7 @@ impl Farm {
 
     /// Starts a worker named `name` (token `t-NAME`) with its own base directory.
     pub fn start_worker(&mut self, name: &str, extra: &[&str]) {
-        let child = Command::new(crate::bins::workspace_bin("kiln-worker"))
+        let child = Command::new(crate::bins::workspace_bin("kiln-worker", WORKER_SOURCES))
             .args(["--master", &self.url()])
             .args(["--name", name])
             .arg("--workdir")

@@ -285,7 +285,10 @@ fn farm(backend: &Backend, emit: &mut dyn FnMut(Value, Vec<Row>)) {
         let exec: Vec<Duration> = (0..RUNS)
             .map(|_| {
                 procs::time_command(
-                    kiln_testkit::bins::workspace_bin("kiln-worker"),
+                    kiln_testkit::bins::workspace_bin(
+                        "kiln-worker",
+                        kiln_testkit::bins::WORKER_SOURCES,
+                    ),
                     &["--version"],
                 )
             })

@@ -170,22 +170,25 @@ impl WorkerProc {
             log_level()
         };
         let start = Instant::now();
-        let mut child = Command::new(kiln_testkit::bins::workspace_bin("kiln-worker"))
-            .args(["--master", &format!("http://127.0.0.1:{port}")])
-            .args(["--name", &format!("w{i}")])
-            .arg("--workdir")
-            .arg(dir.join(format!("w{i}")))
-            .env("KILN_TOKEN", format!("t{i}"))
-            .env("KILN_CACHE_DIR", dir.join("cache"))
-            .env("RUST_LOG", level)
-            .stdout(Stdio::null())
-            .stderr(if timed {
-                Stdio::piped()
-            } else {
-                Stdio::inherit()
-            })
-            .spawn()
-            .unwrap();
+        let mut child = Command::new(kiln_testkit::bins::workspace_bin(
+            "kiln-worker",
+            kiln_testkit::bins::WORKER_SOURCES,
+        ))
+        .args(["--master", &format!("http://127.0.0.1:{port}")])
+        .args(["--name", &format!("w{i}")])
+        .arg("--workdir")
+        .arg(dir.join(format!("w{i}")))
+        .env("KILN_TOKEN", format!("t{i}"))
+        .env("KILN_CACHE_DIR", dir.join("cache"))
+        .env("RUST_LOG", level)
+        .stdout(Stdio::null())
+        .stderr(if timed {
+            Stdio::piped()
+        } else {
+            Stdio::inherit()
+        })
+        .spawn()
+        .unwrap();
         let took = timed.then(|| {
             let (tx, rx) = mpsc::channel();
             let stderr = child.stderr.take().unwrap();
